@@ -1,0 +1,453 @@
+// Fused Multi-Prompts Sinkhorn on the CPU.
+//
+// Each (b, k) problem is solved by one thread from start to finish while its
+// M x N tile sits in cache: S is read once, every iteration and the
+// per-problem stopping test run on the tile, and the refined score (and the
+// plan when asked) is written once. Problems are spread over threads with
+// at::parallel_for. The inner loop runs in the scaling domain (two
+// matrix-vector products per iteration, no exp) with log-domain absorption;
+// see otseg/ops/mps/README.md for the scheme and the backward derivation.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/fast_math.h"
+#include "../common/gauge_solve.h"
+
+// Each hot loop is compiled for AVX-512, AVX2 and baseline x86-64 and picked at
+// load time, so one binary runs everywhere and uses the widest vectors there.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define OTSEG_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define OTSEG_MULTIVERSION
+#endif
+
+namespace otseg {
+namespace {
+
+// Scalings leaving [e^-kAbsorb, e^kAbsorb] are absorbed into the log
+// potentials and the kernel matrix is rebuilt in the log domain. Entries of the
+// rebuilt kernel are at most 1, so products K*u*v stay far from overflow, and
+// an entry that underflowed (< e^-87 in float) carries a plan mass below
+// e^(2*30-87) ~ 1e-12 relative to the marginals.
+constexpr double kAbsorb = 30.0;
+
+template <typename acc_t>
+struct ForwardWorkspace {
+  // Leading dimension of the tiles: M padded so that the N rows do not map to
+  // the same cache sets (M = 1024 floats is exactly 4 KiB).
+  int64_t ld;
+  // Transposed tiles [N, ld]: the scores S and the kernel K.
+  std::vector<acc_t> St, K;
+  // Per pixel [M]: absorbed potential alpha (in units of eps), scaling u,
+  // previous full potential, and scratch.
+  std::vector<acc_t> alpha, u, alpha_prev, tmp, tmp2;
+  // Per prompt [N].
+  std::vector<acc_t> beta, v;
+  acc_t inv_eps = 1;
+
+  ForwardWorkspace(int64_t M, int64_t N)
+      : ld(((M + 15) / 16) * 16 + 16), St(ld * N), K(ld * N), alpha(M), u(M), alpha_prev(M), tmp(M), tmp2(M), beta(N), v(N) {}
+};
+
+// The f half-step in the log domain from beta (v = 1): alpha and K such that
+// K[n, m] = exp(alpha_m + beta_n - C[m, n]/eps), rows of K summing to mu.
+template <typename acc_t>
+OTSEG_MULTIVERSION void rebuild_rows(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t log_mu) {
+  acc_t* __restrict rmax = w.tmp.data();
+  acc_t* __restrict rsum = w.tmp2.data();
+  std::fill(rmax, rmax + M, -std::numeric_limits<acc_t>::infinity());
+  std::fill(rsum, rsum + M, acc_t(0));
+  const acc_t ie = w.inv_eps;
+  // -C/eps = (S - 1)/eps, formed on the fly.
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t b = w.beta[n] - ie;
+    const acc_t* __restrict st = w.St.data() + n * w.ld;
+    for (int64_t m = 0; m < M; ++m) rmax[m] = std::max(rmax[m], st[m] * ie + b);
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t b = w.beta[n] - ie;
+    const acc_t* __restrict st = w.St.data() + n * w.ld;
+    acc_t* __restrict k = w.K.data() + n * w.ld;
+    for (int64_t m = 0; m < M; ++m) {
+      k[m] = fast::exp(st[m] * ie + b - rmax[m]);
+      rsum[m] += k[m];
+    }
+  }
+  const acc_t mu = fast::exp(log_mu);
+  acc_t* __restrict alpha = w.alpha.data();
+  for (int64_t m = 0; m < M; ++m) {
+    alpha[m] = log_mu - rmax[m] - fast::log(rsum[m]);
+    rsum[m] = mu / rsum[m];
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    acc_t* __restrict k = w.K.data() + n * w.ld;
+    for (int64_t m = 0; m < M; ++m) k[m] *= rsum[m];
+  }
+}
+
+// The g half-step in the log domain from alpha (u = 1): columns of K sum to nu.
+template <typename acc_t>
+OTSEG_MULTIVERSION void rebuild_cols(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t log_nu) {
+  const acc_t* __restrict alpha = w.alpha.data();
+  const acc_t nu = fast::exp(log_nu);
+  const acc_t ie = w.inv_eps;
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t* __restrict st = w.St.data() + n * w.ld;
+    acc_t* __restrict k = w.K.data() + n * w.ld;
+    acc_t cmax = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : cmax)
+    for (int64_t m = 0; m < M; ++m) cmax = std::max(cmax, st[m] * ie + alpha[m]);
+    acc_t csum = 0;
+    const acc_t shift = -cmax;  // max of alpha + S/eps; the -1/eps cancels here
+#pragma omp simd reduction(+ : csum)
+    for (int64_t m = 0; m < M; ++m) {
+      k[m] = fast::exp(st[m] * ie + alpha[m] + shift);
+      csum += k[m];
+    }
+    w.beta[n] = log_nu + ie - cmax - fast::log(csum);
+    const acc_t s = nu / csum;
+    for (int64_t m = 0; m < M; ++m) k[m] *= s;
+  }
+}
+
+// u = mu / (K v). Returns false when a scaling left the safe range (or K v
+// underflowed to 0, giving inf).
+template <typename acc_t>
+OTSEG_MULTIVERSION bool scale_rows(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t mu) {
+  acc_t* __restrict kv = w.tmp.data();
+  acc_t* __restrict u = w.u.data();
+  {
+    const acc_t* __restrict k = w.K.data();
+    const acc_t v0 = w.v[0];
+    for (int64_t m = 0; m < M; ++m) kv[m] = k[m] * v0;
+  }
+  for (int64_t n = 1; n < N; ++n) {
+    const acc_t* __restrict k = w.K.data() + n * w.ld;
+    const acc_t vn = w.v[n];
+    for (int64_t m = 0; m < M; ++m) kv[m] += k[m] * vn;
+  }
+  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = 0;
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+  for (int64_t m = 0; m < M; ++m) {
+    u[m] = mu / kv[m];
+    lo = std::min(lo, u[m]);
+    hi = std::max(hi, u[m]);
+  }
+  return lo >= acc_t(std::exp(-kAbsorb)) && hi <= acc_t(std::exp(kAbsorb));
+}
+
+// v = nu / (K^T u), same contract as scale_rows.
+template <typename acc_t>
+OTSEG_MULTIVERSION bool scale_cols(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t nu) {
+  const acc_t* __restrict u = w.u.data();
+  bool ok = true;
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t* __restrict k = w.K.data() + n * w.ld;
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t m = 0; m < M; ++m) s += k[m] * u[m];
+    const acc_t vn = nu / s;
+    w.v[n] = vn;
+    ok = ok && vn >= acc_t(std::exp(-kAbsorb)) && vn <= acc_t(std::exp(kAbsorb));
+  }
+  return ok;
+}
+
+// Full potential alpha + log u into tmp2, and the mean |change| against
+// alpha_prev (then updated). In units of eps.
+template <typename acc_t>
+OTSEG_MULTIVERSION acc_t potential_change(ForwardWorkspace<acc_t>& w, int64_t M, bool u_is_one) {
+  const acc_t* __restrict alpha = w.alpha.data();
+  const acc_t* __restrict u = w.u.data();
+  acc_t* __restrict prev = w.alpha_prev.data();
+  acc_t total = 0;
+  if (u_is_one) {
+#pragma omp simd reduction(+ : total)
+    for (int64_t m = 0; m < M; ++m) {
+      total += std::abs(alpha[m] - prev[m]);
+      prev[m] = alpha[m];
+    }
+  } else {
+#pragma omp simd reduction(+ : total)
+    for (int64_t m = 0; m < M; ++m) {
+      const acc_t a = alpha[m] + fast::log(u[m]);
+      total += std::abs(a - prev[m]);
+      prev[m] = a;
+    }
+  }
+  return total / acc_t(M);
+}
+
+// Reads one problem's S [M, N] (any strides) into the transposed tile [N, M]
+// in the compute type. Returns false if it holds NaN or inf.
+template <typename scalar_t, typename acc_t>
+OTSEG_MULTIVERSION bool load_scores(const scalar_t* S, int64_t sM, int64_t sN, int64_t M, int64_t N, int64_t ld,
+                                      acc_t* St) {
+  if (sN == 1) {
+    // Rows are contiguous: stream them in order, writing N sequential outputs.
+    for (int64_t m = 0; m < M; ++m) {
+      const scalar_t* __restrict src = S + m * sM;
+      for (int64_t n = 0; n < N; ++n) St[n * ld + m] = static_cast<acc_t>(src[n]);
+    }
+  } else {
+    for (int64_t n = 0; n < N; ++n) {
+      acc_t* __restrict dst = St + n * ld;
+      const scalar_t* src = S + n * sN;
+      for (int64_t m = 0; m < M; ++m) dst[m] = static_cast<acc_t>(src[m * sM]);
+    }
+  }
+  // x * 0 is NaN exactly for NaN and inf; one vectorised pass over the tile.
+  acc_t nonfinite = 0;
+  const int64_t total = ld * N;  // the padding is zero
+#pragma omp simd reduction(+ : nonfinite)
+  for (int64_t i = 0; i < total; ++i) nonfinite += St[i] * acc_t(0);
+  return nonfinite == acc_t(0);
+}
+
+// Refined score M*N*u_m*sum_n K[n, m] v_n S[m, n], and the plan u_m K[n, m] v_n.
+template <typename scalar_t, typename acc_t>
+OTSEG_MULTIVERSION void write_outputs(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, scalar_t* score,
+                                      scalar_t* plan) {
+  acc_t* __restrict acc = w.tmp.data();
+  const acc_t* __restrict u = w.u.data();
+  std::fill(acc, acc + M, acc_t(0));
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t* __restrict k = w.K.data() + n * w.ld;
+    const acc_t* __restrict st = w.St.data() + n * w.ld;
+    const acc_t vn = w.v[n];
+    for (int64_t m = 0; m < M; ++m) acc[m] += k[m] * st[m] * vn;
+  }
+  const acc_t scale = acc_t(M) * acc_t(N);
+  for (int64_t m = 0; m < M; ++m) score[m] = static_cast<scalar_t>(scale * u[m] * acc[m]);
+  if (plan == nullptr) return;
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t* __restrict k = w.K.data() + n * w.ld;
+    const acc_t vn = w.v[n];
+    for (int64_t m = 0; m < M; ++m) plan[m * N + n] = static_cast<scalar_t>(u[m] * k[m] * vn);
+  }
+}
+
+// One problem from S to outputs. Returns false (writing nothing) if S holds
+// NaN or inf and check_finite is set.
+template <typename scalar_t, typename acc_t>
+bool forward_problem(const scalar_t* S, int64_t sM, int64_t sN, int64_t M, int64_t N, acc_t eps,
+                     int64_t max_iter, acc_t tol, bool check_finite, scalar_t* score, scalar_t* plan,
+                     acc_t* f_out, acc_t* g_out, int32_t* n_iter_out, ForwardWorkspace<acc_t>& w) {
+  if (!load_scores(S, sM, sN, M, N, w.ld, w.St.data()) && check_finite) return false;
+  w.inv_eps = acc_t(1) / eps;
+  const acc_t log_mu = -std::log(acc_t(M)), log_nu = -std::log(acc_t(N));
+  const acc_t mu = acc_t(1) / acc_t(M), nu = acc_t(1) / acc_t(N);
+  std::fill(w.beta.begin(), w.beta.end(), acc_t(0));
+  std::fill(w.v.begin(), w.v.end(), acc_t(1));
+  std::fill(w.u.begin(), w.u.end(), acc_t(1));
+  std::fill(w.alpha_prev.begin(), w.alpha_prev.end(), acc_t(0));
+
+  int64_t it = 0;
+  bool have_kernel = false;
+  while (it < max_iter) {
+    ++it;
+    // f half-step. The first one, and any whose scalings left the safe range,
+    // runs in the log domain (which also rebuilds K).
+    bool u_is_one = false;
+    if (!have_kernel || !scale_rows(w, M, N, mu)) {
+      if (have_kernel)
+        for (int64_t n = 0; n < N; ++n) w.beta[n] += fast::log(w.v[n]);
+      rebuild_rows(w, M, N, log_mu);
+      std::fill(w.u.begin(), w.u.end(), acc_t(1));
+      std::fill(w.v.begin(), w.v.end(), acc_t(1));
+      have_kernel = true;
+      u_is_one = true;
+    }
+    // g half-step.
+    if (!scale_cols(w, M, N, nu)) {
+      if (!u_is_one)
+        for (int64_t m = 0; m < M; ++m) w.alpha[m] += fast::log(w.u[m]);
+      rebuild_cols(w, M, N, log_nu);
+      std::fill(w.u.begin(), w.u.end(), acc_t(1));
+      std::fill(w.v.begin(), w.v.end(), acc_t(1));
+      u_is_one = true;
+    }
+    const acc_t err = eps * potential_change(w, M, u_is_one);
+    if (err < tol) break;
+  }
+  *n_iter_out = static_cast<int32_t>(it);
+  // alpha_prev holds the full f/eps.
+  for (int64_t m = 0; m < M; ++m) f_out[m] = eps * w.alpha_prev[m];
+  for (int64_t n = 0; n < N; ++n) g_out[n] = eps * (w.beta[n] + std::log(w.v[n]));
+  write_outputs(w, M, N, score, plan);
+  return true;
+}
+
+template <typename acc_t>
+struct BackwardWorkspace {
+  std::vector<acc_t> T, H;    // [M, N]
+  std::vector<acc_t> r, inv_a;  // [M]
+  std::vector<double> A, rhs, y, b, s;  // [N, N], [N]
+  BackwardWorkspace(int64_t M, int64_t N)
+      : T(M * N), H(M * N), r(M), inv_a(M), A(N * N), rhs(N), y(N), b(N), s(N) {}
+};
+
+template <typename scalar_t, typename acc_t>
+void backward_problem(const scalar_t* dscore, const scalar_t* dplan, int64_t dpM, int64_t dpN,
+                      const scalar_t* S, int64_t sM, int64_t sN, const acc_t* f, const acc_t* g,
+                      int64_t M, int64_t N, acc_t eps, scalar_t* dS, BackwardWorkspace<acc_t>& w) {
+  const acc_t inv_eps = acc_t(1) / eps;
+  const acc_t mn = acc_t(M) * acc_t(N);
+  std::fill(w.A.begin(), w.A.end(), 0.0);
+  std::fill(w.rhs.begin(), w.rhs.end(), 0.0);
+  std::fill(w.b.begin(), w.b.end(), 0.0);
+  std::fill(w.s.begin(), w.s.end(), 0.0);
+  // Pass 1: T, H = -(T*G)/eps with G = dplan + M*N*S*dscore; row sums a, r;
+  // column sums b, s; and the Schur complement terms T^T diag(1/a) T and
+  // T^T (r/a), accumulated in double.
+  for (int64_t m = 0; m < M; ++m) {
+    acc_t* t = w.T.data() + m * N;
+    acc_t* h = w.H.data() + m * N;
+    acc_t a = 0, r = 0;
+    const acc_t ds = dscore != nullptr ? static_cast<acc_t>(dscore[m]) * mn : acc_t(0);
+    for (int64_t n = 0; n < N; ++n) {
+      const acc_t s_mn = static_cast<acc_t>(S[m * sM + n * sN]);
+      t[n] = fast::exp((f[m] + g[n] - acc_t(1) + s_mn) * inv_eps);
+      acc_t gmn = s_mn * ds;
+      if (dplan != nullptr) gmn += static_cast<acc_t>(dplan[m * dpM + n * dpN]);
+      h[n] = -t[n] * gmn * inv_eps;
+      a += t[n];
+      r += h[n];
+    }
+    w.r[m] = r;
+    const acc_t inv_a = a > acc_t(0) ? acc_t(1) / a : acc_t(0);
+    w.inv_a[m] = inv_a;
+    for (int64_t n = 0; n < N; ++n) {
+      w.b[n] += t[n];
+      w.s[n] += h[n];
+      const double tn = static_cast<double>(t[n]) * inv_a;
+      w.rhs[n] -= tn * r;
+      for (int64_t k = 0; k < N; ++k) w.A[n * N + k] -= tn * t[k];
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    w.A[n * N + n] += w.b[n];
+    w.rhs[n] += w.s[n];
+  }
+  gauge_fixed_solve(w.A.data(), w.rhs.data(), w.y.data(), static_cast<int>(N));
+  // Pass 2: x = (r - T y)/a; dC = H - T*(x + y); dS = -dC + M*N*T*dscore.
+  for (int64_t m = 0; m < M; ++m) {
+    const acc_t* t = w.T.data() + m * N;
+    const acc_t* h = w.H.data() + m * N;
+    acc_t ty = 0;
+    for (int64_t n = 0; n < N; ++n) ty += t[n] * static_cast<acc_t>(w.y[n]);
+    const acc_t x = (w.r[m] - ty) * w.inv_a[m];
+    const acc_t ds = dscore != nullptr ? static_cast<acc_t>(dscore[m]) * mn : acc_t(0);
+    for (int64_t n = 0; n < N; ++n) {
+      const acc_t dc = h[n] - t[n] * (x + static_cast<acc_t>(w.y[n]));
+      dS[m * N + n] = static_cast<scalar_t>(t[n] * ds - dc);
+    }
+  }
+}
+
+// Half-precision inputs compute in float; float32 and float64 in their own type.
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forward_cpu(
+    const at::Tensor& scores, double eps, int64_t max_iter, double tol, bool return_plan, bool check_finite) {
+  OTSEG_CHECK_SCORES(scores);
+  OTSEG_CHECK_PARAMS(eps, max_iter, tol);
+  TORCH_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor");
+  const int64_t P = scores.size(0), M = scores.size(1), N = scores.size(2);
+  const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto score = at::empty({P, M}, scores.options());
+  auto plan = return_plan ? at::empty({P, M, N}, scores.options()) : at::empty({0}, scores.options());
+  auto f = at::empty({P, M}, scores.options().dtype(acc_dtype));
+  auto g = at::empty({P, N}, scores.options().dtype(acc_dtype));
+  auto n_iter = at::empty({P}, scores.options().dtype(at::kInt));
+  const int64_t sP = scores.stride(0), sM = scores.stride(1), sN = scores.stride(2);
+  std::atomic<bool> nonfinite{false};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "mps_forward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* S = scores.const_data_ptr<scalar_t>();
+    scalar_t* score_p = score.mutable_data_ptr<scalar_t>();
+    scalar_t* plan_p = return_plan ? plan.mutable_data_ptr<scalar_t>() : nullptr;
+    acc_t* f_p = f.mutable_data_ptr<acc_t>();
+    acc_t* g_p = g.mutable_data_ptr<acc_t>();
+    int32_t* it_p = n_iter.mutable_data_ptr<int32_t>();
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      ForwardWorkspace<acc_t> w(M, N);
+      for (int64_t p = begin; p < end; ++p) {
+        const bool ok = forward_problem<scalar_t, acc_t>(
+            S + p * sP, sM, sN, M, N, static_cast<acc_t>(eps), max_iter, static_cast<acc_t>(tol),
+            check_finite, score_p + p * M, plan_p ? plan_p + p * M * N : nullptr, f_p + p * M,
+            g_p + p * N, it_p + p, w);
+        if (!ok) nonfinite = true;
+      }
+    });
+  });
+  TORCH_CHECK_VALUE(!nonfinite, "the input contains NaN or inf; pass check_finite=False to skip this check");
+  return {score, plan, f, g, n_iter};
+}
+
+at::Tensor mps_backward_cpu(const std::optional<at::Tensor>& grad_score,
+                            const std::optional<at::Tensor>& grad_plan, const at::Tensor& scores,
+                            const at::Tensor& f, const at::Tensor& g, double eps) {
+  OTSEG_CHECK_SCORES(scores);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
+  const int64_t P = scores.size(0), M = scores.size(1), N = scores.size(2);
+  const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  OTSEG_CHECK_SHAPE(f, P, M);
+  OTSEG_CHECK_SHAPE(g, P, N);
+  TORCH_CHECK(f.scalar_type() == acc_dtype && g.scalar_type() == acc_dtype,
+              "f and g must be ", acc_dtype, " for ", scores.scalar_type(), " scores");
+  auto fc = f.contiguous(), gc = g.contiguous();
+  at::Tensor ds, dp;
+  if (grad_score.has_value() && grad_score->defined()) {
+    OTSEG_CHECK_SHAPE(*grad_score, P, M);
+    ds = grad_score->to(scores.scalar_type()).contiguous();
+  }
+  if (grad_plan.has_value() && grad_plan->defined()) {
+    OTSEG_CHECK_SHAPE(*grad_plan, P, M, N);
+    dp = grad_plan->to(scores.scalar_type());
+  }
+  auto grad = at::empty({P, M, N}, scores.options());
+  if (!ds.defined() && !dp.defined()) return grad.zero_();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "mps_backward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* S = scores.const_data_ptr<scalar_t>();
+    const scalar_t* ds_p = ds.defined() ? ds.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* dp_p = dp.defined() ? dp.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t dpP = dp.defined() ? dp.stride(0) : 0, dpM = dp.defined() ? dp.stride(1) : 0,
+                  dpN = dp.defined() ? dp.stride(2) : 0;
+    const acc_t* f_p = fc.const_data_ptr<acc_t>();
+    const acc_t* g_p = gc.const_data_ptr<acc_t>();
+    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+    const int64_t sP = scores.stride(0), sM = scores.stride(1), sN = scores.stride(2);
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      BackwardWorkspace<acc_t> w(M, N);
+      for (int64_t p = begin; p < end; ++p) {
+        backward_problem<scalar_t, acc_t>(ds_p ? ds_p + p * M : nullptr, dp_p ? dp_p + p * dpP : nullptr,
+                                          dpM, dpN, S + p * sP, sM, sN, f_p + p * M, g_p + p * N, M, N,
+                                          static_cast<acc_t>(eps), out + p * M * N, w);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(otseg, CPU, m) {
+  m.impl("mps_forward", &mps_forward_cpu);
+  m.impl("mps_backward", &mps_backward_cpu);
+}
+
+}  // namespace otseg

@@ -1,0 +1,40 @@
+// Operator schemas of the otseg namespace. Each device registers its kernels in
+// csrc/<device>/; autograd and fake (meta) kernels are registered from Python
+// (otseg/ops/mps/fused.py).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(otseg, m) {
+  // Multi-Prompts Sinkhorn on scores [P, M, N] (cost 1 - S, uniform marginals).
+  // Returns the refined score M*N*sum_n T*S [P, M] in the input dtype, the plan
+  // [P, M, N] when return_plan (else an empty tensor), the final potentials
+  // f [P, M] and g [P, N] in the compute dtype, and the iterations run [P] (int32).
+  // With check_finite, NaN or inf in the scores raise a ValueError (found while
+  // the kernel reads them, so the check costs no extra pass).
+  m.def(
+      "mps_forward(Tensor scores, float eps, int max_iter, float tol, bool return_plan, bool check_finite) -> "
+      "(Tensor score, Tensor plan, Tensor f, Tensor g, Tensor n_iter)");
+  // Implicit gradient at the fixed point (SPEC section 1) with respect to the
+  // scores, for upstream gradients of the refined score [P, M] and of the plan
+  // [P, M, N], either of which may be absent.
+  m.def(
+      "mps_backward(Tensor? grad_score, Tensor? grad_plan, Tensor scores, Tensor f, Tensor g, "
+      "float eps) -> Tensor");
+}
+
+// A Python module so that `import otseg._C` loads the library and runs the
+// registrations above; everything else is reached through torch.ops.otseg.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* mod = PyModule_Create(&module);
+  if (mod == nullptr) return nullptr;
+#ifdef OTSEG_WITH_CUDA
+  PyModule_AddIntConstant(mod, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(mod, "with_cuda", 0);
+#endif
+#ifdef OTSEG_TORCH_VERSION
+  PyModule_AddStringConstant(mod, "torch_version", OTSEG_TORCH_VERSION);
+#endif
+  return mod;
+}

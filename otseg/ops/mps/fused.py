@@ -1,0 +1,71 @@
+"""Autograd and fake (meta) registrations of the fused ``torch.ops.otseg`` MPS
+operators, whose kernels live in ``csrc/<device>/``.
+
+The backward is the implicit gradient at the fixed point (README.md beside this
+file): one pass per problem from the scores and the final potentials, never an
+unrolled loop.
+"""
+
+import torch
+
+from ... import _extension
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _setup_context(ctx, inputs, output):
+    scores, eps, _max_iter, _tol, return_plan, _check_finite = inputs
+    _score, _plan, f, g, _n_iter = output
+    ctx.eps = eps
+    ctx.return_plan = return_plan
+    ctx.save_for_backward(scores, f, g)
+    ctx.mark_non_differentiable(f, g, _n_iter)
+
+
+def _backward(ctx, grad_score, grad_plan, _grad_f, _grad_g, _grad_n_iter):
+    scores, f, g = ctx.saved_tensors
+    if not ctx.return_plan:
+        grad_plan = None
+    grad = torch.ops.otseg.mps_backward(grad_score, grad_plan, scores, f, g, ctx.eps)
+    return grad, None, None, None, None, None
+
+
+if _extension.available:
+
+    @torch.library.register_fake("otseg::mps_forward")
+    def _mps_forward_fake(scores, eps, max_iter, tol, return_plan, check_finite):
+        P, M, N = scores.shape
+        acc = _acc_dtype(scores.dtype)
+        return (
+            scores.new_empty(P, M),
+            scores.new_empty(P, M, N) if return_plan else scores.new_empty(0),
+            scores.new_empty(P, M, dtype=acc),
+            scores.new_empty(P, N, dtype=acc),
+            scores.new_empty(P, dtype=torch.int32),
+        )
+
+    @torch.library.register_fake("otseg::mps_backward")
+    def _mps_backward_fake(grad_score, grad_plan, scores, f, g, eps):
+        return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+    torch.library.register_autograd("otseg::mps_forward", _backward, setup_context=_setup_context)
+
+
+def mps_forward(scores, eps, max_iter, tol, return_plan, check_finite):
+    """Run the fused forward on scores of any batch shape [..., M, N].
+
+    The kernel checks finiteness while it reads the scores (``check_finite``).
+
+    Returns (refined score [..., M], plan [..., M, N] or None, iterations [...]).
+    """
+    batch, (M, N) = scores.shape[:-2], scores.shape[-2:]
+    score, plan, _f, _g, n_iter = torch.ops.otseg.mps_forward(
+        scores.reshape(-1, M, N), float(eps), int(max_iter), float(tol), bool(return_plan), bool(check_finite)
+    )
+    return (
+        score.reshape(*batch, M),
+        plan.reshape(*batch, M, N) if return_plan else None,
+        n_iter.reshape(batch),
+    )
