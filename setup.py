@@ -147,7 +147,7 @@ setup(
     description="Fused Multi-Prompts Sinkhorn (OTSeg) kernels for CPU, CUDA and Triton, and the OTSeg model",
     packages=find_packages(include=["otseg", "otseg.*"]) + ["otseg.kernels"],
     package_dir={"otseg.kernels": "kernels"},
-    package_data={"otseg.ops.mps": ["README.md"]},
+    package_data={"otseg.ops.mps": ["README.md"], "otseg.data": ["*.json", "text_embeddings/*.npy"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
