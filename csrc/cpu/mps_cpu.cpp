@@ -50,12 +50,13 @@ struct ForwardWorkspace {
   // Per pixel [M]: absorbed potential alpha (in units of eps), scaling u,
   // previous full potential, and scratch.
   std::vector<acc_t> alpha, u, alpha_prev, tmp, tmp2;
-  // Per prompt [N].
-  std::vector<acc_t> beta, v;
+  // Per prompt [N]: absorbed potential beta (in units of eps), scaling v, and
+  // the column products K^T u.
+  std::vector<acc_t> beta, v, z;
   acc_t inv_eps = 1;
 
   ForwardWorkspace(int64_t M, int64_t N)
-      : ld(((M + 15) / 16) * 16 + 16), St(ld * N), K(ld * N), alpha(M), u(M), alpha_prev(M), tmp(M), tmp2(M), beta(N), v(N) {}
+      : ld(((M + 15) / 16) * 16 + 16), St(ld * N), K(ld * N), alpha(M), u(M), alpha_prev(M), tmp(M), tmp2(M), beta(N), v(N), z(N) {}
 };
 
 // The f half-step in the log domain from beta (v = 1): alpha and K such that
@@ -119,70 +120,94 @@ OTSEG_MULTIVERSION void rebuild_cols(ForwardWorkspace<acc_t>& w, int64_t M, int6
   }
 }
 
-// u = mu / (K v). Returns false when a scaling left the safe range (or K v
-// underflowed to 0, giving inf).
+// v = nu / z for the column products z = K^T u; false when a scaling left
+// the safe range.
 template <typename acc_t>
-OTSEG_MULTIVERSION bool scale_rows(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t mu) {
-  acc_t* __restrict kv = w.tmp.data();
-  acc_t* __restrict u = w.u.data();
-  {
-    const acc_t* __restrict k = w.K.data();
-    const acc_t v0 = w.v[0];
-    for (int64_t m = 0; m < M; ++m) kv[m] = k[m] * v0;
-  }
-  for (int64_t n = 1; n < N; ++n) {
-    const acc_t* __restrict k = w.K.data() + n * w.ld;
-    const acc_t vn = w.v[n];
-    for (int64_t m = 0; m < M; ++m) kv[m] += k[m] * vn;
-  }
-  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = 0;
-#pragma omp simd reduction(min : lo) reduction(max : hi)
-  for (int64_t m = 0; m < M; ++m) {
-    u[m] = mu / kv[m];
-    lo = std::min(lo, u[m]);
-    hi = std::max(hi, u[m]);
-  }
-  return lo >= acc_t(std::exp(-kAbsorb)) && hi <= acc_t(std::exp(kAbsorb));
-}
-
-// v = nu / (K^T u), same contract as scale_rows.
-template <typename acc_t>
-OTSEG_MULTIVERSION bool scale_cols(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t nu) {
-  const acc_t* __restrict u = w.u.data();
+bool scale_cols_from(ForwardWorkspace<acc_t>& w, int64_t N, acc_t nu) {
   bool ok = true;
   for (int64_t n = 0; n < N; ++n) {
-    const acc_t* __restrict k = w.K.data() + n * w.ld;
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t m = 0; m < M; ++m) s += k[m] * u[m];
-    const acc_t vn = nu / s;
+    const acc_t vn = nu / w.z[n];
     w.v[n] = vn;
     ok = ok && vn >= acc_t(std::exp(-kAbsorb)) && vn <= acc_t(std::exp(kAbsorb));
   }
   return ok;
 }
 
-// Full potential alpha + log u into tmp2, and the mean |change| against
-// alpha_prev (then updated). In units of eps.
+// v = nu / (K^T u); false when a scaling left the safe range (or K^T u
+// underflowed to 0, giving inf).
 template <typename acc_t>
-OTSEG_MULTIVERSION acc_t potential_change(ForwardWorkspace<acc_t>& w, int64_t M, bool u_is_one) {
-  const acc_t* __restrict alpha = w.alpha.data();
+OTSEG_MULTIVERSION bool scale_cols(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t nu) {
   const acc_t* __restrict u = w.u.data();
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t* __restrict k = w.K.data() + n * w.ld;
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t m = 0; m < M; ++m) s += k[m] * u[m];
+    w.z[n] = s;
+  }
+  return scale_cols_from(w, N, nu);
+}
+
+// One whole iteration's products in a single sweep over K, block by block so
+// that each block is reused from L1: u = mu / (K v), the new full potential
+// alpha + log u into tmp2 with the summed |change| against alpha_prev into
+// *change, and z = K^T u. Returns false when u left the safe range (then
+// tmp2, *change and z are meaningless).
+template <typename acc_t>
+OTSEG_MULTIVERSION bool sweep(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t mu, acc_t* change) {
+  constexpr int64_t kBlock = 256;
+  acc_t* __restrict kv = w.tmp.data();
+  acc_t* __restrict u = w.u.data();
+  acc_t* __restrict a_new = w.tmp2.data();
+  const acc_t* __restrict alpha = w.alpha.data();
+  const acc_t* __restrict prev = w.alpha_prev.data();
+  std::fill(w.z.begin(), w.z.end(), acc_t(0));
+  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = 0, total = 0;
+  for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
+    const int64_t m1 = std::min(M, m0 + kBlock);
+    {
+      const acc_t* __restrict k = w.K.data() + m0;
+      const acc_t v0 = w.v[0];
+      for (int64_t m = 0; m < m1 - m0; ++m) kv[m] = k[m] * v0;
+    }
+    for (int64_t n = 1; n < N; ++n) {
+      const acc_t* __restrict k = w.K.data() + n * w.ld + m0;
+      const acc_t vn = w.v[n];
+      for (int64_t m = 0; m < m1 - m0; ++m) kv[m] += k[m] * vn;
+    }
+#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(+ : total)
+    for (int64_t m = m0; m < m1; ++m) {
+      const acc_t um = mu / kv[m - m0];
+      u[m] = um;
+      lo = std::min(lo, um);
+      hi = std::max(hi, um);
+      const acc_t a = alpha[m] + fast::log(um);
+      a_new[m] = a;
+      total += std::abs(a - prev[m]);
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const acc_t* __restrict k = w.K.data() + n * w.ld;
+      acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t m = m0; m < m1; ++m) s += k[m] * u[m];
+      w.z[n] += s;
+    }
+  }
+  *change = total;
+  return lo >= acc_t(std::exp(-kAbsorb)) && hi <= acc_t(std::exp(kAbsorb));
+}
+
+// After a log-domain f half-step (u = 1): the mean |alpha - alpha_prev|, and
+// alpha_prev <- alpha. In units of eps.
+template <typename acc_t>
+OTSEG_MULTIVERSION acc_t potential_change(ForwardWorkspace<acc_t>& w, int64_t M) {
+  const acc_t* __restrict alpha = w.alpha.data();
   acc_t* __restrict prev = w.alpha_prev.data();
   acc_t total = 0;
-  if (u_is_one) {
 #pragma omp simd reduction(+ : total)
-    for (int64_t m = 0; m < M; ++m) {
-      total += std::abs(alpha[m] - prev[m]);
-      prev[m] = alpha[m];
-    }
-  } else {
-#pragma omp simd reduction(+ : total)
-    for (int64_t m = 0; m < M; ++m) {
-      const acc_t a = alpha[m] + fast::log(u[m]);
-      total += std::abs(a - prev[m]);
-      prev[m] = a;
-    }
+  for (int64_t m = 0; m < M; ++m) {
+    total += std::abs(alpha[m] - prev[m]);
+    prev[m] = alpha[m];
   }
   return total / acc_t(M);
 }
@@ -255,29 +280,34 @@ bool forward_problem(const scalar_t* S, int64_t sM, int64_t sN, int64_t M, int64
   bool have_kernel = false;
   while (it < max_iter) {
     ++it;
-    // f half-step. The first one, and any whose scalings left the safe range,
-    // runs in the log domain (which also rebuilds K).
-    bool u_is_one = false;
-    if (!have_kernel || !scale_rows(w, M, N, mu)) {
+    acc_t change = 0;
+    if (have_kernel && sweep(w, M, N, mu, &change)) {
+      // The common case: one sweep over K. alpha + log u is the new f/eps.
+      std::swap(w.alpha_prev, w.tmp2);
+      if (!scale_cols_from(w, N, nu)) {
+        // Absorb u (alpha + log u is in alpha_prev) and redo the g half-step
+        // in the log domain.
+        std::copy(w.alpha_prev.begin(), w.alpha_prev.end(), w.alpha.begin());
+        rebuild_cols(w, M, N, log_nu);
+        std::fill(w.u.begin(), w.u.end(), acc_t(1));
+        std::fill(w.v.begin(), w.v.end(), acc_t(1));
+      }
+    } else {
+      // First iteration, or the f scalings left the safe range: the f
+      // half-step in the log domain (rebuilding K), then the g half-step.
       if (have_kernel)
         for (int64_t n = 0; n < N; ++n) w.beta[n] += fast::log(w.v[n]);
       rebuild_rows(w, M, N, log_mu);
       std::fill(w.u.begin(), w.u.end(), acc_t(1));
       std::fill(w.v.begin(), w.v.end(), acc_t(1));
       have_kernel = true;
-      u_is_one = true;
+      if (!scale_cols(w, M, N, nu)) {
+        rebuild_cols(w, M, N, log_nu);
+        std::fill(w.v.begin(), w.v.end(), acc_t(1));
+      }
+      change = potential_change(w, M) * acc_t(M);
     }
-    // g half-step.
-    if (!scale_cols(w, M, N, nu)) {
-      if (!u_is_one)
-        for (int64_t m = 0; m < M; ++m) w.alpha[m] += fast::log(w.u[m]);
-      rebuild_cols(w, M, N, log_nu);
-      std::fill(w.u.begin(), w.u.end(), acc_t(1));
-      std::fill(w.v.begin(), w.v.end(), acc_t(1));
-      u_is_one = true;
-    }
-    const acc_t err = eps * potential_change(w, M, u_is_one);
-    if (err < tol) break;
+    if (eps * change / acc_t(M) < tol) break;
   }
   *n_iter_out = static_cast<int32_t>(it);
   // alpha_prev holds the full f/eps.
