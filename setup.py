@@ -10,8 +10,9 @@ Environment:
                             reference and triton backends are then available)
     OTSEG_NO_CUDA=1         build the CPU extension only
     CUDA_HOME / CUDA_PATH   the toolkit, when it is not found by itself
-    TORCH_CUDA_ARCH_LIST    CUDA architectures (default here: 8.0;8.6;9.0 when
-                            no GPU is visible, else the visible GPUs')
+    TORCH_CUDA_ARCH_LIST    CUDA architectures (default: 8.0;9.0+PTX, which covers
+                            A100, 3090, H100 and newer, when no GPU is visible;
+                            else the visible GPUs')
     MAX_JOBS                parallel compile jobs (ninja)
 """
 
@@ -106,7 +107,7 @@ def extensions():
             # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
             os.environ["CUDA_HOME"] = cuda_home
             if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;9.0"
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))

@@ -1,0 +1,582 @@
+// Fused Multi-Prompts Sinkhorn on CUDA.
+//
+// One block per (b, k) problem. Each thread owns up to kRows pixel rows and
+// keeps their scores and kernel entries in registers for all iterations, so S
+// is read from global memory once and every iteration, the per-problem
+// stopping test included, runs on chip with no host synchronisation. The
+// iteration is the CPU kernel's (otseg/ops/mps/README.md): scaling domain,
+// u = mu / (K v) per row in registers and z = K^T u by one block reduction,
+// with log-domain absorption when a scaling leaves [e^-30, e^30]. The
+// backward is the implicit gradient, one block per problem, sharing the small
+// gauge-fixed solve with the CPU kernel (csrc/common/gauge_solve.h).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "../common/checks.h"
+#include "../common/gauge_solve.h"
+
+namespace otseg {
+namespace {
+
+constexpr int kRows = 4;            // pixel rows per thread
+constexpr float kAbsorb = 30.0f;    // scalings outside [e^-30, e^30] are absorbed
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxPixels = kRows * kMaxThreads;
+constexpr int kMaxPromptsCuda = 16;
+
+// Inputs and outputs are float32, float16 or bfloat16; the kernels compute in
+// float32 and branch on the dtype at run time (uniformly), which keeps the
+// number of template instantiations, and so the build time, small.
+enum class Dtype : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+__device__ __forceinline__ float load_as_float(const void* base, int64_t i, Dtype dt) {
+  switch (dt) {
+    case Dtype::kHalf:
+      return static_cast<float>(static_cast<const at::Half*>(base)[i]);
+    case Dtype::kBFloat16:
+      return static_cast<float>(static_cast<const at::BFloat16*>(base)[i]);
+    default:
+      return static_cast<const float*>(base)[i];
+  }
+}
+
+__device__ __forceinline__ void store_from_float(void* base, int64_t i, float x, Dtype dt) {
+  switch (dt) {
+    case Dtype::kHalf:
+      static_cast<at::Half*>(base)[i] = static_cast<at::Half>(x);
+      break;
+    case Dtype::kBFloat16:
+      static_cast<at::BFloat16*>(base)[i] = static_cast<at::BFloat16>(x);
+      break;
+    default:
+      static_cast<float*>(base)[i] = x;
+  }
+}
+
+// Block-wide sum (or max) of V values per thread, result in every thread.
+// smem holds (kThreads / 32) * V floats. Every thread combines the warp
+// partials in the same order, so all threads get bitwise the same result and
+// the decisions taken on it are uniform across the block.
+template <int V, int kThreads, bool kMax>
+__device__ __forceinline__ void block_reduce(float (&x)[V], float* smem) {
+  constexpr int kWarps = kThreads / 32;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float o = __shfl_xor_sync(0xffffffffu, x[v], off);
+      x[v] = kMax ? fmaxf(x[v], o) : x[v] + o;
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) smem[warp * V + v] = x[v];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    float acc = smem[v];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) acc = kMax ? fmaxf(acc, smem[w * V + v]) : acc + smem[w * V + v];
+    x[v] = acc;
+  }
+  __syncthreads();
+}
+
+struct ForwardArgs {
+  const void* S;
+  int64_t sP, sM, sN;
+  int M, N;
+  float eps;
+  int max_iter;
+  float tol;
+  Dtype dtype;
+  void* score;         // [P, M]
+  void* plan;          // [P, M, N] or null
+  float* f;            // [P, M]
+  float* g;            // [P, N]
+  int* n_iter;         // [P]
+  int* nonfinite;      // [1], set when S holds NaN or inf
+};
+
+template <int NP, int kThreads>
+__global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
+  __shared__ float red[(kThreads / 32) * (NP + 1)];
+  const int64_t p = blockIdx.x;
+  const int M = a.M, N = a.N;
+  const float ie = 1.0f / a.eps;
+  const float mu = 1.0f / M, nu = 1.0f / N;
+  const float log_mu = -logf(static_cast<float>(M)), log_nu = -logf(static_cast<float>(N));
+  const float lo_ok = expf(-kAbsorb), hi_ok = expf(kAbsorb);
+
+  // Registers: scores s, kernel k, absorbed potential alpha, scaling u and the
+  // previous full potential prev (all in units of eps), for this thread's rows.
+  float s[kRows][NP], k[kRows][NP], alpha[kRows], u[kRows], prev[kRows];
+  // Per prompt, replicated in every thread.
+  float beta[NP], v[NP];
+  bool bad = false;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int m = threadIdx.x + r * kThreads;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      float x = 0.0f;
+      if (m < M && n < N) {
+        x = load_as_float(a.S, p * a.sP + m * a.sM + n * a.sN, a.dtype);
+        bad |= !isfinite(x);
+      }
+      s[r][n] = x;
+    }
+    alpha[r] = 0.0f;
+    u[r] = 1.0f;
+    prev[r] = 0.0f;
+  }
+  if (__syncthreads_or(bad)) {
+    if (threadIdx.x == 0) atomicExch(a.nonfinite, 1);
+  }
+#pragma unroll
+  for (int n = 0; n < NP; ++n) {
+    beta[n] = 0.0f;
+    v[n] = 1.0f;
+  }
+
+  // Log-domain f half-step from beta (v = 1): alpha and K with rows summing to mu.
+  auto rebuild_rows = [&]() {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < NP; ++n)
+        if (n < N) mx = fmaxf(mx, s[r][n] * ie + beta[n] - ie);
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < NP; ++n) {
+        k[r][n] = n < N ? __expf(s[r][n] * ie + beta[n] - ie - mx) : 0.0f;
+        sum += k[r][n];
+      }
+      alpha[r] = log_mu - mx - __logf(sum);
+      const float scale = mu / sum;
+#pragma unroll
+      for (int n = 0; n < NP; ++n) k[r][n] *= scale;
+      u[r] = 1.0f;
+    }
+#pragma unroll
+    for (int n = 0; n < NP; ++n) v[n] = 1.0f;
+  };
+  // Log-domain g half-step from alpha (u = 1): beta and K with columns summing to nu.
+  auto rebuild_cols = [&]() {
+    float mx[NP];
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      mx[n] = -INFINITY;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        if (threadIdx.x + r * kThreads < M) mx[n] = fmaxf(mx[n], s[r][n] * ie + alpha[r]);
+    }
+    block_reduce<NP, kThreads, true>(mx, red);
+    float sum[NP];
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      sum[n] = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const bool live = threadIdx.x + r * kThreads < M && n < N;
+        k[r][n] = live ? __expf(s[r][n] * ie + alpha[r] - mx[n]) : 0.0f;
+        sum[n] += k[r][n];
+      }
+    }
+    block_reduce<NP, kThreads, false>(sum, red);
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      beta[n] = n < N ? log_nu + ie - mx[n] - __logf(sum[n]) : 0.0f;
+      const float scale = n < N ? nu / sum[n] : 0.0f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) k[r][n] *= scale;
+      v[n] = 1.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) u[r] = 1.0f;
+  };
+  // v = nu / (K^T u); false when a scaling left the safe range.
+  auto scale_cols = [&]() {
+    float z[NP];
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      z[n] = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) z[n] += k[r][n] * u[r];
+    }
+    block_reduce<NP, kThreads, false>(z, red);
+    bool ok = true;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      if (n < N) {
+        v[n] = nu / z[n];
+        ok = ok && v[n] >= lo_ok && v[n] <= hi_ok;
+      }
+    }
+    return ok;
+  };
+
+  int it = 0;
+  bool have_kernel = false;
+  while (it < a.max_iter) {
+    ++it;
+    float change;
+    bool sweep_ok = false;
+    if (have_kernel) {
+      // One pass over the registers: u = mu / (K v), the new full potential,
+      // its change, and the partial column products K^T u.
+      float acc[NP + 1];
+      bool u_bad = false;
+#pragma unroll
+      for (int n = 0; n <= NP; ++n) acc[n] = 0.0f;
+      float a_new[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const bool live = threadIdx.x + r * kThreads < M;
+        float kv = 0.0f;
+#pragma unroll
+        for (int n = 0; n < NP; ++n) kv += k[r][n] * v[n];
+        const float um = live ? mu / kv : 1.0f;
+        u_bad |= !(um >= lo_ok && um <= hi_ok);
+        a_new[r] = alpha[r] + __logf(um);
+        acc[NP] += live ? fabsf(a_new[r] - prev[r]) : 0.0f;
+        u[r] = um;
+#pragma unroll
+        for (int n = 0; n < NP; ++n) acc[n] += live ? k[r][n] * um : 0.0f;
+      }
+      if (!__syncthreads_or(u_bad)) {
+        block_reduce<NP + 1, kThreads, false>(acc, red);
+        sweep_ok = true;
+        change = acc[NP];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) prev[r] = a_new[r];
+        bool v_ok = true;
+#pragma unroll
+        for (int n = 0; n < NP; ++n) {
+          if (n < N) {
+            v[n] = nu / acc[n];
+            v_ok = v_ok && v[n] >= lo_ok && v[n] <= hi_ok;
+          }
+        }
+        if (!v_ok) {
+          // Absorb u (alpha + log u is prev) and redo the g half-step in the log domain.
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) alpha[r] = prev[r];
+          rebuild_cols();
+        }
+      }
+    }
+    if (!sweep_ok) {
+      // First iteration, or u left the safe range: absorb v, the f half-step
+      // in the log domain, then the g half-step.
+      if (have_kernel) {
+#pragma unroll
+        for (int n = 0; n < NP; ++n) beta[n] += n < N ? __logf(v[n]) : 0.0f;
+      }
+      rebuild_rows();
+      have_kernel = true;
+      if (!scale_cols()) rebuild_cols();
+      float c[1] = {0.0f};
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (threadIdx.x + r * kThreads < M) c[0] += fabsf(alpha[r] - prev[r]);
+        prev[r] = alpha[r];
+      }
+      block_reduce<1, kThreads, false>(c, red);
+      change = c[0];
+    }
+    if (a.eps * change / M < a.tol) break;
+  }
+
+  // Outputs: f = eps * prev, g = eps * (beta + log v), the refined score and the plan.
+  const float mn = static_cast<float>(M) * static_cast<float>(N);
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int m = threadIdx.x + r * kThreads;
+    if (m >= M) continue;
+    a.f[p * M + m] = a.eps * prev[r];
+    float acc = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) acc += k[r][n] * v[n] * s[r][n];
+    store_from_float(a.score, p * M + m, mn * u[r] * acc, a.dtype);
+    if (a.plan != nullptr) {
+#pragma unroll
+      for (int n = 0; n < NP; ++n)
+        if (n < N) store_from_float(a.plan, (p * M + m) * N + n, u[r] * k[r][n] * v[n], a.dtype);
+    }
+  }
+  if (threadIdx.x == 0) {
+    for (int n = 0; n < N; ++n) a.g[p * N + n] = a.eps * (beta[n] + logf(v[n]));
+    a.n_iter[p] = it;
+  }
+}
+
+struct BackwardArgs {
+  const void* dscore;  // [P, M] contiguous, or null
+  const void* dplan;   // [P, M, N] strided, or null
+  int64_t dpP, dpM, dpN;
+  const void* S;
+  int64_t sP, sM, sN;
+  const float* f;      // [P, M]
+  const float* g;      // [P, N]
+  int M, N;
+  float eps;
+  Dtype dtype;
+  void* grad;          // [P, M, N] contiguous
+};
+
+template <int NP, int kThreads>
+__global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
+  __shared__ float red[(kThreads / 32) * (2 * NP)];
+  __shared__ float A_s[NP * NP];
+  __shared__ double y_s[NP];
+  const int64_t p = blockIdx.x;
+  const int M = a.M, N = a.N;
+  const float ie = 1.0f / a.eps;
+  const float mn = static_cast<float>(M) * static_cast<float>(N);
+  for (int i = threadIdx.x; i < NP * NP; i += kThreads) A_s[i] = 0.0f;
+
+  float t[kRows][NP], h[kRows][NP], inv_a[kRows], rr[kRows], ds[kRows];
+  float g[NP];
+#pragma unroll
+  for (int n = 0; n < NP; ++n) g[n] = n < N ? a.g[p * N + n] : 0.0f;
+  // Pass 1: T, H = -(T * G) / eps; row sums a, r; column sums b, s; rhs terms.
+  float cols[2 * NP];  // b then s - T^T (r / a)
+#pragma unroll
+  for (int n = 0; n < 2 * NP; ++n) cols[n] = 0.0f;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int m = threadIdx.x + r * kThreads;
+    const bool live = m < M;
+    const float fm = live ? a.f[p * M + m] : 0.0f;
+    ds[r] = live && a.dscore != nullptr ? load_as_float(a.dscore, p * M + m, a.dtype) * mn : 0.0f;
+    float row_a = 0.0f, row_r = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      float tv = 0.0f, hv = 0.0f;
+      if (live && n < N) {
+        const float s = load_as_float(a.S, p * a.sP + m * a.sM + n * a.sN, a.dtype);
+        tv = __expf((fm + g[n] - 1.0f + s) * ie);
+        float gmn = s * ds[r];
+        if (a.dplan != nullptr) gmn += load_as_float(a.dplan, p * a.dpP + m * a.dpM + n * a.dpN, a.dtype);
+        hv = -tv * gmn * ie;
+      }
+      t[r][n] = tv;
+      h[r][n] = hv;
+      row_a += tv;
+      row_r += hv;
+    }
+    inv_a[r] = row_a > 0.0f ? 1.0f / row_a : 0.0f;
+    rr[r] = row_r;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      cols[n] += t[r][n];
+      cols[NP + n] += h[r][n] - t[r][n] * inv_a[r] * row_r;
+    }
+  }
+  __syncthreads();  // A_s zeroed
+  // A = diag(b) - T^T diag(1/a) T, one row of N at a time to bound registers.
+#pragma unroll
+  for (int n = 0; n < NP; ++n) {
+    if (n >= N) break;
+    float row[NP];
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      row[j] = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) row[j] -= t[r][n] * t[r][j] * inv_a[r];
+    }
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) row[j] += __shfl_xor_sync(0xffffffffu, row[j], off);
+    }
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+      for (int j = 0; j < NP; ++j)
+        if (j < N) atomicAdd(&A_s[n * NP + j], row[j]);
+    }
+  }
+  block_reduce<2 * NP, kThreads, false>(cols, red);  // also orders the atomics above
+  if (threadIdx.x == 0) {
+    double A[kMaxPromptsCuda * kMaxPromptsCuda], rhs[kMaxPromptsCuda], y[kMaxPromptsCuda];
+    for (int i = 0; i < N; ++i) {
+      for (int j = 0; j < N; ++j) A[i * N + j] = A_s[i * NP + j];
+      A[i * N + i] += cols[i];
+      rhs[i] = cols[NP + i];
+    }
+    gauge_fixed_solve(A, rhs, y, N);
+    for (int i = 0; i < NP; ++i) y_s[i] = i < N ? y[i] : 0.0;
+  }
+  __syncthreads();
+  // Pass 2: x = (r - T y) / a; dS = -(H - T (x + y)) + M N T dS*.
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int m = threadIdx.x + r * kThreads;
+    if (m >= M) continue;
+    float ty = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) ty += t[r][n] * static_cast<float>(y_s[n]);
+    const float x = (rr[r] - ty) * inv_a[r];
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      if (n >= N) break;
+      const float dc = h[r][n] - t[r][n] * (x + static_cast<float>(y_s[n]));
+      store_from_float(a.grad, (p * M + m) * N + n, t[r][n] * ds[r] - dc, a.dtype);
+    }
+  }
+}
+
+Dtype to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return Dtype::kFloat;
+    case at::kHalf:
+      return Dtype::kHalf;
+    case at::kBFloat16:
+      return Dtype::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "the cuda backend takes float32, float16 or bfloat16 scores (computing in float32), got ",
+                       t, "; use backend=\"reference\" for float64");
+  }
+  return Dtype::kFloat;
+}
+
+// The block shape for M pixels: kRows rows per thread, at least 128 threads.
+int threads_for(int64_t M) {
+  int threads = 128;
+  while (threads * kRows < M) threads *= 2;
+  return threads;
+}
+
+template <template <int, int> class Launch, typename Args>
+void dispatch(int64_t M, int64_t N, int64_t P, const Args& args) {
+  const int threads = threads_for(M);
+  const int np = N <= 4 ? 4 : (N <= 8 ? 8 : 16);
+  auto stream = at::cuda::getCurrentCUDAStream();
+#define OTSEG_LAUNCH(NP_, T_)                                     \
+  if (np == NP_ && threads == T_) {                               \
+    Launch<NP_, T_>::run(static_cast<unsigned>(P), stream, args); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                               \
+    return;                                                       \
+  }
+#define OTSEG_LAUNCH_NP(NP_) \
+  OTSEG_LAUNCH(NP_, 128) OTSEG_LAUNCH(NP_, 256) OTSEG_LAUNCH(NP_, 512) OTSEG_LAUNCH(NP_, 1024)
+  OTSEG_LAUNCH_NP(4)
+  OTSEG_LAUNCH_NP(8)
+  OTSEG_LAUNCH_NP(16)
+#undef OTSEG_LAUNCH_NP
+#undef OTSEG_LAUNCH
+  TORCH_CHECK(false, "no CUDA kernel for M = ", M, ", N = ", N);
+}
+
+template <int NP, int T>
+struct LaunchFwd {
+  static void run(unsigned P, cudaStream_t stream, const ForwardArgs& a) {
+    mps_fwd_kernel<NP, T><<<P, T, 0, stream>>>(a);
+  }
+};
+
+template <int NP, int T>
+struct LaunchBwd {
+  static void run(unsigned P, cudaStream_t stream, const BackwardArgs& a) {
+    mps_bwd_kernel<NP, T><<<P, T, 0, stream>>>(a);
+  }
+};
+
+void check_cuda_shape(const at::Tensor& scores) {
+  OTSEG_CHECK_SCORES(scores);
+  TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor");
+  TORCH_CHECK_VALUE(scores.size(2) <= kMaxPromptsCuda, "the cuda backend supports N <= ", kMaxPromptsCuda,
+                    " prompts, got N = ", scores.size(2), " (use backend=\"cpu\" on CPU tensors or \"reference\")");
+  TORCH_CHECK_VALUE(scores.size(1) <= kMaxPixels, "the cuda backend supports M <= ", kMaxPixels,
+                    " pixels per problem, got M = ", scores.size(1), " (use backend=\"reference\")");
+  TORCH_CHECK_VALUE(scores.size(0) <= std::numeric_limits<int>::max(), "too many problems for one launch");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forward_cuda(
+    const at::Tensor& scores, double eps, int64_t max_iter, double tol, bool return_plan, bool check_finite) {
+  check_cuda_shape(scores);
+  OTSEG_CHECK_PARAMS(eps, max_iter, tol);
+  const at::cuda::OptionalCUDAGuard guard(scores.device());
+  const int64_t P = scores.size(0), M = scores.size(1), N = scores.size(2);
+  auto score = at::empty({P, M}, scores.options());
+  auto plan = return_plan ? at::empty({P, M, N}, scores.options()) : at::empty({0}, scores.options());
+  auto f = at::empty({P, M}, scores.options().dtype(at::kFloat));
+  auto g = at::empty({P, N}, scores.options().dtype(at::kFloat));
+  auto n_iter = at::empty({P}, scores.options().dtype(at::kInt));
+  auto nonfinite = at::zeros({1}, scores.options().dtype(at::kInt));
+  if (P == 0) return {score, plan, f, g, n_iter};
+  ForwardArgs a{scores.const_data_ptr(), scores.stride(0), scores.stride(1), scores.stride(2),
+                static_cast<int>(M), static_cast<int>(N), static_cast<float>(eps),
+                static_cast<int>(std::min<int64_t>(max_iter, std::numeric_limits<int>::max())),
+                static_cast<float>(tol), to_dtype(scores.scalar_type()), score.mutable_data_ptr(),
+                return_plan ? plan.mutable_data_ptr() : nullptr, f.mutable_data_ptr<float>(),
+                g.mutable_data_ptr<float>(), n_iter.mutable_data_ptr<int>(), nonfinite.mutable_data_ptr<int>()};
+  dispatch<LaunchFwd>(M, N, P, a);
+  // The one host synchronisation, and only when asked for: reporting bad input.
+  if (check_finite) {
+    TORCH_CHECK_VALUE(nonfinite.item<int>() == 0,
+                      "the input contains NaN or inf; pass check_finite=False to skip this check");
+  }
+  return {score, plan, f, g, n_iter};
+}
+
+at::Tensor mps_backward_cuda(const std::optional<at::Tensor>& grad_score, const std::optional<at::Tensor>& grad_plan,
+                             const at::Tensor& scores, const at::Tensor& f, const at::Tensor& g, double eps) {
+  check_cuda_shape(scores);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
+  const at::cuda::OptionalCUDAGuard guard(scores.device());
+  const int64_t P = scores.size(0), M = scores.size(1), N = scores.size(2);
+  OTSEG_CHECK_SHAPE(f, P, M);
+  OTSEG_CHECK_SHAPE(g, P, N);
+  TORCH_CHECK(f.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat, "f and g must be float32");
+  auto fc = f.contiguous(), gc = g.contiguous();
+  at::Tensor ds, dp;
+  if (grad_score.has_value() && grad_score->defined()) {
+    OTSEG_CHECK_SHAPE(*grad_score, P, M);
+    ds = grad_score->to(scores.scalar_type()).contiguous();
+  }
+  if (grad_plan.has_value() && grad_plan->defined()) {
+    OTSEG_CHECK_SHAPE(*grad_plan, P, M, N);
+    dp = grad_plan->to(scores.scalar_type());
+  }
+  auto grad = at::empty({P, M, N}, scores.options());
+  if ((!ds.defined() && !dp.defined()) || P == 0) return grad.zero_();
+  BackwardArgs a{ds.defined() ? ds.const_data_ptr() : nullptr,
+                 dp.defined() ? dp.const_data_ptr() : nullptr,
+                 dp.defined() ? dp.stride(0) : 0,
+                 dp.defined() ? dp.stride(1) : 0,
+                 dp.defined() ? dp.stride(2) : 0,
+                 scores.const_data_ptr(),
+                 scores.stride(0),
+                 scores.stride(1),
+                 scores.stride(2),
+                 fc.const_data_ptr<float>(),
+                 gc.const_data_ptr<float>(),
+                 static_cast<int>(M),
+                 static_cast<int>(N),
+                 static_cast<float>(eps),
+                 to_dtype(scores.scalar_type()),
+                 grad.mutable_data_ptr()};
+  dispatch<LaunchBwd>(M, N, P, a);
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(otseg, CUDA, m) {
+  m.impl("mps_forward", &mps_forward_cuda);
+  m.impl("mps_backward", &mps_backward_cuda);
+}
+
+}  // namespace otseg
