@@ -319,69 +319,121 @@ bool forward_problem(const scalar_t* S, int64_t sM, int64_t sN, int64_t M, int64
 
 template <typename acc_t>
 struct BackwardWorkspace {
-  std::vector<acc_t> T, H;    // [M, N]
-  std::vector<acc_t> r, inv_a;  // [M]
-  std::vector<double> A, rhs, y, b, s;  // [N, N], [N]
+  int64_t ld;                       // padded leading dimension, as in the forward
+  std::vector<acc_t> St, T, H;      // transposed tiles [N, ld]
+  std::vector<acc_t> r, inv_a, x;   // [M]
+  std::vector<double> A, rhs, y;    // [N, N], [N], [N]
   BackwardWorkspace(int64_t M, int64_t N)
-      : T(M * N), H(M * N), r(M), inv_a(M), A(N * N), rhs(N), y(N), b(N), s(N) {}
+      : ld(((M + 15) / 16) * 16 + 16), St(ld * N), T(ld * N), H(ld * N), r(M), inv_a(M), x(M), A(N * N),
+        rhs(N), y(N) {}
 };
 
+// sum_m x[m] * y[m] (* w[m]), vectorised, accumulated in double.
+template <typename acc_t>
+inline double dot(const acc_t* __restrict x, const acc_t* __restrict y, int64_t M) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t m = 0; m < M; ++m) s += static_cast<double>(x[m]) * static_cast<double>(y[m]);
+  return s;
+}
+
+template <typename acc_t>
+inline double dot3(const acc_t* __restrict x, const acc_t* __restrict y, const acc_t* __restrict w, int64_t M) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t m = 0; m < M; ++m) s += static_cast<double>(x[m] * w[m]) * static_cast<double>(y[m]);
+  return s;
+}
+
+// The implicit gradient of one problem (README.md beside otseg/ops/mps), on
+// transposed tiles so that every loop runs over pixels and vectorises.
 template <typename scalar_t, typename acc_t>
-void backward_problem(const scalar_t* dscore, const scalar_t* dplan, int64_t dpM, int64_t dpN,
-                      const scalar_t* S, int64_t sM, int64_t sN, const acc_t* f, const acc_t* g,
-                      int64_t M, int64_t N, acc_t eps, scalar_t* dS, BackwardWorkspace<acc_t>& w) {
-  const acc_t inv_eps = acc_t(1) / eps;
+OTSEG_MULTIVERSION void backward_problem(const scalar_t* dscore, const scalar_t* dplan, int64_t dpM, int64_t dpN,
+                                         const scalar_t* S, int64_t sM, int64_t sN, const acc_t* f,
+                                         const acc_t* g, int64_t M, int64_t N, acc_t eps, scalar_t* dS,
+                                         BackwardWorkspace<acc_t>& w) {
+  const acc_t ie = acc_t(1) / eps;
   const acc_t mn = acc_t(M) * acc_t(N);
-  std::fill(w.A.begin(), w.A.end(), 0.0);
-  std::fill(w.rhs.begin(), w.rhs.end(), 0.0);
-  std::fill(w.b.begin(), w.b.end(), 0.0);
-  std::fill(w.s.begin(), w.s.end(), 0.0);
-  // Pass 1: T, H = -(T*G)/eps with G = dplan + M*N*S*dscore; row sums a, r;
-  // column sums b, s; and the Schur complement terms T^T diag(1/a) T and
-  // T^T (r/a), accumulated in double.
-  for (int64_t m = 0; m < M; ++m) {
-    acc_t* t = w.T.data() + m * N;
-    acc_t* h = w.H.data() + m * N;
-    acc_t a = 0, r = 0;
-    const acc_t ds = dscore != nullptr ? static_cast<acc_t>(dscore[m]) * mn : acc_t(0);
-    for (int64_t n = 0; n < N; ++n) {
-      const acc_t s_mn = static_cast<acc_t>(S[m * sM + n * sN]);
-      t[n] = fast::exp((f[m] + g[n] - acc_t(1) + s_mn) * inv_eps);
-      acc_t gmn = s_mn * ds;
-      if (dplan != nullptr) gmn += static_cast<acc_t>(dplan[m * dpM + n * dpN]);
-      h[n] = -t[n] * gmn * inv_eps;
-      a += t[n];
-      r += h[n];
-    }
-    w.r[m] = r;
-    const acc_t inv_a = a > acc_t(0) ? acc_t(1) / a : acc_t(0);
-    w.inv_a[m] = inv_a;
-    for (int64_t n = 0; n < N; ++n) {
-      w.b[n] += t[n];
-      w.s[n] += h[n];
-      const double tn = static_cast<double>(t[n]) * inv_a;
-      w.rhs[n] -= tn * r;
-      for (int64_t k = 0; k < N; ++k) w.A[n * N + k] -= tn * t[k];
+  const int64_t ld = w.ld;
+  load_scores(S, sM, sN, M, N, ld, w.St.data());
+  // H first holds the upstream plan gradient G_plan (transposed), if any.
+  if (dplan != nullptr) {
+    load_scores(dplan, dpM, dpN, M, N, ld, w.H.data());
+  } else {
+    std::fill(w.H.begin(), w.H.end(), acc_t(0));
+  }
+  acc_t* __restrict r = w.r.data();
+  acc_t* __restrict inv_a = w.inv_a.data();
+  acc_t* __restrict x = w.x.data();
+  std::fill(r, r + M, acc_t(0));
+  std::fill(inv_a, inv_a + M, acc_t(0));  // row sums a for now
+  // Pass 1: T = exp((f + g - C)/eps); H = -(T * G)/eps with
+  // G = G_plan + M N S dS*; row sums a = T 1 and r = H 1.
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t* __restrict st = w.St.data() + n * ld;
+    acc_t* __restrict t = w.T.data() + n * ld;
+    acc_t* __restrict h = w.H.data() + n * ld;
+    const acc_t shift = (g[n] - acc_t(1)) * ie;
+    if (dscore != nullptr) {
+#pragma omp simd
+      for (int64_t m = 0; m < M; ++m) {
+        const acc_t tv = fast::exp(f[m] * ie + st[m] * ie + shift);
+        const acc_t gv = h[m] + mn * st[m] * static_cast<acc_t>(dscore[m]);
+        t[m] = tv;
+        h[m] = -tv * gv * ie;
+        inv_a[m] += tv;
+        r[m] += h[m];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t m = 0; m < M; ++m) {
+        const acc_t tv = fast::exp(f[m] * ie + st[m] * ie + shift);
+        t[m] = tv;
+        h[m] = -tv * h[m] * ie;
+        inv_a[m] += tv;
+        r[m] += h[m];
+      }
     }
   }
+  for (int64_t m = 0; m < M; ++m) inv_a[m] = inv_a[m] > acc_t(0) ? acc_t(1) / inv_a[m] : acc_t(0);
+  for (int64_t m = 0; m < M; ++m) x[m] = r[m] * inv_a[m];  // r / a, reused below
+  // A = diag(b) - T^T diag(1/a) T and rhs = s - T^T (r / a), in double.
   for (int64_t n = 0; n < N; ++n) {
-    w.A[n * N + n] += w.b[n];
-    w.rhs[n] += w.s[n];
+    const acc_t* t_n = w.T.data() + n * ld;
+    double b = 0, hs = 0;
+#pragma omp simd reduction(+ : b, hs)
+    for (int64_t m = 0; m < M; ++m) {
+      b += static_cast<double>(t_n[m]);
+      hs += static_cast<double>(w.H[n * ld + m]);
+    }
+    for (int64_t k = n; k < N; ++k) {
+      const double v = -dot3(t_n, w.T.data() + k * ld, inv_a, M);
+      w.A[n * N + k] = v;
+      w.A[k * N + n] = v;
+    }
+    w.A[n * N + n] += b;
+    w.rhs[n] = hs - dot(t_n, x, M);
   }
   gauge_fixed_solve(w.A.data(), w.rhs.data(), w.y.data(), static_cast<int>(N));
-  // Pass 2: x = (r - T y)/a; dC = H - T*(x + y); dS = -dC + M*N*T*dscore.
-  for (int64_t m = 0; m < M; ++m) {
-    const acc_t* t = w.T.data() + m * N;
-    const acc_t* h = w.H.data() + m * N;
-    acc_t ty = 0;
-    for (int64_t n = 0; n < N; ++n) ty += t[n] * static_cast<acc_t>(w.y[n]);
-    const acc_t x = (w.r[m] - ty) * w.inv_a[m];
-    const acc_t ds = dscore != nullptr ? static_cast<acc_t>(dscore[m]) * mn : acc_t(0);
-    for (int64_t n = 0; n < N; ++n) {
-      const acc_t dc = h[n] - t[n] * (x + static_cast<acc_t>(w.y[n]));
-      dS[m * N + n] = static_cast<scalar_t>(t[n] * ds - dc);
-    }
+  // Pass 2: x = (r - T y)/a; dS = -dC + M N T dS* = T (x + y + M N dS*) - H.
+  for (int64_t m = 0; m < M; ++m) x[m] = r[m];
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t* __restrict t = w.T.data() + n * ld;
+    const acc_t yn = static_cast<acc_t>(w.y[n]);
+    for (int64_t m = 0; m < M; ++m) x[m] -= t[m] * yn;
   }
+  for (int64_t m = 0; m < M; ++m) x[m] *= inv_a[m];
+  if (dscore != nullptr)
+    for (int64_t m = 0; m < M; ++m) x[m] += mn * static_cast<acc_t>(dscore[m]);
+  for (int64_t n = 0; n < N; ++n) {
+    acc_t* __restrict t = w.T.data() + n * ld;
+    const acc_t* __restrict h = w.H.data() + n * ld;
+    const acc_t yn = static_cast<acc_t>(w.y[n]);
+    for (int64_t m = 0; m < M; ++m) t[m] = t[m] * (x[m] + yn) - h[m];
+  }
+  // Back to [M, N] rows.
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) dS[m * N + n] = static_cast<scalar_t>(w.T[n * ld + m]);
 }
 
 // Half-precision inputs compute in float; float32 and float64 in their own type.
