@@ -1,7 +1,12 @@
 """Triton kernels of otseg, installed as ``otseg.kernels``.
 
+- ``mps``: the fused Multi-Prompts Sinkhorn forward and implicit backward
+  (``_mps_fwd_kernel``, ``_mps_bwd_kernel``); launched by
+  ``otseg/ops/mps/triton.py``.
+
 Importing this package never fails when Triton is missing: ``available`` and
-``error`` say whether the kernels can run here.
+``error`` say whether the kernels can run here. It does not import the kernel
+modules themselves, which need Triton.
 """
 
 try:

@@ -6,9 +6,13 @@ Backends (see ``backends()``):
   any device; the correctness reference and the speed baseline.
 - ``cpu``: fused C++ kernel (``csrc/cpu/mps_cpu.cpp``), CPU tensors.
 - ``cuda``: fused CUDA kernel (``csrc/cuda/``), CUDA tensors.
-- ``triton``: fused Triton kernel (``kernels/``), CUDA tensors.
+- ``triton``: fused Triton kernel (``kernels/``), CUDA tensors; also CPU
+  tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported
+  (Triton's interpreter, slow, for testing). "auto" never picks it for CPU
+  tensors.
 """
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -18,8 +22,11 @@ import torch
 from ... import _extension
 from .._checks import check_finite_values, check_inputs
 from . import fused, naive
+from . import triton as triton_backend
 
 __all__ = ["sinkhorn", "mps", "backends", "resolve_backend", "BackendStatus", "SinkhornInfo"]
+
+logger = logging.getLogger("otseg")
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 
@@ -60,9 +67,28 @@ def _status(name):
             return True, ("cpu",), "fused C++ kernel, implicit backward"
         return False, ("cpu",), _extension.error
     if name == "cuda":
-        return False, ("cuda",), "not implemented in this version (fused CUDA kernel: issue 5)"
+        if not _extension.available:
+            return False, ("cuda",), _extension.error
+        if not _extension.with_cuda:
+            return False, ("cuda",), (
+                "otseg._C was built without CUDA (no CUDA toolkit or a CPU build of torch when it was built, "
+                "or OTSEG_NO_CUDA=1)"
+            )
+        if not torch.cuda.is_available():
+            return False, ("cuda",), "built with CUDA, but no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        return True, ("cuda",), "fused CUDA kernel, implicit backward (M <= 4096, N <= 16; float32/float16/bfloat16)"
     if name == "triton":
-        return False, ("cuda",), "not implemented in this version (fused Triton kernel: issue 4)"
+        if not triton_backend.available:
+            return False, ("cuda",), triton_backend.error
+        if triton_backend.interpreted:
+            devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+            return True, devices, "fused Triton kernel in Triton's interpreter (TRITON_INTERPRET=1; CPU tensors, slow)"
+        if torch.cuda.is_available():
+            return True, ("cuda",), "fused Triton kernel, implicit backward (M <= 4096, N <= 16)"
+        why = "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        if triton_backend.interpreter_requested():
+            why += "; TRITON_INTERPRET=1 was set after Triton was imported, so it has no effect"
+        return False, ("cuda",), why + "; TRITON_INTERPRET=1 runs the kernels on CPU tensors, for testing"
     raise AssertionError(name)
 
 
@@ -120,8 +146,93 @@ def resolve_backend(backend, device):
     return backend
 
 
+# What each fused backend takes, beyond its device: (largest M, largest N,
+# dtypes); None means no limit.
+_TAKES = {
+    "cpu": (None, 64, None),
+    "cuda": (4096, 16, (torch.float32, torch.float16, torch.bfloat16)),
+    "triton": (4096, 16, None),
+}
+_auto_choice = {}
+
+
+def _cannot_take(name, x):
+    """Why backend ``name`` cannot solve ``x``, or None."""
+    max_m, max_n, dtypes = _TAKES[name]
+    M, N = x.shape[-2:]
+    if max_m is not None and M > max_m:
+        return f"{name} takes M <= {max_m} pixels, got {M}"
+    if max_n is not None and N > max_n:
+        return f"{name} takes N <= {max_n} prompts, got {N}"
+    if dtypes is not None and x.dtype not in dtypes:
+        return f"{name} does not take {x.dtype}"
+    return None
+
+
+def _time_forward(name, x, want_plan):
+    """Median milliseconds of one forward of backend ``name`` on ``x`` (CUDA events)."""
+    fn = _FUSED[name]
+    with torch.no_grad():
+        fn(x, 0.05, 100, 1e-6, want_plan, False)
+        times = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(x, 0.05, 100, 1e-6, want_plan, False)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return sorted(times)[1]
+
+
+def _auto_for(x, want_plan):
+    """The fastest fused backend that takes ``x``: the first that fits in the
+    device's order, or, where several fit on a GPU, the fastest measured on the
+    first input of this (M, N, dtype); the reference (with a warning, once)
+    when none fits."""
+    device = x.device.type
+    names = [n for n in _AUTO_ORDER.get(device, ()) if _status(n)[0] and device in _status(n)[1]]
+    fits = [n for n in names if _cannot_take(n, x) is None]
+    if not fits:
+        why = "; ".join(_cannot_take(n, x) for n in names)
+        key = (device, why)
+        if key not in _warned_fallback:
+            _warned_fallback.add(key)
+            warnings.warn(
+                f"otseg: no fused backend takes this input ({why}); backend='auto' runs the slow reference",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return "reference"
+    if len(fits) == 1:
+        return fits[0]
+    key = (device, tuple(x.shape[-2:]), x.dtype, bool(want_plan))
+    if key not in _auto_choice:
+        if torch.compiler.is_compiling():
+            return fits[0]
+        times = {n: _time_forward(n, x.reshape(-1, *x.shape[-2:]), want_plan) for n in fits}
+        _auto_choice[key] = min(times, key=times.get)
+        logger.info(
+            "otseg: backend='auto' uses %s for [M=%d, N=%d] %s (measured forward: %s)",
+            _auto_choice[key], x.shape[-2], x.shape[-1], x.dtype,
+            ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()),
+        )
+    return _auto_choice[key]
+
+
 def _available_text():
     return ", ".join(f"{s.name!r} ({'/'.join(s.devices)})" for s in backends() if s.available)
+
+
+# Fused forwards on [P, M, N] scores: (scores, eps, max_iter, tol, return_plan,
+# check_finite) -> (score [P, M], plan or None, n_iter [P]).
+_FUSED = {
+    "cpu": lambda s, *a: fused.mps_forward(s, *a),
+    "cuda": lambda s, *a: fused.mps_forward(s, *a),
+    "triton": lambda s, eps, max_iter, tol, want_plan, _check: triton_backend.mps_forward(
+        s, eps, max_iter, tol, want_plan
+    ),
+}
 
 
 def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_plan):
@@ -130,20 +241,41 @@ def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_
         check_finite = False
     check_inputs(x, name, eps, max_iter, tol)
     chosen = resolve_backend(backend, x.device)
-    # Fused kernels check finiteness while they read the input; the reference
-    # needs a separate pass.
-    if check_finite and chosen == "reference":
+    if backend == "auto" and chosen != "reference":
+        chosen = _auto_for(x, want_plan)
+    # The fused C++ kernels check finiteness while they read the input; the
+    # reference and the Triton kernels (which never report to the host) need a
+    # separate pass.
+    if check_finite and chosen in ("reference", "triton"):
         check_finite_values(x, name)
-    scores = x if name == "scores" else 1 - x
     if chosen == "reference":
         if name == "scores":
-            score, plan, n = naive.mps(scores, eps, max_iter, tol)
+            score, plan, n = naive.mps(x, eps, max_iter, tol)
         else:
             plan, n = naive.sinkhorn_log(x, eps, max_iter, tol)
             score = None
         n_iter = torch.full(x.shape[:-2], n, dtype=torch.int32, device=x.device)
+        return score, plan, SinkhornInfo(n_iter, chosen)
+    if name == "scores":
+        scores = x
     else:
-        score, plan, n_iter = fused.mps_forward(scores, eps, max_iter, tol, want_plan, check_finite)
+        # Form S = 1 - C in the compute type, so half costs lose no bits here.
+        scores = 1 - (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
+    run = _FUSED[chosen]
+    if check_finite and chosen != "triton":
+        try:
+            score, plan, n_iter = run(scores, eps, max_iter, tol, want_plan, True)
+        except ValueError as exc:
+            if "NaN or inf" not in str(exc):
+                raise
+            raise ValueError(
+                f"{name} contains NaN or inf; pass check_finite=False to skip this check "
+                "(on a GPU it costs one host synchronisation)"
+            ) from None
+    else:
+        score, plan, n_iter = run(scores, eps, max_iter, tol, want_plan, False)
+    if plan is not None and plan.dtype != x.dtype:
+        plan = plan.to(x.dtype)
     return score, plan, SinkhornInfo(n_iter, chosen)
 
 

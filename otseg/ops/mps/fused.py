@@ -52,6 +52,15 @@ if _extension.available:
 
     torch.library.register_autograd("otseg::mps_forward", _backward, setup_context=_setup_context)
 
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            "otseg: second derivatives through the fused MPS backward are not implemented; "
+            "use backend='reference' for double backward"
+        )
+
+    # Without this, autograd would silently treat the backward as constant.
+    torch.library.register_autograd("otseg::mps_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
 
 def mps_forward(scores, eps, max_iter, tol, return_plan, check_finite):
     """Run the fused forward on scores of any batch shape [..., M, N].

@@ -1,0 +1,238 @@
+"""Triton kernels of the fused Multi-Prompts Sinkhorn (backend "triton").
+
+One program solves one (b, k) problem from start to finish: its [M, N] tile of
+scores is loaded once into a [BLOCK_M, BLOCK_N] register block, every
+iteration and the per-problem stopping test run on that block, and nothing is
+read back on the host. The scheme (scaling domain with log-domain absorption)
+and the implicit backward are derived in ``otseg/ops/mps/README.md``; the
+launchers and the autograd glue are in ``otseg/ops/mps/triton.py``.
+
+Compute type: float32 for float16/bfloat16/float32 scores, float64 for float64
+scores; it is the element type of the potentials ``F``. Scalars that must be
+exact in float64 (eps, tol) arrive as float32 pairs ``hi + lo``, as Triton
+passes Python floats as float32.
+
+Written against the Triton language of 3.6 (no newer APIs).
+"""
+
+import triton
+import triton.language as tl
+
+# Scalings outside [e^-30, e^30] are absorbed into the log potentials (the CPU
+# kernel's bound, csrc/cpu/mps_cpu.cpp): with rebuilt kernel entries <= 1,
+# u * K * v cannot overflow, and an entry that underflowed carries a plan mass
+# below e^(60-87) relative to the marginals.
+_SAFE_LO = tl.constexpr(9.357622968840175e-14)  # e^-30
+_SAFE_HI = tl.constexpr(1.0686474581524463e13)  # e^30
+
+
+@triton.jit
+def _mps_fwd_kernel(
+    S, SCORE, PLAN, F, G, NITER,
+    stride_sp, stride_sm, stride_sn,
+    M, N, max_iter,
+    eps_hi, eps_lo, tol_hi, tol_lo,
+    HAS_PLAN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    ACC = F.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+
+    s_ptrs = (S + pid * stride_sp + offs_m.to(tl.int64)[:, None] * stride_sm
+              + offs_n.to(tl.int64)[None, :] * stride_sn)
+    # Padding reads as S = -inf: every exponential of it is 0, so the loop
+    # needs no [BM, BN] mask (which would hold a register per element).
+    s = tl.load(s_ptrs, mask=mask, other=float("-inf")).to(ACC)  # [BM, BN]
+
+    one = tl.full([], 1.0, ACC)
+    # M and N may arrive as compile-time 1; multiplying keeps both cases typed.
+    m_f = one * M
+    n_f = one * N
+    eps = one * eps_hi + one * eps_lo
+    tol = one * tol_hi + one * tol_lo
+    inv_eps = one / eps
+    mu = one / m_f
+    nu = one / n_f
+    log_mu = -tl.log(m_f)
+    log_nu = -tl.log(n_f)
+
+    # True potentials: f = eps (alpha + log u), g = eps (beta + log v); the
+    # kernel matrix K = exp(alpha + beta - C/eps) is built at the first
+    # iteration (K = 0 gives K v = 0, which sends the f half-step to the log
+    # domain). A product K v or K^T u that is not > 0 (underflow, NaN) does too.
+    alpha = tl.zeros([BLOCK_M], ACC)
+    log_u = tl.zeros([BLOCK_M], ACC)
+    u = tl.full([BLOCK_M], 1.0, ACC)
+    beta = tl.zeros([BLOCK_N], ACC)
+    v = tl.full([BLOCK_N], 1.0, ACC)
+    k_mat = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    # The previous f/eps as alpha_prev + log_u_prev: while alpha is unchanged
+    # the change is the difference of the log scalings alone (no cancellation
+    # against a large alpha).
+    alpha_prev = tl.zeros([BLOCK_M], ACC)
+    log_u_prev = tl.zeros([BLOCK_M], ACC)
+    err = tl.full([], float("inf"), ACC)
+    it = 0
+    # Stop when err < tol (a NaN err keeps going, as in the reference) or
+    # after max_iter iterations.
+    while (it < max_iter) & ((err >= tol) | (err != err)):
+        # f half-step in the scaling domain: u = mu / (K v).
+        kv = tl.sum(k_mat * v[None, :], axis=1)  # [BM]
+        kv_pos = kv > 0
+        u = mu / tl.where(mask_m & kv_pos, kv, 1.0)
+        bad_u = mask_m & (~kv_pos | (u < _SAFE_LO) | (u > _SAFE_HI))
+        if tl.sum(bad_u.to(tl.int32), axis=0) > 0:
+            # Absorb v into beta and redo the f half-step in the log domain,
+            # rebuilding K with rows summing to mu.
+            beta = tl.where(mask_n, beta + tl.log(v), 0.0)
+            z = s * inv_eps + (beta - inv_eps)[None, :]  # [BM, BN]
+            z_max = tl.where(mask_m, tl.max(z, axis=1), 0.0)
+            e = tl.exp(z - z_max[:, None])
+            e_sum = tl.where(mask_m, tl.sum(e, axis=1), 1.0)
+            alpha = tl.where(mask_m, log_mu - z_max - tl.log(e_sum), 0.0)
+            k_mat = e * (mu / e_sum)[:, None]
+            u = tl.full([BLOCK_M], 1.0, ACC)
+            v = tl.full([BLOCK_N], 1.0, ACC)
+        log_u = tl.log(u)
+        change = tl.where(mask_m, tl.abs((alpha - alpha_prev) + (log_u - log_u_prev)), 0.0)
+        err = eps * tl.sum(change, axis=0) / m_f
+        alpha_prev = alpha
+        log_u_prev = log_u
+
+        # g half-step in the scaling domain: v = nu / (K^T u).
+        ktu = tl.sum(k_mat * u[:, None], axis=0)  # [BN]
+        ktu_pos = ktu > 0
+        v = nu / tl.where(mask_n & ktu_pos, ktu, 1.0)
+        bad_v = mask_n & (~ktu_pos | (v < _SAFE_LO) | (v > _SAFE_HI))
+        if tl.sum(bad_v.to(tl.int32), axis=0) > 0:
+            # Absorb u into alpha and redo the g half-step in the log domain,
+            # rebuilding K with columns summing to nu. The -1/eps of -C/eps
+            # cancels inside the column max and reappears in beta.
+            alpha = tl.where(mask_m, alpha + log_u, 0.0)
+            w = s * inv_eps + alpha[:, None]  # [BM, BN]
+            w_max = tl.where(mask_n, tl.max(w, axis=0), 0.0)
+            e = tl.exp(w - w_max[None, :])
+            e_sum = tl.where(mask_n, tl.sum(e, axis=0), 1.0)
+            beta = tl.where(mask_n, log_nu + inv_eps - w_max - tl.log(e_sum), 0.0)
+            k_mat = e * (nu / e_sum)[None, :]
+            alpha_prev = alpha
+            log_u_prev = tl.zeros([BLOCK_M], ACC)
+            u = tl.full([BLOCK_M], 1.0, ACC)
+            v = tl.full([BLOCK_N], 1.0, ACC)
+        it += 1
+
+    tl.store(NITER + pid, it)
+    tl.store(F + pid * M + offs_m, eps * (alpha_prev + log_u_prev), mask=mask_m)
+    tl.store(G + pid * N + offs_n, eps * (beta + tl.log(v)), mask=mask_n)
+    plan = u[:, None] * k_mat * v[None, :]  # [BM, BN]
+    score = (m_f * n_f) * tl.sum(plan * tl.where(mask, s, 0.0), axis=1)  # [BM]
+    tl.store(SCORE + pid * M + offs_m, score.to(SCORE.dtype.element_ty), mask=mask_m)
+    if HAS_PLAN:
+        p_ptrs = PLAN + pid * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(p_ptrs, plan.to(PLAN.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mps_bwd_kernel(
+    S, F, G, DSCORE, DPLAN, DS,
+    stride_sp, stride_sm, stride_sn,
+    stride_dsp, stride_dsm,
+    stride_dpp, stride_dpm, stride_dpn,
+    M, N,
+    eps_hi, eps_lo,
+    HAS_DSCORE: tl.constexpr,
+    HAS_DPLAN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    ACC = F.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+
+    one = tl.full([], 1.0, ACC)
+    mn = (one * M) * N
+    eps = one * eps_hi + one * eps_lo
+    inv_eps = one / eps
+
+    s = tl.load(S + pid * stride_sp + offs_m64[:, None] * stride_sm + offs_n64[None, :] * stride_sn,
+                mask=mask, other=0.0).to(ACC)  # [BM, BN]
+    f = tl.load(F + pid * M + offs_m, mask=mask_m, other=0.0).to(ACC)  # [BM]
+    g = tl.load(G + pid * N + offs_n, mask=mask_n, other=0.0).to(ACC)  # [BN]
+    t = tl.where(mask, tl.exp((f[:, None] + g[None, :] - 1.0 + s) * inv_eps), 0.0)  # [BM, BN]
+
+    # G = dplan + M N S dS*  (the upstream gradient of the plan).
+    grad_t = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    if HAS_DPLAN:
+        grad_t += tl.load(DPLAN + pid * stride_dpp + offs_m64[:, None] * stride_dpm
+                          + offs_n64[None, :] * stride_dpn, mask=mask, other=0.0).to(ACC)
+    if HAS_DSCORE:
+        ds = mn * tl.load(DSCORE + pid * stride_dsp + offs_m64 * stride_dsm, mask=mask_m, other=0.0).to(ACC)
+        grad_t += s * ds[:, None]
+    h = -(t * grad_t) * inv_eps  # [BM, BN]
+    a = tl.sum(t, axis=1)  # [BM]
+    r = tl.sum(h, axis=1)  # [BM]
+    inv_a = tl.where(a > 0, one / tl.where(a > 0, a, 1.0), 0.0)
+    rhs = tl.sum(h - t * (r * inv_a)[:, None], axis=0)  # [BN]: s - T^T (r / a)
+
+    # A = diag(b) - T^T diag(1/a) T is the Laplacian of the prompt graph with
+    # weights W_ij = sum_m T_mi T_mj / a_m (i != j): its diagonal is the sum of
+    # the off-diagonal weights of its row, so A is formed without cancellation.
+    rows = offs_n[:, None]
+    cols = offs_n[None, :]
+    t_scaled = t * inv_a[:, None]
+    w = tl.zeros([BLOCK_N, BLOCK_N], ACC)
+    for j in tl.static_range(BLOCK_N):
+        t_j = tl.sum(tl.where(cols == j, t, 0.0), axis=1)  # [BM] column j of T
+        w_j = tl.sum(t_scaled * t_j[:, None], axis=0)  # [BN] W[:, j]
+        w = tl.where(cols == j, w_j[:, None], w)
+    w = tl.where((rows != cols) & (rows < N) & (cols < N), w, 0.0)
+    tiny = 1e-30 * tl.max(tl.sum(w, axis=1), axis=0)
+
+    # Gauge y[N-1] = 0: eliminate the nodes 0..N-2 onto the ground node N-1
+    # (Kron reduction). Each pivot is the sum of the remaining weights of its
+    # row (the GTH variant of Gaussian elimination): no subtraction, so the
+    # (N-1)x(N-1) solve is accurate in float32 however ill-conditioned. A
+    # vanishing pivot (a prompt with no coupling left) leaves y at 0 there.
+    upper = tl.zeros([BLOCK_N, BLOCK_N], ACC)  # row k: the weights at the time of eliminating k
+    inv_pivot = tl.zeros([BLOCK_N], ACC)
+    for k in tl.static_range(BLOCK_N - 1):
+        w_row = tl.sum(tl.where(rows == k, w, 0.0), axis=0)  # [BN] W[k, :]
+        w_col = tl.sum(tl.where(cols == k, w, 0.0), axis=1)  # [BN] W[:, k]
+        rest = (offs_n > k) & mask_n
+        pivot = tl.sum(tl.where(rest, w_row, 0.0), axis=0)
+        live = (pivot > tiny) & (k < N - 1)
+        inv_p = tl.where(live, one / tl.where(live, pivot, 1.0), 0.0)
+        rest_2d = (rows > k) & (cols > k) & (rows < N) & (cols < N) & (rows != cols)
+        w = tl.where(rest_2d, w + w_col[:, None] * w_row[None, :] * inv_p, w)
+        rhs_k = tl.sum(tl.where(offs_n == k, rhs, 0.0), axis=0)
+        rhs = tl.where(rest, rhs + w_row * (rhs_k * inv_p), rhs)
+        upper = tl.where(rows == k, tl.where(rest, w_row, 0.0)[None, :], upper)
+        inv_pivot = tl.where(offs_n == k, inv_p, inv_pivot)
+    y = tl.zeros([BLOCK_N], ACC)
+    for i in tl.static_range(BLOCK_N - 1):
+        k = BLOCK_N - 2 - i
+        u_k = tl.sum(tl.where(rows == k, upper, 0.0), axis=0)  # [BN]
+        rhs_k = tl.sum(tl.where(offs_n == k, rhs, 0.0), axis=0)
+        inv_p = tl.sum(tl.where(offs_n == k, inv_pivot, 0.0), axis=0)
+        y_k = (rhs_k + tl.sum(u_k * y, axis=0)) * inv_p
+        y = tl.where(offs_n == k, y_k, y)
+
+    # x = (r - T y) / a;  dS = -dC + M N T dS*,  dC = H - T (x 1^T + 1 y^T).
+    x = (r - tl.sum(t * y[None, :], axis=1)) * inv_a  # [BM]
+    grad_s = t * (x[:, None] + y[None, :]) - h
+    if HAS_DSCORE:
+        grad_s += t * ds[:, None]
+    out = DS + pid * M * N + offs_m64[:, None] * N + offs_n[None, :]
+    tl.store(out, grad_s.to(DS.dtype.element_ty), mask=mask)

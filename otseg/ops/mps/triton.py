@@ -1,0 +1,282 @@
+"""Backend "triton": launchers, operator registration and autograd glue of the
+fused Triton MPS kernels (``kernels/mps.py``, installed as ``otseg.kernels``).
+
+Two operators, ``torch.ops.otseg.mps_forward_triton`` and
+``torch.ops.otseg.mps_backward_triton``, registered with
+``torch.library.triton_op`` (launches through ``wrap_triton``) so that
+``torch.compile`` sees the kernels and ``opcheck`` passes. The backward is the
+implicit gradient at the fixed point (README.md beside this file), one program
+per problem from the scores and the final potentials.
+
+Under ``TRITON_INTERPRET=1`` (set before Triton is imported) the kernels run in
+Triton's interpreter on CPU tensors, for testing without a GPU. The
+interpreter's kernels cannot be traced (``wrap_triton`` hands them back
+unwrapped and they cannot run on fake tensors), so there the same functions are
+registered with ``torch.library.custom_op`` and an explicit fake instead.
+
+Limits: one problem is one register block, so M <= 4096 pixels and N <= 16
+prompts. float64 scores compute in float64; every other dtype in float32.
+Importing this module never fails: ``available`` and ``error`` say whether the
+backend can run here.
+"""
+
+import math
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ... import kernels as _kernels
+from .fused import _acc_dtype
+
+__all__ = [
+    "available", "error", "interpreted", "interpreter_requested", "MAX_M", "MAX_N", "check_limits",
+    "launch_forward", "launch_backward", "mps_forward",
+]
+
+MAX_M = 4096
+MAX_N = 16
+
+available = _kernels.available
+error = _kernels.error
+interpreted = False
+
+if available:
+    try:
+        import triton
+        from torch.library import wrap_triton
+
+        from ...kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
+    except Exception as exc:  # a Triton that does not match this torch, say
+        available = False
+        error = f"the Triton kernels do not load ({type(exc).__name__}: {exc})"
+    else:
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+        except ImportError:
+            InterpretedFunction = ()
+        interpreted = isinstance(_mps_fwd_kernel, InterpretedFunction)
+
+
+def interpreter_requested():
+    """True when the environment asks for Triton's interpreter (TRITON_INTERPRET)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def check_limits(M, N):
+    """Raise ValueError when one problem does not fit the kernel's register block."""
+    if N > MAX_N:
+        raise ValueError(
+            f"backend='triton' handles at most N={MAX_N} prompts per class (one register block per problem), "
+            f"got N={N}; use backend='cpu' (CPU tensors) or backend='reference'"
+        )
+    if M > MAX_M:
+        raise ValueError(
+            f"backend='triton' handles at most M={MAX_M} pixels per problem (one register block per problem), "
+            f"got M={M}; use backend='cpu' (CPU tensors) or backend='reference'"
+        )
+
+
+def _check_device(x):
+    if x.device.type == "cuda" or interpreted or x.device.type == "meta":
+        return
+    raise ValueError(
+        f"backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), got a "
+        f"{x.device.type} tensor"
+    )
+
+
+def _split(x):
+    """A Python float as float32 hi + lo (exact to about 2^-48 when summed in
+    float64): Triton passes Python floats to kernels as float32."""
+    with np.errstate(over="ignore", under="ignore"):
+        hi = float(np.float32(x))
+        lo = float(np.float32(x - hi)) if math.isfinite(hi) else 0.0
+    return hi, lo
+
+
+def _blocks(M, N):
+    M, N = int(M), int(N)
+    block_m = max(16, triton.next_power_of_2(M))
+    block_n = max(2, triton.next_power_of_2(N))
+    # The whole tile stays in registers, 16 elements per thread and tile (1024 x 8
+    # in 16 warps: about 128 registers a thread for sm_90, next to no spills);
+    # 4096 x 16 in 32 warps spills a few KB a thread.
+    num_warps = min(32, max(1, (block_m * block_n) // 512))
+    return block_m, block_n, num_warps
+
+
+def _forward_outputs(scores, return_plan):
+    P, M, N = scores.shape
+    acc = _acc_dtype(scores.dtype)
+    return (
+        scores.new_empty(P, M),
+        scores.new_empty(P, M, N) if return_plan else scores.new_empty(0),
+        scores.new_empty(P, M, dtype=acc),
+        scores.new_empty(P, N, dtype=acc),
+        scores.new_empty(P, dtype=torch.int32),
+    )
+
+
+def _check_scores(scores):
+    if scores.dim() != 3:
+        raise ValueError(f"scores must have shape [P, M, N], got {tuple(scores.shape)}")
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"scores must be float16, bfloat16, float32 or float64, got {scores.dtype}")
+    check_limits(scores.shape[1], scores.shape[2])
+    _check_device(scores)
+
+
+def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter):
+    """Run ``_mps_fwd_kernel`` into given outputs (``plan`` may be None).
+
+    Args:
+        scores: [P, M, N], any strides.
+        score: [P, M] contiguous; plan: [P, M, N] contiguous or None;
+        f: [P, M], g: [P, N] contiguous in the compute type; n_iter: [P] int32.
+    """
+    P, M, N = scores.shape
+    if P == 0:
+        return
+    block_m, block_n, num_warps = _blocks(M, N)
+    eps_hi, eps_lo = _split(float(eps))
+    tol_hi, tol_lo = _split(float(tol))
+    # n_iter is int32; a larger budget would never finish anyway.
+    max_iter = min(int(max_iter), 2**31 - 1)
+    # Without a plan, PLAN is never touched; it gets a read-only input rather
+    # than an output, so that no output is passed twice.
+    wrap_triton(_mps_fwd_kernel)[(P,)](
+        scores, score, plan if plan is not None else scores, f, g, n_iter,
+        scores.stride(0), scores.stride(1), scores.stride(2),
+        M, N, max_iter,
+        eps_hi, eps_lo, tol_hi, tol_lo,
+        HAS_PLAN=plan is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+
+
+def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad):
+    """Run ``_mps_bwd_kernel`` into ``grad`` [P, M, N] (contiguous).
+
+    Args:
+        grad_score: [P, M] or None; grad_plan: [P, M, N] or None (any strides).
+        scores: [P, M, N], any strides; f: [P, M], g: [P, N] contiguous.
+    """
+    P, M, N = scores.shape
+    if P == 0:
+        return
+    block_m, block_n, num_warps = _blocks(M, N)
+    eps_hi, eps_lo = _split(float(eps))
+    # Absent upstream gradients are never read; any input stands in.
+    ds = grad_score if grad_score is not None else scores
+    dp = grad_plan if grad_plan is not None else scores
+    ds_strides = (ds.stride(0), ds.stride(1)) if grad_score is not None else (0, 0)
+    dp_strides = (dp.stride(0), dp.stride(1), dp.stride(2)) if grad_plan is not None else (0, 0, 0)
+    wrap_triton(_mps_bwd_kernel)[(P,)](
+        scores, f, g, ds, dp, grad,
+        scores.stride(0), scores.stride(1), scores.stride(2),
+        *ds_strides,
+        *dp_strides,
+        M, N,
+        eps_hi, eps_lo,
+        HAS_DSCORE=grad_score is not None, HAS_DPLAN=grad_plan is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+
+
+def _mps_forward_triton(
+    scores: torch.Tensor, eps: float, max_iter: int, tol: float, return_plan: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_scores(scores)
+    score, plan, f, g, n_iter = _forward_outputs(scores, return_plan)
+    launch_forward(scores, eps, max_iter, tol, score, plan if return_plan else None, f, g, n_iter)
+    return score, plan, f, g, n_iter
+
+
+def _mps_forward_triton_fake(scores, eps, max_iter, tol, return_plan):
+    _check_scores(scores)
+    return _forward_outputs(scores, return_plan)
+
+
+def _check_backward_args(grad_score, grad_plan, scores, f, g):
+    _check_scores(scores)
+    P, M, N = scores.shape
+    acc = _acc_dtype(scores.dtype)
+    if f.shape != (P, M) or g.shape != (P, N) or f.dtype != acc or g.dtype != acc:
+        raise ValueError(f"f [P, M] and g [P, N] must be {acc} for scores of shape {tuple(scores.shape)}")
+    if grad_score is not None and grad_score.shape != (P, M):
+        raise ValueError(f"grad_score must have shape {(P, M)}, got {tuple(grad_score.shape)}")
+    if grad_plan is not None and grad_plan.shape != (P, M, N):
+        raise ValueError(f"grad_plan must have shape {(P, M, N)}, got {tuple(grad_plan.shape)}")
+
+
+def _mps_backward_triton(
+    grad_score: Optional[torch.Tensor],
+    grad_plan: Optional[torch.Tensor],
+    scores: torch.Tensor,
+    f: torch.Tensor,
+    g: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    _check_backward_args(grad_score, grad_plan, scores, f, g)
+    if grad_score is None and grad_plan is None:
+        return torch.zeros_like(scores, memory_format=torch.contiguous_format)
+    grad = torch.empty_like(scores, memory_format=torch.contiguous_format)
+    launch_backward(grad_score, grad_plan, scores, f.contiguous(), g.contiguous(), eps, grad)
+    return grad
+
+
+def _mps_backward_triton_fake(grad_score, grad_plan, scores, f, g, eps):
+    _check_backward_args(grad_score, grad_plan, scores, f, g)
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    scores, eps, _max_iter, _tol, return_plan = inputs
+    _score, _plan, f, g, n_iter = output
+    ctx.eps = eps
+    ctx.return_plan = return_plan
+    ctx.save_for_backward(scores, f, g)
+    ctx.mark_non_differentiable(f, g, n_iter)
+
+
+def _backward(ctx, grad_score, grad_plan, _grad_f, _grad_g, _grad_n_iter):
+    scores, f, g = ctx.saved_tensors
+    if not ctx.return_plan:
+        grad_plan = None
+    grad = torch.ops.otseg.mps_backward_triton(grad_score, grad_plan, scores, f, g, ctx.eps)
+    return grad, None, None, None, None
+
+
+if available:
+    if interpreted:
+        _fwd_op = torch.library.custom_op("otseg::mps_forward_triton", mutates_args=())(_mps_forward_triton)
+        _fwd_op.register_fake(_mps_forward_triton_fake)
+        _bwd_op = torch.library.custom_op("otseg::mps_backward_triton", mutates_args=())(_mps_backward_triton)
+        _bwd_op.register_fake(_mps_backward_triton_fake)
+    else:
+        _fwd_op = torch.library.triton_op("otseg::mps_forward_triton", mutates_args=())(_mps_forward_triton)
+        _bwd_op = torch.library.triton_op("otseg::mps_backward_triton", mutates_args=())(_mps_backward_triton)
+    _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mps_forward(scores, eps, max_iter, tol, return_plan):
+    """Run the fused Triton forward on scores of any batch shape [..., M, N].
+
+    Raises:
+        ValueError: M > 4096 or N > 16 (use backend "cpu" or "reference").
+
+    Returns (refined score [..., M], plan [..., M, N] or None, iterations [...] int32).
+    """
+    batch, (M, N) = scores.shape[:-2], scores.shape[-2:]
+    check_limits(M, N)
+    score, plan, _f, _g, n_iter = torch.ops.otseg.mps_forward_triton(
+        scores.reshape(-1, M, N), float(eps), int(max_iter), float(tol), bool(return_plan)
+    )
+    return (
+        score.reshape(*batch, M),
+        plan.reshape(*batch, M, N) if return_plan else None,
+        n_iter.reshape(batch),
+    )

@@ -1,0 +1,308 @@
+"""Public API: argument validation, backend discovery and dispatch, and the
+SinkhornInfo each call returns (every backend available on the CPU)."""
+
+import importlib
+import math
+import warnings
+
+import pytest
+import torch
+
+import otseg
+from otseg import _extension
+from otseg.ops import BackendStatus, SinkhornInfo, backends, mps, resolve_backend, sinkhorn
+
+from helpers import hard_scores
+
+# The dispatch module (the name otseg.ops.mps is the function).
+dispatch = importlib.import_module("otseg.ops.mps")
+
+CPU_BACKENDS = ["reference", "cpu", "auto"]
+FUNCS = {
+    "mps": (mps, "scores"),
+    "sinkhorn": (sinkhorn, "cost"),
+}
+
+
+def call(func, x, backend, **kw):
+    fn, _ = FUNCS[func]
+    return fn(x, backend=backend, **kw)
+
+
+def good(shape=(2, 7, 3), dtype=torch.float32):
+    return hard_scores(shape, seed=1, dtype=dtype)
+
+
+# ------------------------------------------------------------- bad arguments
+
+BAD_SHAPES = {
+    "0d": (),
+    "1d": (5,),
+    "M0": (0, 4),
+    "N0": (4, 0),
+    "batched-M0": (2, 0, 3),
+    "batched-N0": (2, 3, 0),
+}
+
+
+@pytest.mark.parametrize("shape", list(BAD_SHAPES.values()), ids=list(BAD_SHAPES))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_bad_shape_raises_value_error_naming_argument(func, backend, shape):
+    with pytest.raises(ValueError, match=FUNCS[func][1]):
+        call(func, torch.zeros(shape), backend)
+
+
+BAD_DTYPES = [torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128]
+
+
+@pytest.mark.parametrize("dtype", BAD_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_bad_dtype_raises_type_error_naming_argument(func, backend, dtype):
+    with pytest.raises(TypeError, match=FUNCS[func][1]):
+        call(func, torch.zeros(2, 4, 3, dtype=dtype), backend)
+
+
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_non_tensor_raises_type_error(func):
+    with pytest.raises(TypeError, match=FUNCS[func][1]):
+        call(func, [[0.1, 0.2], [0.3, 0.4]], "auto")
+
+
+BAD_PARAMS = [
+    ("eps", 0.0, ValueError),
+    ("eps", -0.1, ValueError),
+    ("eps", math.nan, ValueError),
+    ("eps", math.inf, ValueError),
+    ("eps", -math.inf, ValueError),
+    ("eps", "0.05", TypeError),
+    ("eps", None, TypeError),
+    ("eps", True, TypeError),
+    ("max_iter", 0, ValueError),
+    ("max_iter", -3, ValueError),
+    ("max_iter", 2.5, TypeError),
+    ("max_iter", None, TypeError),
+    ("max_iter", True, TypeError),
+    ("tol", -1e-6, ValueError),
+    ("tol", math.nan, ValueError),
+    ("tol", "0", TypeError),
+]
+
+
+@pytest.mark.parametrize(
+    "name,value,exc", [pytest.param(n, v, e, id=f"{n}={v!r}") for n, v, e in BAD_PARAMS]
+)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_bad_parameter_raises_naming_it(func, backend, name, value, exc):
+    with pytest.raises(exc, match=name):
+        call(func, good(), backend, **{name: value})
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_numpy_and_integral_parameters_are_accepted(backend):
+    np = pytest.importorskip("numpy")
+    x = good(dtype=torch.float64)
+    a = mps(x, np.float64(0.1), np.int64(7), np.float32(0.0), backend=backend)
+    b = mps(x, 0.1, 7, 0.0, backend=backend)
+    assert torch.equal(a, b)
+    # An integral eps is a real number too.
+    assert torch.isfinite(mps(x, 1, 7, backend=backend)).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_infinite_tol_stops_after_one_iteration(backend):
+    _, info = mps(good(), tol=math.inf, return_info=True, backend=backend)
+    assert (info.n_iter == 1).all()
+
+
+NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("value", list(NONFINITE.values()), ids=list(NONFINITE))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_nonfinite_input_raises_value_error(func, backend, value, dtype):
+    x = good((3, 9, 4), dtype=dtype)
+    x[1, 5, 2] = value
+    with pytest.raises(ValueError, match="NaN or inf"):
+        call(func, x, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_nonfinite_error_names_the_argument(func, backend):
+    x = good((3, 9, 4))
+    x[1, 5, 2] = math.nan
+    with pytest.raises(ValueError, match=rf"\b{FUNCS[func][1]}\b"):
+        call(func, x, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_check_finite_false_skips_the_check(func, backend):
+    x = good((3, 9, 4))
+    x[1, 5, 2] = math.nan
+    out = call(func, x, backend, check_finite=False)
+    assert out.shape[:1] == (3,)
+
+
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_unknown_backend_lists_available_ones(func):
+    with pytest.raises(ValueError, match="backend") as exc:
+        call(func, good(), "gpu")
+    assert "'reference'" in str(exc.value) and "'cpu'" in str(exc.value)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_unavailable_backend_says_why_and_lists_available(func, backend):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: unavailability is not guaranteed")
+    status = {s.name: s for s in backends()}[backend]
+    if status.available:
+        pytest.skip(f"{backend} is available here")
+    with pytest.raises(ValueError, match=backend) as exc:
+        call(func, good(), backend)
+    assert "unavailable" in str(exc.value)
+    assert "'reference'" in str(exc.value) and "'cpu'" in str(exc.value)
+
+
+@pytest.mark.parametrize("backend", [None, 3, ("cpu",)], ids=["None", "int", "tuple"])
+def test_backend_of_wrong_type_raises_type_error(backend):
+    with pytest.raises(TypeError, match="backend"):
+        mps(good(), backend=backend)
+
+
+def test_backend_on_the_wrong_device_raises():
+    with pytest.raises(ValueError, match="cpu") as exc:
+        resolve_backend("cpu", "cuda")
+    assert "cuda" in str(exc.value)
+    # A meta tensor is on no device the cpu kernel or the reference runs on.
+    meta = torch.empty(2, 7, 3, device="meta")
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match=backend):
+            mps(meta, backend=backend)
+
+
+# ------------------------------------------------------------------ backends
+
+
+def test_the_cpu_extension_is_built():
+    # The suite must fail, not skip, if the extension silently failed to build.
+    assert _extension.available, f"otseg._C did not load: {_extension.error}"
+    assert _extension.error is None
+    assert hasattr(torch.ops.otseg, "mps_forward") and hasattr(torch.ops.otseg, "mps_backward")
+
+
+def test_backends_lists_every_backend_in_order():
+    status = backends()
+    assert [s.name for s in status] == ["reference", "cpu", "cuda", "triton"]
+    for s in status:
+        assert isinstance(s, BackendStatus)
+        assert isinstance(s.available, bool)
+        assert s.devices and all(d in ("cpu", "cuda") for d in s.devices)
+        assert isinstance(s.reason, str) and s.reason
+        assert s.name in str(s)
+    by_name = {s.name: s for s in status}
+    assert by_name["reference"].available
+    assert set(by_name["reference"].devices) == {"cpu", "cuda"}
+    assert by_name["cpu"].available
+    assert by_name["cpu"].devices == ("cpu",)
+
+
+def test_auto_on_cpu_resolves_to_the_fused_kernel():
+    assert resolve_backend("auto", "cpu") == "cpu"
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert resolve_backend("reference", "cpu") == "reference"
+    assert resolve_backend("cpu", "cpu") == "cpu"
+
+
+def test_auto_falls_back_to_the_reference_with_a_warning(monkeypatch):
+    monkeypatch.setattr(_extension, "available", False)
+    monkeypatch.setattr(_extension, "error", "pretend the extension is missing")
+    monkeypatch.setattr(dispatch, "_warned_fallback", set())
+    with pytest.warns(RuntimeWarning, match="pretend the extension is missing"):
+        assert resolve_backend("auto", "cpu") == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        _, info = mps(good(), return_info=True)
+    assert info.backend == "reference"
+    with pytest.raises(ValueError, match="unavailable"):
+        mps(good(), backend="cpu")
+
+
+@pytest.mark.parametrize("backend,expected", [("auto", "cpu"), ("cpu", "cpu"), ("reference", "reference")])
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_info_reports_the_backend_that_ran(func, backend, expected):
+    out = call(func, good(), backend, return_info=True)
+    info = out[-1]
+    assert isinstance(info, SinkhornInfo)
+    assert info.backend == expected
+
+
+# ---------------------------------------------------------- return structure
+
+LAYOUTS = {"MN": (), "PMN": (5,), "BKMN": (2, 3), "2x3x4xMN": (2, 3, 4)}
+
+
+@pytest.mark.parametrize("batch", list(LAYOUTS.values()), ids=list(LAYOUTS))
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_return_structure_and_n_iter_shape(backend, batch):
+    M, N = 7, 3
+    x = hard_scores(batch + (M, N), seed=2, dtype=torch.float32)
+    score = mps(x, backend=backend)
+    assert isinstance(score, torch.Tensor) and score.shape == batch + (M,) and score.dtype == x.dtype
+    score, plan = mps(x, return_plan=True, backend=backend)
+    assert plan.shape == batch + (M, N) and plan.dtype == x.dtype
+    score, info = mps(x, return_info=True, backend=backend)
+    assert score.shape == batch + (M,)
+    score, plan, info = mps(x, return_plan=True, return_info=True, backend=backend)
+    assert info.n_iter.shape == batch
+    assert info.n_iter.dtype == torch.int32
+    assert info.n_iter.device == x.device
+    plan = sinkhorn(x, backend=backend)
+    assert plan.shape == batch + (M, N) and plan.dtype == x.dtype
+    plan, info = sinkhorn(x, backend=backend, return_info=True)
+    assert info.n_iter.shape == batch
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_tol_zero_runs_max_iter_on_every_problem(backend):
+    x = hard_scores((3, 2, 11, 4), seed=4, dtype=torch.float64)
+    for max_iter in (1, 5, 33):
+        _, info = mps(x, max_iter=max_iter, tol=0.0, return_info=True, backend=backend)
+        assert (info.n_iter == max_iter).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_loose_tol_stops_earlier_than_tight(backend):
+    x = hard_scores((2, 37, 6), seed=17)
+    counts = [mps(x, 0.05, 10000, tol, return_info=True, backend=backend)[1].n_iter for tol in (1e-2, 1e-5, 1e-10)]
+    assert (counts[0] < counts[1]).all() and (counts[1] < counts[2]).all() and (counts[2] < 10000).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_outputs_keep_the_input_dtype(backend, dtype):
+    x = hard_scores((2, 9, 4), seed=3, dtype=dtype)
+    score, plan = mps(x, max_iter=5, return_plan=True, backend=backend)
+    assert score.dtype == plan.dtype == dtype
+    assert sinkhorn(1 - x, max_iter=5, backend=backend).dtype == dtype
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_empty_batch_gives_empty_outputs(backend):
+    score, plan, info = mps(torch.zeros(0, 5, 3), return_plan=True, return_info=True, backend=backend)
+    assert score.shape == (0, 5) and plan.shape == (0, 5, 3) and info.n_iter.shape == (0,)
+
+
+def test_package_docstring_example_runs():
+    scores = hard_scores((2, 3, 64, 6), seed=0, dtype=torch.float32)
+    refined = otseg.ops.mps(scores)
+    assert refined.shape == (2, 3, 64)
+    assert torch.isfinite(refined).all()

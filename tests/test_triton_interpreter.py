@@ -1,0 +1,534 @@
+"""Backend "triton" (kernels/mps.py, otseg/ops/mps/triton.py) against the
+float64 reference: forward values, plans and iteration counts, dtypes, strides,
+per-problem stopping, robustness, output coverage, the implicit backward,
+opcheck and torch.compile.
+
+Every comparison runs on one of two devices:
+
+- ``interp`` (marked ``interpreter``): CPU tensors in Triton's interpreter, in
+  a process started with ``TRITON_INTERPRET=1``. A plain pytest run reaches
+  them through ``test_interpreter_subset_in_own_process``, which runs this file
+  again with ``-m interpreter`` in such a process (Triton's own CI recipe).
+- ``cuda`` (marked ``gpu``): CUDA tensors with compiled kernels, where a GPU
+  is present (skipped otherwise).
+
+Without a GPU, ``test_kernels_compile_for_sm90`` still compiles both kernels
+for an H100 with the installed Triton (front end, LLVM and ptxas), which the
+interpreter cannot check.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from otseg import kernels
+from otseg.ops import backends, mps, resolve_backend, sinkhorn
+from otseg.ops.mps import triton as tb
+
+from helpers import (
+    HALF_DTYPES,
+    assert_close_report,
+    clip_scores,
+    dtype_id,
+    extreme_scores,
+    hard_scores,
+    max_abs_err,
+    reference_per_problem,
+    unit_roundoff,
+)
+
+INTERPRET = tb.interpreter_requested()
+REF = dict(backend="reference")
+TRI = dict(backend="triton")
+FIXED = dict(eps=0.05, max_iter=10, tol=0.0)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("cpu", marks=pytest.mark.interpreter, id="interp"),
+        pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+    ]
+)
+def device(request):
+    if request.param == "cpu":
+        if not INTERPRET:
+            pytest.skip("runs in the TRITON_INTERPRET=1 process of test_interpreter_subset_in_own_process")
+        if not tb.available:
+            pytest.skip(f"triton is unavailable: {tb.error}")
+        assert tb.interpreted, "TRITON_INTERPRET=1 is set but the kernels were compiled, not interpreted"
+    else:
+        if INTERPRET:
+            pytest.skip("this process runs Triton's interpreter (CPU tensors only)")
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        if not tb.available:
+            pytest.skip(f"triton is unavailable: {tb.error}")
+    return torch.device(request.param)
+
+
+def sizes(*mn):
+    return [pytest.param(M, N, id=f"M{M}xN{N}") for M, N in mn]
+
+
+def float_tolerances(dtype, gt_score, gt_plan_mn):
+    """(score atol, plan*M*N atol) against the float64 reference on the same
+    rounded input: rounding only in float64; float32 compute (also for half
+    inputs) within a few 1e-6 of the largest value (a GPU's exp2 and log2
+    approximations included)."""
+    scale = max(1.0, float(gt_score.abs().max()))
+    plan_scale = max(1.0, float(gt_plan_mn.abs().max()))
+    if dtype == torch.float64:
+        return 1e-10 * scale, 1e-10 * plan_scale
+    return 2e-5 * scale, 2e-5 * plan_scale
+
+
+def half_output_tolerances(dtype, M, N):
+    """(rtol, plan*M*N atol) added for half outputs: one rounding of the float32
+    result (at most one unit in the last place: Triton's interpreter rounds to
+    bfloat16 towards zero), and float16's subnormal spacing for plan entries of
+    order 1/(M N)."""
+    rtol = 2 * unit_roundoff(dtype)
+    plan_atol = 2.0**-24 * M * N if dtype == torch.float16 else 0.0
+    return rtol, plan_atol
+
+
+# ------------------------------------------------ the interpreter, own process
+
+
+@pytest.mark.slow
+def test_interpreter_subset_in_own_process():
+    if INTERPRET:
+        pytest.skip("this is the interpreter process")
+    if not kernels.available:
+        pytest.skip(f"triton is unavailable: {kernels.error}")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pytest", "-m", "interpreter", "-q", "-rfEs", "-p", "no:cacheprovider",
+           os.path.abspath(__file__)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"interpreter run failed (exit {proc.returncode}):\n{out[-8000:]}"
+    assert " passed" in out and " failed" not in out, out[-4000:]
+
+
+def test_backend_status_without_gpu_or_interpreter():
+    if INTERPRET or torch.cuda.is_available():
+        pytest.skip("only meaningful on a machine without GPU and interpreter")
+    status = {s.name: s for s in backends()}["triton"]
+    assert not status.available
+    assert status.devices == ("cuda",)
+    assert "TRITON_INTERPRET" in status.reason or not kernels.available
+    assert resolve_backend("auto", "cpu") != "triton"
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Both kernels through Triton's whole CUDA pipeline (to a cubin for sm_90)
+    without a GPU, at the benchmark shape and at a tiny one where Triton makes
+    M = N = 1 compile-time constants."""
+    if INTERPRET:
+        pytest.skip("the interpreter process holds interpreted kernels")
+    if not tb.available:
+        pytest.skip(f"triton is unavailable: {tb.error}")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    from otseg.kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
+
+    pointers = {"NITER": "*i32"}
+    scalars = {"eps_hi": "fp32", "eps_lo": "fp32", "tol_hi": "fp32", "tol_lo": "fp32", "stride_sp": "i64"}
+
+    def signature(kernel, dtype, acc, consts):
+        sig = {}
+        for name in kernel.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in ("M", "N"):
+                sig[name] = "i32"
+            elif name in pointers:
+                sig[name] = pointers[name]
+            elif name in ("F", "G"):
+                sig[name] = f"*{acc}"
+            elif name.isupper():
+                sig[name] = f"*{dtype}"
+            else:
+                sig[name] = scalars.get(name, "i32")
+        return sig
+
+    target = GPUTarget("cuda", 90, 32)
+    cases = [("fp32", "fp32", 1024, 8, 16, {}), ("bf16", "fp32", 1024, 8, 16, {}),
+             ("fp64", "fp64", 16, 2, 1, {"M": 1, "N": 1, "stride_sn": 1})]
+    for dtype, acc, bm, bn, warps, ones in cases:
+        for kernel, flags in ((_mps_fwd_kernel, {"HAS_PLAN": True}),
+                              (_mps_bwd_kernel, {"HAS_DSCORE": True, "HAS_DPLAN": True})):
+            consts = dict(flags, BLOCK_M=bm, BLOCK_N=bn, **ones)
+            src = ASTSource(fn=kernel, signature=signature(kernel, dtype, acc, consts), constexprs=consts)
+            compiled = triton_compile(src, target=target, options={"num_warps": warps})
+            assert compiled.asm["cubin"], f"{kernel.__name__} {dtype}: no cubin"
+
+
+# ------------------------------------------------------------ dispatch, checks
+
+
+def test_dispatch_and_status(device):
+    status = {s.name: s for s in backends()}["triton"]
+    assert status.available and device.type in status.devices
+    x = hard_scores((2, 5, 3), seed=1).to(device)
+    _, info = mps(x, return_info=True, **FIXED, **TRI)
+    assert info.backend == "triton" and info.n_iter.dtype == torch.int32
+    if device.type == "cpu":
+        # "auto" never takes the interpreter for CPU tensors.
+        assert resolve_backend("auto", "cpu") != "triton"
+    else:
+        assert resolve_backend("auto", "cuda") in ("cuda", "triton")
+
+
+@pytest.mark.parametrize("M,N,what", [(4097, 3, "M=4096"), (5, 17, "N=16")])
+def test_limits_raise_value_error_naming_them(device, M, N, what):
+    x = torch.zeros(1, M, N, device=device)
+    with pytest.raises(ValueError, match=what) as exc:
+        mps(x, **TRI)
+    assert "cpu" in str(exc.value) and "reference" in str(exc.value)
+
+
+def test_non_finite_input_raises_unless_unchecked(device):
+    x = hard_scores((2, 7, 3), seed=2, dtype=torch.float32).to(device)
+    x[1, 3, 2] = math.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        mps(x, **FIXED, **TRI)
+    score, info = mps(x, check_finite=False, return_info=True, **FIXED, **TRI)
+    # The finite problem is untouched by its neighbour; the loop ends.
+    assert torch.isfinite(score[0]).all()
+    assert (info.n_iter <= FIXED["max_iter"]).all()
+
+
+# --------------------------------------------------- forward vs the reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("M,N", sizes((1, 1), (1, 16), (37, 1), (37, 3), (37, 8), (129, 6), (129, 16)))
+def test_fixed_iterations_match_float64_reference(device, M, N, dtype):
+    x = hard_scores((2, M, N), seed=M * 100 + N, dtype=dtype)
+    gt_score, gt_plan, info = mps(x.double(), return_plan=True, return_info=True, **FIXED, **REF)
+    score, plan, info = mps(x.to(device), return_plan=True, return_info=True, **FIXED, **TRI)
+    assert score.dtype == plan.dtype == dtype and score.shape == (2, M) and plan.shape == (2, M, N)
+    assert info.backend == "triton" and (info.n_iter.cpu() == FIXED["max_iter"]).all()
+    score_atol, plan_atol = float_tolerances(dtype, gt_score, gt_plan * M * N)
+    assert_close_report(score.cpu(), gt_score, atol=score_atol, what="refined score")
+    assert_close_report(plan.cpu().double() * M * N, gt_plan * M * N, atol=plan_atol, what="plan*M*N")
+
+
+def test_largest_problem_forward_and_backward(device):
+    # M = 4096, N = 16: the limits are inclusive; the block is 4096 x 16.
+    M, N = 4096, 16
+    x = clip_scores((1, M, N), seed=30, dtype=torch.float32)
+    kw = dict(eps=0.05, max_iter=5, tol=0.0)
+    gt_score, gt_plan = mps(x.double(), return_plan=True, **kw, **REF)
+    xb = x.to(device).clone().requires_grad_()
+    score, plan = mps(xb, return_plan=True, **kw, **TRI)
+    scale = float(gt_score.abs().max())
+    assert_close_report(score.detach().cpu(), gt_score, atol=2e-5 * scale, what="refined score")
+    plan_scale = float((gt_plan * M * N).max())
+    assert_close_report(plan.detach().cpu().double() * M * N, gt_plan * M * N, atol=2e-5 * plan_scale, what="plan*M*N")
+    score.sum().backward()
+    if hasattr(torch.ops.otseg, "mps_backward"):
+        _, _, f, g, _ = torch.ops.otseg.mps_forward_triton(xb.detach(), 0.05, 5, 0.0, False)
+        expected = torch.ops.otseg.mps_backward(torch.ones(1, M, dtype=torch.float64), None, x.double(),
+                                                f.cpu().double(), g.cpu().double(), 0.05)
+        assert_close_report(xb.grad.cpu(), expected, atol=1e-4 * float(expected.abs().max()), what="dL/dS")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("M,N", sizes((37, 6), (129, 16)))
+def test_half_inputs_within_twice_the_reference_error(device, M, N, dtype):
+    x = hard_scores((2, M, N), seed=M + N, dtype=dtype)
+    gt_score, gt_plan = mps(x.double(), return_plan=True, **FIXED, **REF)
+    score, plan = mps(x.to(device), return_plan=True, **FIXED, **TRI)
+    assert score.dtype == plan.dtype == dtype
+    score_atol, plan_atol = float_tolerances(torch.float32, gt_score, gt_plan * M * N)
+    rtol, half_plan_atol = half_output_tolerances(dtype, M, N)
+    assert_close_report(score.cpu(), gt_score, atol=score_atol, rtol=rtol, what="refined score")
+    assert_close_report(plan.cpu().double() * M * N, gt_plan * M * N, atol=plan_atol + half_plan_atol, rtol=rtol,
+                        what="plan*M*N")
+    # House style: at most about 2x the error of the reference in the same dtype.
+    ref_score, ref_plan = mps(x, return_plan=True, **FIXED, **REF)
+    floor = 2 * unit_roundoff(dtype) * max(1.0, float(gt_score.abs().max()))
+    assert max_abs_err(score.cpu(), gt_score) <= 2 * max_abs_err(ref_score, gt_score) + floor
+    plan_floor = plan_atol + half_plan_atol + 2 * unit_roundoff(dtype) * float((gt_plan * M * N).abs().max())
+    ref_plan_err = max_abs_err(ref_plan.double() * M * N, gt_plan * M * N)
+    assert max_abs_err(plan.cpu().double() * M * N, gt_plan * M * N) <= 2 * ref_plan_err + plan_floor
+
+
+@pytest.mark.parametrize("M,N", sizes((37, 6), (129, 8)))
+def test_converged_per_problem_float64(device, M, N):
+    # Problems of different difficulty: each stops on its own error.
+    x = torch.cat([hard_scores((2, M, N), seed=3), clip_scores((1, M, N), seed=4)])
+    kw = dict(eps=0.05, max_iter=3000, tol=1e-11)
+    ref_score, ref_plan, ref_n = reference_per_problem(x, **kw)
+    score, plan, info = mps(x.to(device), return_plan=True, return_info=True, **kw, **TRI)
+    n_iter = info.n_iter.cpu()
+    assert len(set(n_iter.tolist())) > 1, "the problems should stop at different iterations"
+    # The same algorithm in the same precision: the same stopping iteration,
+    # give or take a rounding at the threshold.
+    assert (n_iter - ref_n).abs().max() <= 1, (n_iter, ref_n)
+    assert (n_iter < kw["max_iter"]).all()
+    gt_score, gt_plan, _ = reference_per_problem(x, eps=0.05, max_iter=20000, tol=1e-13)
+    scale = float(gt_score.abs().max())
+    assert_close_report(score.cpu(), gt_score, atol=1e-7 * scale, what="refined score")
+    assert_close_report(plan.cpu().double() * M * N, gt_plan * M * N, atol=1e-7, what="plan*M*N")
+
+
+def test_converged_per_problem_float32(device):
+    M, N = 129, 6
+    x = torch.cat([hard_scores((1, M, N), seed=5), clip_scores((1, M, N), seed=6)]).float()
+    kw = dict(eps=0.05, max_iter=3000, tol=1e-6)
+    _, _, ref_n = reference_per_problem(x.double(), **kw)
+    score, plan, info = mps(x.to(device), return_plan=True, return_info=True, **kw, **TRI)
+    assert (info.n_iter.cpu() - ref_n).abs().max() <= 3, (info.n_iter, ref_n)
+    gt_score, gt_plan, _ = reference_per_problem(x.double(), eps=0.05, max_iter=20000, tol=1e-13)
+    # Truncation at tol (a potential change of 1e-6 moves plan entries by
+    # about tol/eps relative) on top of float32 rounding.
+    scale = max(1.0, float(gt_score.abs().max()))
+    assert_close_report(score.cpu(), gt_score, atol=2e-4 * scale, what="refined score")
+    assert_close_report(plan.cpu().double() * M * N, gt_plan * M * N, atol=2e-4 * float((gt_plan * M * N).max()),
+                        what="plan*M*N")
+
+
+def test_per_problem_results_independent_of_the_batch(device):
+    M, N = 37, 6
+    p0 = hard_scores((1, M, N), seed=7)
+    others = extreme_scores("onehot", (3, M, N), seed=8)
+    kw = dict(eps=0.05, max_iter=500, tol=1e-9)
+    alone = mps(p0.to(device), return_plan=True, return_info=True, **kw, **TRI)
+    batch = mps(torch.cat([others[:1], p0, others[1:]]).to(device), return_plan=True, return_info=True, **kw, **TRI)
+    assert torch.equal(batch[0][1], alone[0][0])
+    assert torch.equal(batch[1][1], alone[1][0])
+    assert batch[2].n_iter[1] == alone[2].n_iter[0]
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+def test_non_contiguous_input_matches_contiguous(device, layout):
+    if layout == "transposed":
+        x = hard_scores((2, 6, 37), seed=9, dtype=torch.float32).to(device).transpose(-1, -2)
+    elif layout == "sliced":
+        x = hard_scores((2, 74, 13), seed=10, dtype=torch.float32).to(device)[:, ::2, 1:7]
+    else:
+        x = hard_scores((37, 6), seed=11, dtype=torch.float32).to(device).expand(3, 37, 6)
+    assert not x.is_contiguous()
+    a = mps(x, return_plan=True, **FIXED, **TRI)
+    b = mps(x.contiguous(), return_plan=True, **FIXED, **TRI)
+    # Compiled for other strides, the kernel may reduce in another order.
+    assert_close_report(a[0].cpu(), b[0].cpu(), atol=1e-6 * float(b[0].abs().max()), what="score")
+    assert_close_report(a[1].cpu(), b[1].cpu(), atol=1e-6 * float(b[1].abs().max()), what="plan")
+
+
+def test_batch_dims_and_sinkhorn(device):
+    x = hard_scores((2, 3, 37, 6), seed=12).to(device)
+    score, info = mps(x, return_info=True, **FIXED, **TRI)
+    assert score.shape == (2, 3, 37) and info.n_iter.shape == (2, 3)
+    cost = 1 - x
+    plan = sinkhorn(cost, **FIXED, **TRI)
+    ref = sinkhorn(cost.cpu(), **FIXED, **REF)
+    assert_close_report(plan.cpu() * 37 * 6, ref * 37 * 6, atol=1e-10, what="sinkhorn plan*M*N")
+
+
+@pytest.mark.parametrize("eps", [0.01, 10.0], ids=lambda e: f"eps{e}")
+@pytest.mark.parametrize("kind", ["big", "onehot50", "split", "const"])
+def test_extreme_inputs_stay_exact(device, kind, eps):
+    # Scores far outside the cosine range and a wide eps range exercise the
+    # absorption into the log domain: the result is the reference's, never a
+    # wrong finite value.
+    M, N = 37, 6
+    x = extreme_scores(kind, (2, M, N), seed=13, dtype=torch.float32)
+    kw = dict(eps=eps, max_iter=30, tol=0.0)
+    gt_score, gt_plan = mps(x.double(), return_plan=True, **kw, **REF)
+    score, plan = mps(x.to(device), return_plan=True, **kw, **TRI)
+    assert torch.isfinite(score).all() and torch.isfinite(plan).all()
+    # Columns of the plan sum to 1/N after the last g half-step.
+    assert_close_report(plan.cpu().double().sum(-2) * N, torch.ones(2, N, dtype=torch.float64), atol=1e-5,
+                        what="column sums*N")
+    # float32 with C/eps up to 1e4: relative error of the potentials times C/eps.
+    rel = 1e-6 * max(1.0, float((1 - x.double()).abs().max()) / eps)
+    assert_close_report(plan.cpu().double() * M * N, gt_plan * M * N, atol=rel * float((gt_plan * M * N).max()) + 1e-6,
+                        what="plan*M*N")
+    assert_close_report(score.cpu(), gt_score, atol=rel * max(1.0, float(gt_score.abs().max())) * 10,
+                        what="refined score")
+
+
+def test_forward_writes_every_output(device):
+    # Outputs filled with NaN (and -1 iterations) before the launch: a missed
+    # write shows.
+    P, M, N = 3, 37, 6
+    x = hard_scores((P, M, N), seed=14, dtype=torch.float32).to(device)
+    nan = dict(device=device)
+    score = torch.full((P, M), math.nan, **nan)
+    plan = torch.full((P, M, N), math.nan, **nan)
+    f = torch.full((P, M), math.nan, **nan)
+    g = torch.full((P, N), math.nan, **nan)
+    n_iter = torch.full((P,), -1, dtype=torch.int32, **nan)
+    tb.launch_forward(x, 0.05, 10, 0.0, score, plan, f, g, n_iter)
+    for name, t in (("score", score), ("plan", plan), ("f", f), ("g", g)):
+        assert torch.isfinite(t).all(), f"{name} not fully written"
+    assert (n_iter == 10).all()
+    ref_score, ref_plan = mps(x.cpu().double(), return_plan=True, **FIXED, **REF)
+    assert_close_report(score.cpu(), ref_score, atol=2e-5 * float(ref_score.abs().max()), what="score")
+
+
+# ------------------------------------------------------------------- backward
+
+
+def _triton_and_reference_grads(x, output, kw, weights, device):
+    grads = {}
+    for backend, dev in (("reference", torch.device("cpu")), ("triton", device)):
+        xb = x.to(dev).clone().requires_grad_()
+        if output == "sinkhorn":
+            outs = (sinkhorn(1 - xb, backend=backend, **kw),)
+        else:
+            out = mps(xb, return_plan=True, backend=backend, **kw)
+            outs = {"score": out[:1], "plan": out[1:], "score+plan": out}[output]
+        loss = sum((o * w.to(dev)).sum() for o, w in zip(outs, weights))
+        loss.backward()
+        grads[backend] = xb.grad.cpu()
+    return grads
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.5], ids=lambda e: f"eps{e}")
+@pytest.mark.parametrize("output", ["score", "plan", "score+plan", "sinkhorn"])
+def test_gradient_matches_reference_autograd_on_converged_problems(device, output, eps):
+    M, N = 37, 6
+    x = hard_scores((2, M, N), seed=15)
+    gen = torch.Generator().manual_seed(16)
+    w_score = torch.randn(2, M, generator=gen, dtype=torch.float64)
+    w_plan = M * N * torch.randn(2, M, N, generator=gen, dtype=torch.float64)
+    weights = {"score": [w_score], "plan": [w_plan], "score+plan": [w_score, w_plan], "sinkhorn": [w_plan]}[output]
+    grads = _triton_and_reference_grads(x, output, dict(eps=eps, tol=1e-13, max_iter=20000), weights, device)
+    scale = float(grads["reference"].abs().max())
+    assert_close_report(grads["triton"], grads["reference"], atol=1e-7 * scale, what="dL/dS")
+
+
+@pytest.mark.parametrize("M,N", sizes((1, 1), (1, 5), (7, 1), (37, 3), (37, 16), (129, 8)))
+def test_backward_kernel_matches_cpu_backward(device, M, N):
+    """The backward is a function of (S, f, g, upstream gradients) alone: the
+    same inputs through the C++ kernel's float64 backward, every N up to 16."""
+    if not hasattr(torch.ops.otseg, "mps_backward"):
+        pytest.skip("the C++ extension is not built")
+    x = hard_scores((2, M, N), seed=17 + M + N)
+    _, _, f, g, _ = torch.ops.otseg.mps_forward(x, 0.1, 200, 0.0, False, True)
+    gen = torch.Generator().manual_seed(18)
+    gs = torch.randn(2, M, generator=gen, dtype=torch.float64)
+    gp = M * N * torch.randn(2, M, N, generator=gen, dtype=torch.float64)
+    expected = torch.ops.otseg.mps_backward(gs, gp, x, f, g, 0.1)
+    got = torch.ops.otseg.mps_backward_triton(gs.to(device), gp.to(device), x.to(device), f.to(device),
+                                              g.to(device), 0.1)
+    scale = max(1e-300, float(expected.abs().max()))
+    assert_close_report(got.cpu(), expected, atol=1e-9 * scale, what="dL/dS float64")
+    # float32: the same potentials rounded; against the float64 result.
+    got32 = torch.ops.otseg.mps_backward_triton(gs.float().to(device), gp.float().to(device), x.float().to(device),
+                                                f.float().to(device), g.float().to(device), 0.1)
+    assert got32.dtype == torch.float32
+    assert_close_report(got32.cpu(), expected, atol=1e-4 * scale, what="dL/dS float32")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32,) + HALF_DTYPES, ids=dtype_id)
+def test_low_precision_gradient_close_to_float64(device, dtype):
+    M, N = 37, 6
+    x = hard_scores((2, M, N), seed=19, dtype=dtype)
+    w = torch.randn(2, M, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    grads = {}
+    for dt in (torch.float64, dtype):
+        xb = x.to(dt).to(device).clone().requires_grad_()
+        score = mps(xb, eps=0.1, tol=1e-9, max_iter=5000, **TRI)
+        (score * w.to(dt).to(device)).sum().backward()
+        assert xb.grad.dtype == dt
+        grads[dt] = xb.grad.cpu().double()
+    scale = float(grads[torch.float64].abs().max())
+    rel = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
+    assert_close_report(grads[dtype], grads[torch.float64], atol=rel * scale, what="dL/dS")
+
+
+def test_gradcheck_float64_converged(device):
+    x = hard_scores((1, 4, 3), seed=21).to(device).requires_grad_()
+    fn = lambda t: mps(t, eps=0.5, tol=1e-13, max_iter=5000, return_plan=True, **TRI)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,), atol=1e-6, rtol=1e-4)
+
+
+def test_backward_writes_every_output_and_handles_missing_gradients(device):
+    P, M, N = 2, 37, 16
+    x = hard_scores((P, M, N), seed=22, dtype=torch.float32).to(device)
+    _, _, f, g, _ = torch.ops.otseg.mps_forward_triton(x, 0.05, 50, 0.0, False)
+    gen = torch.Generator().manual_seed(23)
+    gs = torch.randn(P, M, generator=gen).to(device)
+    gp = torch.randn(P, M, N, generator=gen).to(device)
+    results = []
+    for a, b in ((gs, None), (None, gp), (gs, gp)):
+        grad = torch.full((P, M, N), math.nan, device=device)
+        tb.launch_backward(a, b, x, f, g, 0.05, grad)
+        assert torch.isfinite(grad).all(), "grad not fully written"
+        results.append(grad)
+    # Linear in the upstream gradients.
+    assert_close_report(results[0] + results[1], results[2], atol=1e-5 * float(results[2].abs().max()), what="sum")
+    zero = torch.ops.otseg.mps_backward_triton(None, None, x, f, g, 0.05)
+    assert torch.equal(zero, torch.zeros_like(zero))
+    # Expanded (stride 0) and transposed upstream gradients, as autograd hands them over.
+    gs_e = gs[:, :1].expand(P, M)
+    gp_t = gp.transpose(-1, -2).contiguous().transpose(-1, -2)
+    a = torch.ops.otseg.mps_backward_triton(gs_e, gp_t, x, f, g, 0.05)
+    b = torch.ops.otseg.mps_backward_triton(gs_e.contiguous(), gp_t.contiguous(), x, f, g, 0.05)
+    assert_close_report(a.cpu(), b.cpu(), atol=1e-6 * float(b.abs().max()), what="strided upstream")
+
+
+def test_fixed_iteration_gradient_is_the_implicit_one(device):
+    # Documented: far from convergence the gradient is that of the fixed point.
+    x = hard_scores((1, 37, 6), seed=24)
+    grads = {}
+    for backend, dev in (("triton", device), ("reference", torch.device("cpu"))):
+        xb = x.to(dev).clone().requires_grad_()
+        mps(xb, eps=0.05, max_iter=2, tol=0.0, backend=backend).sum().backward()
+        grads[backend] = xb.grad.cpu()
+    assert float((grads["triton"] - grads["reference"]).abs().max()) > 1e-3 * float(grads["reference"].abs().max())
+
+
+# --------------------------------------------------------- opcheck, compile
+
+
+@pytest.mark.parametrize("return_plan", [True, False], ids=["plan", "noplan"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+def test_opcheck_forward(device, dtype, return_plan):
+    x = hard_scores((3, 7, 4), seed=25, dtype=dtype).to(device).requires_grad_(dtype != torch.bfloat16)
+    torch.library.opcheck(torch.ops.otseg.mps_forward_triton.default, (x, 0.05, 5, 0.0, return_plan))
+
+
+@pytest.mark.parametrize("grads", ["score", "plan", "both", "none"])
+def test_opcheck_backward(device, grads):
+    x = hard_scores((3, 7, 4), seed=26).to(device)
+    score, plan, f, g, _ = torch.ops.otseg.mps_forward_triton(x, 0.05, 20, 0.0, True)
+    gen = torch.Generator().manual_seed(27)
+    gs = torch.randn(score.shape, generator=gen, dtype=torch.float64).to(device) if grads in ("score", "both") else None
+    gp = torch.randn(plan.shape, generator=gen, dtype=torch.float64).to(device) if grads in ("plan", "both") else None
+    torch.library.opcheck(torch.ops.otseg.mps_backward_triton.default, (gs, gp, x, f, g, 0.05))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+
+    def fn(x, w):
+        score, plan = mps(x, return_plan=True, eps=0.1, max_iter=200, tol=1e-9, **TRI)
+        return (score * w).sum() + (plan * plan).sum() * 1e3, score, plan
+
+    compiled = torch.compile(fn, fullgraph=True)
+    x = hard_scores((2, 3, 37, 6), seed=28, dtype=torch.float32).to(device)
+    w = torch.randn(2, 3, 37, generator=torch.Generator().manual_seed(29)).to(device)
+    results = {}
+    for name, f in (("eager", fn), ("compiled", compiled)):
+        xb = x.clone().requires_grad_()
+        loss, score, plan = f(xb, w)
+        loss.backward()
+        results[name] = (score.detach(), plan.detach(), xb.grad)
+    for a, b, what in zip(results["compiled"], results["eager"], ("score", "plan", "grad")):
+        # Inductor may fuse the surrounding arithmetic differently.
+        assert_close_report(a.cpu(), b.cpu(), atol=1e-6 * max(1.0, float(b.abs().max())), what=what)
