@@ -212,16 +212,60 @@ OTSEG_MULTIVERSION acc_t potential_change(ForwardWorkspace<acc_t>& w, int64_t M)
   return total / acc_t(M);
 }
 
+// [M, NC] rows (row stride sM) into [NC, ld] columns, NC known at compile time.
+template <int NC, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void rows_to_columns(const scalar_t* __restrict S, int64_t sM, int64_t M,
+                                                           int64_t ld, acc_t* __restrict St) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int n = 0; n < NC; ++n) St[n * ld + m] = static_cast<acc_t>(S[m * sM + n]);
+}
+
+// [NC, ld] columns into contiguous [M, NC] rows, NC known at compile time.
+template <int NC, typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline void columns_to_rows(const acc_t* __restrict Tt, int64_t ld, int64_t M,
+                                                           scalar_t* __restrict out) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int n = 0; n < NC; ++n) out[m * NC + n] = static_cast<scalar_t>(Tt[n * ld + m]);
+}
+
+template <typename acc_t, typename scalar_t>
+OTSEG_MULTIVERSION void store_rows(const acc_t* Tt, int64_t ld, int64_t M, int64_t N, scalar_t* out) {
+  switch (N) {
+    case 6:
+      return columns_to_rows<6>(Tt, ld, M, out);
+    case 8:
+      return columns_to_rows<8>(Tt, ld, M, out);
+    case 16:
+      return columns_to_rows<16>(Tt, ld, M, out);
+    default:
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) out[m * N + n] = static_cast<scalar_t>(Tt[n * ld + m]);
+  }
+}
+
 // Reads one problem's S [M, N] (any strides) into the transposed tile [N, M]
-// in the compute type. Returns false if it holds NaN or inf.
+// in the compute type. With check_finite, returns false if it holds NaN or inf.
 template <typename scalar_t, typename acc_t>
 OTSEG_MULTIVERSION bool load_scores(const scalar_t* S, int64_t sM, int64_t sN, int64_t M, int64_t N, int64_t ld,
-                                      acc_t* St) {
+                                      acc_t* St, bool check_finite = true) {
   if (sN == 1) {
-    // Rows are contiguous: stream them in order, writing N sequential outputs.
-    for (int64_t m = 0; m < M; ++m) {
-      const scalar_t* __restrict src = S + m * sM;
-      for (int64_t n = 0; n < N; ++n) St[n * ld + m] = static_cast<acc_t>(src[n]);
+    // Rows are contiguous: stream them in order, writing N sequential outputs
+    // (unrolled for the usual prompt counts).
+    switch (N) {
+      case 6:
+        rows_to_columns<6>(S, sM, M, ld, St);
+        break;
+      case 8:
+        rows_to_columns<8>(S, sM, M, ld, St);
+        break;
+      case 16:
+        rows_to_columns<16>(S, sM, M, ld, St);
+        break;
+      default:
+        for (int64_t m = 0; m < M; ++m) {
+          const scalar_t* __restrict src = S + m * sM;
+          for (int64_t n = 0; n < N; ++n) St[n * ld + m] = static_cast<acc_t>(src[n]);
+        }
     }
   } else {
     for (int64_t n = 0; n < N; ++n) {
@@ -230,6 +274,7 @@ OTSEG_MULTIVERSION bool load_scores(const scalar_t* S, int64_t sM, int64_t sN, i
       for (int64_t m = 0; m < M; ++m) dst[m] = static_cast<acc_t>(src[m * sM]);
     }
   }
+  if (!check_finite) return true;
   // x * 0 is NaN exactly for NaN and inf; one vectorised pass over the tile.
   acc_t nonfinite = 0;
   const int64_t total = ld * N;  // the padding is zero
@@ -267,7 +312,7 @@ template <typename scalar_t, typename acc_t>
 bool forward_problem(const scalar_t* S, int64_t sM, int64_t sN, int64_t M, int64_t N, acc_t eps,
                      int64_t max_iter, acc_t tol, bool check_finite, scalar_t* score, scalar_t* plan,
                      acc_t* f_out, acc_t* g_out, int32_t* n_iter_out, ForwardWorkspace<acc_t>& w) {
-  if (!load_scores(S, sM, sN, M, N, w.ld, w.St.data()) && check_finite) return false;
+  if (!load_scores(S, sM, sN, M, N, w.ld, w.St.data(), check_finite)) return false;
   w.inv_eps = acc_t(1) / eps;
   const acc_t log_mu = -std::log(acc_t(M)), log_nu = -std::log(acc_t(N));
   const acc_t mu = acc_t(1) / acc_t(M), nu = acc_t(1) / acc_t(N);
@@ -355,10 +400,10 @@ OTSEG_MULTIVERSION void backward_problem(const scalar_t* dscore, const scalar_t*
   const acc_t ie = acc_t(1) / eps;
   const acc_t mn = acc_t(M) * acc_t(N);
   const int64_t ld = w.ld;
-  load_scores(S, sM, sN, M, N, ld, w.St.data());
+  load_scores(S, sM, sN, M, N, ld, w.St.data(), false);
   // H first holds the upstream plan gradient G_plan (transposed), if any.
   if (dplan != nullptr) {
-    load_scores(dplan, dpM, dpN, M, N, ld, w.H.data());
+    load_scores(dplan, dpM, dpN, M, N, ld, w.H.data(), false);
   } else {
     std::fill(w.H.begin(), w.H.end(), acc_t(0));
   }
@@ -399,12 +444,13 @@ OTSEG_MULTIVERSION void backward_problem(const scalar_t* dscore, const scalar_t*
   for (int64_t m = 0; m < M; ++m) x[m] = r[m] * inv_a[m];  // r / a, reused below
   // A = diag(b) - T^T diag(1/a) T and rhs = s - T^T (r / a), in double.
   for (int64_t n = 0; n < N; ++n) {
-    const acc_t* t_n = w.T.data() + n * ld;
+    const acc_t* __restrict t_n = w.T.data() + n * ld;
+    const acc_t* __restrict h_n = w.H.data() + n * ld;
     double b = 0, hs = 0;
 #pragma omp simd reduction(+ : b, hs)
     for (int64_t m = 0; m < M; ++m) {
       b += static_cast<double>(t_n[m]);
-      hs += static_cast<double>(w.H[n * ld + m]);
+      hs += static_cast<double>(h_n[m]);
     }
     for (int64_t k = n; k < N; ++k) {
       const double v = -dot3(t_n, w.T.data() + k * ld, inv_a, M);
@@ -431,9 +477,7 @@ OTSEG_MULTIVERSION void backward_problem(const scalar_t* dscore, const scalar_t*
     const acc_t yn = static_cast<acc_t>(w.y[n]);
     for (int64_t m = 0; m < M; ++m) t[m] = t[m] * (x[m] + yn) - h[m];
   }
-  // Back to [M, N] rows.
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) dS[m * N + n] = static_cast<scalar_t>(w.T[n * ld + m]);
+  store_rows(w.T.data(), ld, M, N, dS);
 }
 
 // Half-precision inputs compute in float; float32 and float64 in their own type.
