@@ -20,7 +20,7 @@ $(VENV)/.deps:
 	touch $@
 
 $(VENV)/.otseg: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	OTSEG_WERROR=$${OTSEG_WERROR:-0} $(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.otseg

@@ -9,6 +9,7 @@ Environment:
     OTSEG_NO_EXTENSIONS=1   build no extension (pure-Python install; only the
                             reference and triton backends are then available)
     OTSEG_NO_CUDA=1         build the CPU extension only
+    OTSEG_WERROR=1          compiler warnings are errors (CI)
     CUDA_HOME / CUDA_PATH   the toolkit, when it is not found by itself
     TORCH_CUDA_ARCH_LIST    CUDA architectures (default: 8.0;9.0+PTX, which covers
                             A100, 3090, H100 and newer, when no GPU is visible;
@@ -113,6 +114,9 @@ def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     torch_version = torch.__version__.split("+")[0]
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", f'-DOTSEG_TORCH_VERSION="{torch_version}"', "-Wall"]
+    werror = _flag("OTSEG_WERROR")
+    if werror:
+        cxx.append("-Werror")
     kwargs = dict(
         name="otseg._C",
         extra_link_args=["-fopenmp"],
@@ -121,6 +125,8 @@ def extensions():
     if cuda_home is not None:
         _log(f"CUDA toolkit {cuda_home}, architectures {os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPUs)')}")
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-DOTSEG_WITH_CUDA", "--expt-relaxed-constexpr"]
+        if werror:
+            nvcc += ["-Werror", "all-warnings"]
         kwargs["include_dirs"] += nvidia_pip_include_dirs()
         ext = CUDAExtension(
             sources=sources + cuda_sources,

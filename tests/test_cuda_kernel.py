@@ -1,0 +1,154 @@
+"""Backend "cuda" (csrc/cuda/mps_cuda.cu) on a GPU, against the float64 reference.
+
+Mirrors the CPU kernel tests: odd sizes, every accepted dtype, non-contiguous
+inputs, fixed and converged iterations, gradients, opcheck, torch.compile, and
+agreement with the triton backend. Every test needs a CUDA GPU (marked ``gpu``,
+skipped elsewhere; bench/gpu_check.sh runs them).
+"""
+
+import pytest
+import torch
+
+from otseg.ops import mps, sinkhorn
+from otseg.ops.mps import triton as triton_backend
+
+from helpers import assert_close_report, dtype_id, hard_scores
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+SIZES = [(1, 1), (37, 6), (129, 8), (900, 8), (1023, 16), (4096, 3)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Absolute tolerance on the refined score (values of order 1..N) and on the plan * M * N.
+ATOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 1.5e-1}
+
+
+def _ids(sizes):
+    return [f"M{m}xN{n}" for m, n in sizes]
+
+
+def _reference(S64, **kw):
+    """float64 reference on the CPU, one problem at a time (fused backends stop
+    each problem on its own)."""
+    flat = S64.reshape(-1, *S64.shape[-2:])
+    outs = [mps(s, return_plan=True, backend="reference", **kw) for s in flat]
+    score = torch.stack([o[0] for o in outs]).reshape(S64.shape[:-1])
+    plan = torch.stack([o[1] for o in outs]).reshape(S64.shape)
+    return score, plan
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("M,N", SIZES, ids=_ids(SIZES))
+@pytest.mark.parametrize("mode", ["fixed", "converged"])
+def test_forward_matches_float64_reference(M, N, dtype, mode):
+    kw = dict(eps=0.05, max_iter=10, tol=0.0) if mode == "fixed" else dict(eps=0.05, max_iter=500, tol=1e-7)
+    S64 = hard_scores((3, M, N), seed=M * 31 + N)
+    score, plan, info = mps(S64.to("cuda", dtype), return_plan=True, return_info=True, backend="cuda", **kw)
+    assert info.backend == "cuda" and score.dtype == dtype and plan.dtype == dtype
+    ref_score, ref_plan = _reference(S64, **kw)
+    if mode == "fixed":
+        assert (info.n_iter.cpu() == 10).all()
+    assert_close_report(score.double().cpu(), ref_score, atol=ATOL[dtype] * N, what="refined score")
+    assert_close_report(plan.double().cpu() * M * N, ref_plan * M * N, atol=ATOL[dtype] * 10, what="plan*M*N")
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+def test_non_contiguous_inputs(layout):
+    base = hard_scores((4, 300, 8), seed=3).float().cuda()
+    if layout == "transposed":
+        x = base.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif layout == "strided":
+        x = hard_scores((4, 600, 16), seed=3).float().cuda()[:, ::2, ::2]
+    else:
+        x = base[:1].expand(3, 300, 8)
+    got = mps(x, backend="cuda", max_iter=20, tol=0.0)
+    want = mps(x.contiguous(), backend="cuda", max_iter=20, tol=0.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_per_problem_independence():
+    a = hard_scores((6, 257, 8), seed=1).float().cuda()
+    b = a.clone()
+    b[1:] = hard_scores((5, 257, 8), seed=2).float().cuda()
+    sa, ia = mps(a, backend="cuda", return_info=True)
+    sb, ib = mps(b, backend="cuda", return_info=True)
+    torch.testing.assert_close(sa[0], sb[0], rtol=0, atol=0)
+    assert ia.n_iter[0] == ib.n_iter[0]
+
+
+@pytest.mark.parametrize("M,N", [(37, 6), (257, 8), (129, 16)], ids=_ids([(37, 6), (257, 8), (129, 16)]))
+def test_gradient_matches_reference_on_converged_problems(M, N):
+    S64 = hard_scores((2, M, N), seed=M + N)
+    up = torch.randn(2, M, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = S64.clone().requires_grad_()
+    ref = [torch.autograd.grad(mps(x[i], eps=0.1, max_iter=5000, tol=1e-12, backend="reference"), x, up[i])[0][i]
+           for i in range(2)]
+    y = S64.float().cuda().requires_grad_()
+    (g,) = torch.autograd.grad(mps(y, eps=0.1, max_iter=5000, tol=1e-7, backend="cuda"), y, up.float().cuda())
+    assert_close_report(g.double().cpu(), torch.stack(ref), atol=2e-3 * float(torch.stack(ref).abs().max()),
+                        what="dL/dS")
+
+
+def test_plan_gradient_and_sinkhorn_match_cpu_backend():
+    C = (1 - hard_scores((2, 129, 8), seed=9)).float()
+    w = torch.randn(2, 129, 8)
+    grads = []
+    for dev, backend in (("cpu", "cpu"), ("cuda", "cuda")):
+        x = C.to(dev).requires_grad_()
+        plan = sinkhorn(x, eps=0.1, max_iter=3000, tol=1e-7, backend=backend)
+        (g,) = torch.autograd.grad((plan * w.to(dev)).sum(), x)
+        grads.append(g.cpu())
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-3, atol=2e-3 * float(grads[0].abs().max()))
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(TypeError, match="float64"):
+        mps(torch.rand(2, 10, 4, dtype=torch.float64, device="cuda"), backend="cuda")
+    with pytest.raises(ValueError, match="N <= 16"):
+        mps(torch.rand(2, 10, 17, device="cuda"), backend="cuda")
+    with pytest.raises(ValueError, match="M <= 4096"):
+        mps(torch.rand(1, 4097, 4, device="cuda"), backend="cuda")
+    x = torch.rand(2, 10, 4, device="cuda")
+    x[1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match="scores"):
+        mps(x, backend="cuda")
+
+
+def test_opcheck_on_cuda_tensors():
+    S = hard_scores((3, 65, 8), seed=4).float().cuda()
+    torch.library.opcheck(torch.ops.otseg.mps_forward.default, (S, 0.05, 20, 0.0, True, True))
+    _, _, f, g, _ = torch.ops.otseg.mps_forward(S, 0.05, 20, 0.0, False, True)
+    torch.library.opcheck(torch.ops.otseg.mps_backward.default,
+                          (torch.randn(3, 65, device="cuda"), None, S, f, g, 0.05))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    S = hard_scores((2, 3, 129, 8), seed=5).float().cuda().requires_grad_()
+
+    def f(x):
+        return mps(x, backend="cuda").sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    (g_eager,) = torch.autograd.grad(f(S), S)
+    out = compiled(S)
+    (g_comp,) = torch.autograd.grad(out, S)
+    torch.testing.assert_close(out, f(S).detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not triton_backend.available, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cuda_and_triton_agree(dtype):
+    S = hard_scores((4, 900, 8), seed=6).to("cuda", dtype)
+    sc, pc, ic = mps(S, return_plan=True, return_info=True, backend="cuda")
+    st, pt, it = mps(S, return_plan=True, return_info=True, backend="triton")
+    assert (ic.n_iter - it.n_iter).abs().max() <= 1
+    assert_close_report(sc.double().cpu(), st.double().cpu(), atol=ATOL[dtype] * 8, what="cuda vs triton score")
+
+
+def test_auto_picks_a_fused_backend_and_says_which():
+    _, info = mps(torch.rand(2, 3, 100, 8, device="cuda"), return_info=True)
+    assert info.backend in ("cuda", "triton")
+    assert info.n_iter.shape == (2, 3)
