@@ -402,11 +402,7 @@ OTSEG_MULTIVERSION void backward_problem(const scalar_t* dscore, const scalar_t*
   const int64_t ld = w.ld;
   load_scores(S, sM, sN, M, N, ld, w.St.data(), false);
   // H first holds the upstream plan gradient G_plan (transposed), if any.
-  if (dplan != nullptr) {
-    load_scores(dplan, dpM, dpN, M, N, ld, w.H.data(), false);
-  } else {
-    std::fill(w.H.begin(), w.H.end(), acc_t(0));
-  }
+  if (dplan != nullptr) load_scores(dplan, dpM, dpN, M, N, ld, w.H.data(), false);
   acc_t* __restrict r = w.r.data();
   acc_t* __restrict inv_a = w.inv_a.data();
   acc_t* __restrict x = w.x.data();
@@ -419,7 +415,17 @@ OTSEG_MULTIVERSION void backward_problem(const scalar_t* dscore, const scalar_t*
     acc_t* __restrict t = w.T.data() + n * ld;
     acc_t* __restrict h = w.H.data() + n * ld;
     const acc_t shift = (g[n] - acc_t(1)) * ie;
-    if (dscore != nullptr) {
+    if (dscore != nullptr && dplan == nullptr) {
+#pragma omp simd
+      for (int64_t m = 0; m < M; ++m) {
+        const acc_t tv = fast::exp(f[m] * ie + st[m] * ie + shift);
+        const acc_t gv = mn * st[m] * static_cast<acc_t>(dscore[m]);
+        t[m] = tv;
+        h[m] = -tv * gv * ie;
+        inv_a[m] += tv;
+        r[m] += h[m];
+      }
+    } else if (dscore != nullptr) {
 #pragma omp simd
       for (int64_t m = 0; m < M; ++m) {
         const acc_t tv = fast::exp(f[m] * ie + st[m] * ie + shift);
