@@ -541,14 +541,7 @@ at::Tensor mps_backward_cpu(const std::optional<at::Tensor>& grad_score,
               "f and g must be ", acc_dtype, " for ", scores.scalar_type(), " scores");
   auto fc = f.contiguous(), gc = g.contiguous();
   at::Tensor ds, dp;
-  if (grad_score.has_value() && grad_score->defined()) {
-    OTSEG_CHECK_SHAPE(*grad_score, P, M);
-    ds = grad_score->to(scores.scalar_type()).contiguous();
-  }
-  if (grad_plan.has_value() && grad_plan->defined()) {
-    OTSEG_CHECK_SHAPE(*grad_plan, P, M, N);
-    dp = grad_plan->to(scores.scalar_type());
-  }
+  std::tie(ds, dp) = upstream_grads(grad_score, grad_plan, scores);
   auto grad = at::empty({P, M, N}, scores.options());
   if (!ds.defined() && !dp.defined()) return grad.zero_();
 

@@ -542,14 +542,7 @@ at::Tensor mps_backward_cuda(const std::optional<at::Tensor>& grad_score, const 
   TORCH_CHECK(f.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat, "f and g must be float32");
   auto fc = f.contiguous(), gc = g.contiguous();
   at::Tensor ds, dp;
-  if (grad_score.has_value() && grad_score->defined()) {
-    OTSEG_CHECK_SHAPE(*grad_score, P, M);
-    ds = grad_score->to(scores.scalar_type()).contiguous();
-  }
-  if (grad_plan.has_value() && grad_plan->defined()) {
-    OTSEG_CHECK_SHAPE(*grad_plan, P, M, N);
-    dp = grad_plan->to(scores.scalar_type());
-  }
+  std::tie(ds, dp) = upstream_grads(grad_score, grad_plan, scores);
   auto grad = at::empty({P, M, N}, scores.options());
   if ((!ds.defined() && !dp.defined()) || P == 0) return grad.zero_();
   BackwardArgs a{ds.defined() ? ds.const_data_ptr() : nullptr,

@@ -15,21 +15,42 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _setup_context(ctx, inputs, output):
-    scores, eps, _max_iter, _tol, return_plan, _check_finite = inputs
-    _score, _plan, f, g, _n_iter = output
-    ctx.eps = eps
-    ctx.return_plan = return_plan
-    ctx.save_for_backward(scores, f, g)
-    ctx.mark_non_differentiable(f, g, _n_iter)
+def autograd_pair(backward_op):
+    """(setup_context, backward) for a fused MPS forward operator.
+
+    The operator takes ``(scores, eps, max_iter, tol, return_plan, ...)`` and
+    returns ``(score, plan, f, g, n_iter)``; ``backward_op(grad_score,
+    grad_plan, scores, f, g, eps)`` is its implicit backward. Shared by the C++
+    (cpu, cuda) and the Triton operators.
+    """
+
+    def setup_context(ctx, inputs, output):
+        scores, eps, _max_iter, _tol, return_plan = inputs[:5]
+        _score, _plan, f, g, n_iter = output
+        ctx.eps = eps
+        ctx.return_plan = return_plan
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(scores, f, g)
+        ctx.mark_non_differentiable(f, g, n_iter)
+
+    def backward(ctx, grad_score, grad_plan, _grad_f, _grad_g, _grad_n_iter):
+        scores, f, g = ctx.saved_tensors
+        grad = backward_op(grad_score, grad_plan if ctx.return_plan else None, scores, f, g, ctx.eps)
+        return (grad,) + (None,) * (ctx.n_inputs - 1)
+
+    return setup_context, backward
 
 
-def _backward(ctx, grad_score, grad_plan, _grad_f, _grad_g, _grad_n_iter):
-    scores, f, g = ctx.saved_tensors
-    if not ctx.return_plan:
-        grad_plan = None
-    grad = torch.ops.otseg.mps_backward(grad_score, grad_plan, scores, f, g, ctx.eps)
-    return grad, None, None, None, None, None
+def unflatten(outputs, batch, return_plan):
+    """(score [P, M], plan [P, M, N], f, g, n_iter [P]) of a fused operator
+    back to the batch dims: (score [..., M], plan [..., M, N] or None, n_iter [...])."""
+    score, plan, _f, _g, n_iter = outputs
+    M, N = score.shape[-1], plan.shape[-1] if return_plan else None
+    return (
+        score.reshape(*batch, M),
+        plan.reshape(*batch, M, N) if return_plan else None,
+        n_iter.reshape(batch),
+    )
 
 
 if _extension.available:
@@ -50,6 +71,7 @@ if _extension.available:
     def _mps_backward_fake(grad_score, grad_plan, scores, f, g, eps):
         return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
+    _setup_context, _backward = autograd_pair(lambda *args: torch.ops.otseg.mps_backward(*args))
     torch.library.register_autograd("otseg::mps_forward", _backward, setup_context=_setup_context)
 
     def _no_double_backward(ctx, *grads):
@@ -59,7 +81,9 @@ if _extension.available:
         )
 
     # Without this, autograd would silently treat the backward as constant.
-    torch.library.register_autograd("otseg::mps_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+    torch.library.register_autograd(
+        "otseg::mps_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )
 
 
 def mps_forward(scores, eps, max_iter, tol, return_plan, check_finite):
@@ -70,11 +94,7 @@ def mps_forward(scores, eps, max_iter, tol, return_plan, check_finite):
     Returns (refined score [..., M], plan [..., M, N] or None, iterations [...]).
     """
     batch, (M, N) = scores.shape[:-2], scores.shape[-2:]
-    score, plan, _f, _g, n_iter = torch.ops.otseg.mps_forward(
+    outputs = torch.ops.otseg.mps_forward(
         scores.reshape(-1, M, N), float(eps), int(max_iter), float(tol), bool(return_plan), bool(check_finite)
     )
-    return (
-        score.reshape(*batch, M),
-        plan.reshape(*batch, M, N) if return_plan else None,
-        n_iter.reshape(batch),
-    )
+    return unflatten(outputs, batch, return_plan)

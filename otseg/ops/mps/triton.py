@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ... import kernels as _kernels
-from .fused import _acc_dtype
+from .fused import _acc_dtype, autograd_pair, unflatten
 
 __all__ = [
     "available", "error", "interpreted", "interpreter_requested", "MAX_M", "MAX_N", "check_limits",
@@ -233,23 +233,6 @@ def _mps_backward_triton_fake(grad_score, grad_plan, scores, f, g, eps):
     return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    scores, eps, _max_iter, _tol, return_plan = inputs
-    _score, _plan, f, g, n_iter = output
-    ctx.eps = eps
-    ctx.return_plan = return_plan
-    ctx.save_for_backward(scores, f, g)
-    ctx.mark_non_differentiable(f, g, n_iter)
-
-
-def _backward(ctx, grad_score, grad_plan, _grad_f, _grad_g, _grad_n_iter):
-    scores, f, g = ctx.saved_tensors
-    if not ctx.return_plan:
-        grad_plan = None
-    grad = torch.ops.otseg.mps_backward_triton(grad_score, grad_plan, scores, f, g, ctx.eps)
-    return grad, None, None, None, None
-
-
 if available:
     if interpreted:
         _fwd_op = torch.library.custom_op("otseg::mps_forward_triton", mutates_args=())(_mps_forward_triton)
@@ -259,6 +242,7 @@ if available:
     else:
         _fwd_op = torch.library.triton_op("otseg::mps_forward_triton", mutates_args=())(_mps_forward_triton)
         _bwd_op = torch.library.triton_op("otseg::mps_backward_triton", mutates_args=())(_mps_backward_triton)
+    _setup_context, _backward = autograd_pair(lambda *args: torch.ops.otseg.mps_backward_triton(*args))
     _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -272,11 +256,7 @@ def mps_forward(scores, eps, max_iter, tol, return_plan):
     """
     batch, (M, N) = scores.shape[:-2], scores.shape[-2:]
     check_limits(M, N)
-    score, plan, _f, _g, n_iter = torch.ops.otseg.mps_forward_triton(
+    outputs = torch.ops.otseg.mps_forward_triton(
         scores.reshape(-1, M, N), float(eps), int(max_iter), float(tol), bool(return_plan)
     )
-    return (
-        score.reshape(*batch, M),
-        plan.reshape(*batch, M, N) if return_plan else None,
-        n_iter.reshape(batch),
-    )
+    return unflatten(outputs, batch, return_plan)
