@@ -15,6 +15,21 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def empty_outputs(scores, return_plan):
+    """Uninitialised outputs of a fused forward on scores [P, M, N]: score
+    [P, M], plan [P, M, N] (or [0]), f [P, M], g [P, N] in the compute dtype,
+    n_iter [P] int32."""
+    P, M, N = scores.shape
+    acc = _acc_dtype(scores.dtype)
+    return (
+        scores.new_empty(P, M),
+        scores.new_empty(P, M, N) if return_plan else scores.new_empty(0),
+        scores.new_empty(P, M, dtype=acc),
+        scores.new_empty(P, N, dtype=acc),
+        scores.new_empty(P, dtype=torch.int32),
+    )
+
+
 def autograd_pair(backward_op):
     """(setup_context, backward) for a fused MPS forward operator.
 
@@ -57,15 +72,7 @@ if _extension.available:
 
     @torch.library.register_fake("otseg::mps_forward")
     def _mps_forward_fake(scores, eps, max_iter, tol, return_plan, check_finite):
-        P, M, N = scores.shape
-        acc = _acc_dtype(scores.dtype)
-        return (
-            scores.new_empty(P, M),
-            scores.new_empty(P, M, N) if return_plan else scores.new_empty(0),
-            scores.new_empty(P, M, dtype=acc),
-            scores.new_empty(P, N, dtype=acc),
-            scores.new_empty(P, dtype=torch.int32),
-        )
+        return empty_outputs(scores, return_plan)
 
     @torch.library.register_fake("otseg::mps_backward")
     def _mps_backward_fake(grad_score, grad_plan, scores, f, g, eps):

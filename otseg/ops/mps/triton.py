@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ... import kernels as _kernels
-from .fused import _acc_dtype, autograd_pair, unflatten
+from .fused import _acc_dtype, autograd_pair, empty_outputs, unflatten
 
 __all__ = [
     "available", "error", "interpreted", "interpreter_requested", "MAX_M", "MAX_N", "check_limits",
@@ -107,17 +107,6 @@ def _blocks(M, N):
     return block_m, block_n, num_warps
 
 
-def _forward_outputs(scores, return_plan):
-    P, M, N = scores.shape
-    acc = _acc_dtype(scores.dtype)
-    return (
-        scores.new_empty(P, M),
-        scores.new_empty(P, M, N) if return_plan else scores.new_empty(0),
-        scores.new_empty(P, M, dtype=acc),
-        scores.new_empty(P, N, dtype=acc),
-        scores.new_empty(P, dtype=torch.int32),
-    )
-
 
 def _check_scores(scores):
     if scores.dim() != 3:
@@ -190,14 +179,14 @@ def _mps_forward_triton(
     scores: torch.Tensor, eps: float, max_iter: int, tol: float, return_plan: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_scores(scores)
-    score, plan, f, g, n_iter = _forward_outputs(scores, return_plan)
+    score, plan, f, g, n_iter = empty_outputs(scores, return_plan)
     launch_forward(scores, eps, max_iter, tol, score, plan if return_plan else None, f, g, n_iter)
     return score, plan, f, g, n_iter
 
 
 def _mps_forward_triton_fake(scores, eps, max_iter, tol, return_plan):
     _check_scores(scores)
-    return _forward_outputs(scores, return_plan)
+    return empty_outputs(scores, return_plan)
 
 
 def _check_backward_args(grad_score, grad_plan, scores, f, g):
