@@ -76,8 +76,9 @@ def _parser():
         bench.add_argument(flag, nargs="+", type=_names(list(choices), what), metavar="NAME",
                            help=f"{text} (from {', '.join(choices)})")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
-    bench.add_argument("--out", default="bench/results", metavar="DIR",
-                       help="output folder of results.jsonl, latest.md, latest.png (default: bench/results)")
+    bench.add_argument("--out", default=None, metavar="DIR",
+                       help="output folder of results.jsonl, latest.md, latest.png (default: bench/results, "
+                            "or bench/results/quick with --quick)")
     bench.add_argument("--repeats", type=_positive_int, metavar="N",
                        help="timed calls per measurement (default: chosen from the warm-up time)")
     bench.add_argument("--threads", type=_positive_int, metavar="N",
@@ -128,7 +129,8 @@ def _bench(args, command):
     harness.run(
         settings["cases"], settings["generators"], settings["modes"], methods=_flatten(args.backends),
         device=args.device, repeats=args.repeats, budget_s=settings["budget_s"],
-        max_repeats=settings["max_repeats"], seed=args.seed, compile_scope=args.compile_scope, out_dir=args.out,
+        max_repeats=settings["max_repeats"], seed=args.seed, compile_scope=args.compile_scope,
+        out_dir=args.out or ("bench/results/quick" if args.quick else "bench/results"),
         plot=not args.no_plot, quick=args.quick, command=command,
     )
     return 0

@@ -1,0 +1,70 @@
+"""The benchmark harness: generators behave as the protocol says, and
+`otseg bench` prints the table, writes the results file and draws the plot."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from otseg.benchmark.generators import make_scores
+from otseg.ops import mps
+
+
+@pytest.mark.parametrize("case", ["voc", "context"])
+def test_clip_scores_converge_in_about_four_reference_iterations(case):
+    S = make_scores(case, "clip")
+    assert S.dtype == torch.float32 and S.abs().max() <= 1
+    _, info = mps(S.double(), backend="reference", return_info=True)
+    assert 3 <= int(info.n_iter.flatten()[0]) <= 6
+
+
+def test_hard_scores_need_many_iterations_and_are_seeded():
+    S = make_scores("voc", "hard")
+    torch.testing.assert_close(S, make_scores("voc", "hard"), rtol=0, atol=0)
+    assert not torch.equal(S, make_scores("voc", "hard", seed=1))
+    _, info = mps(S.double(), backend="reference", return_info=True)
+    assert int(info.n_iter.flatten()[0]) >= 30
+
+
+@pytest.mark.slow
+def test_otseg_bench_quick_writes_table_results_and_plot(tmp_path):
+    cmd = [sys.executable, "-m", "otseg", "bench", "--quick", "--generators", "clip",
+           "--backends", "reference,cpu,pot", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = proc.stdout
+    for word in ("case", "fwd ms", "speedup fwd", "reference", "cpu", "pot"):
+        assert word in table
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    by_backend = {r["backend"]: r for r in rows}
+    assert set(by_backend) == {"reference", "cpu", "pot"}
+    cpu = by_backend["cpu"]
+    assert cpu["status"] == "ok" and cpu["fwd_ms"] > 0 and cpu["fwd_bwd_ms"] > 0 and cpu["peak_mb"] > 0
+    assert cpu["max_err"] < 1e-4 and cpu["speedup_fwd"] > 1
+    assert by_backend["reference"]["speedup_fwd"] == 1.0
+    assert cpu["machine"]["cores"] >= 1 and cpu["versions"]["torch"] == torch.__version__
+    assert (tmp_path / "latest.md").read_text().count("| voc |") == 3
+    assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_otseg_backends_lists_every_backend():
+    proc = subprocess.run([sys.executable, "-m", "otseg", "backends"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ})
+    assert proc.returncode == 0, proc.stderr
+    for name in ("reference", "cpu", "cuda", "triton"):
+        assert name in proc.stdout
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--cases", "nope"], "nope"),
+    (["--generators", "clip,bogus"], "bogus"),
+    (["--device", "tpu"], "tpu"),
+])
+def test_otseg_bench_rejects_bad_arguments_clearly(args, says):
+    proc = subprocess.run([sys.executable, "-m", "otseg", "bench", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert says in proc.stderr
