@@ -205,3 +205,32 @@ def assert_close_report(actual, expected, atol, rtol=0.0, what="value"):
             f"expected {e[idx].item():.10g} (|err| {err[idx].item():.3g} > atol {atol:.3g} + rtol {rtol:.3g}*|e|); "
             f"max |err| {err.max().item():.3g}"
         )
+
+
+# ------------------------------------------------------- shared test drivers
+
+OUTPUTS = ["score", "plan", "score+plan", "sinkhorn"]
+
+
+def run_output(output, x, backend, **kw):
+    """The differentiable output named by ``output`` (one of OUTPUTS) of ``x``."""
+    if output == "score":
+        return otseg.ops.mps(x, backend=backend, **kw)
+    if output == "plan":
+        return otseg.ops.mps(x, return_plan=True, backend=backend, **kw)[1]
+    if output == "score+plan":
+        return otseg.ops.mps(x, return_plan=True, backend=backend, **kw)
+    return otseg.ops.sinkhorn(x, backend=backend, **kw)
+
+
+def eager_and_compiled(fn, x, w):
+    """Run ``fn(x, w) -> (loss, score, plan)`` eagerly and under
+    torch.compile(fullgraph=True); returns {"eager"|"compiled": (score, plan, dL/dx)}."""
+    compiled = torch.compile(fn, fullgraph=True)
+    results = {}
+    for name, f in (("eager", fn), ("compiled", compiled)):
+        xb = x.clone().requires_grad_()
+        loss, score, plan = f(xb, w)
+        loss.backward()
+        results[name] = (score.detach(), plan.detach(), xb.grad)
+    return results

@@ -9,23 +9,21 @@ import torch
 
 from otseg.ops import mps, sinkhorn
 
-from helpers import HALF_DTYPES, assert_close_report, dtype_id, extreme_scores, hard_scores
+from helpers import (
+    HALF_DTYPES,
+    OUTPUTS,
+    assert_close_report,
+    dtype_id,
+    eager_and_compiled,
+    extreme_scores,
+    hard_scores,
+    run_output,
+)
 
 CPU = dict(backend="cpu")
 REF = dict(backend="reference")
 # Converged, as the implicit gradient assumes.
 CONVERGED = dict(eps=0.1, tol=1e-13, max_iter=5000)
-OUTPUTS = ["score", "plan", "score+plan", "sinkhorn"]
-
-
-def run(output, x, backend, **kw):
-    if output == "score":
-        return mps(x, backend=backend, **kw)
-    if output == "plan":
-        return mps(x, return_plan=True, backend=backend, **kw)[1]
-    if output == "score+plan":
-        return mps(x, return_plan=True, backend=backend, **kw)
-    return sinkhorn(x, backend=backend, **kw)
 
 
 def sizes(*mn):
@@ -38,27 +36,27 @@ def sizes(*mn):
 @pytest.mark.parametrize("output", OUTPUTS)
 def test_gradcheck_float64_converged(output):
     x = hard_scores((2, 7, 4), seed=1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: run(output, t, "cpu", **CONVERGED), (x,), atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda t: run_output(output, t, "cpu", **CONVERGED), (x,), atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("M,N", sizes((1, 4), (5, 1), (3, 2), (2, 9)))
 def test_gradcheck_float64_edge_sizes(M, N):
     x = hard_scores((2, M, N), seed=2).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: run("score+plan", t, "cpu", **CONVERGED), (x,), atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda t: run_output("score+plan", t, "cpu", **CONVERGED), (x,), atol=1e-6, rtol=1e-4)
 
 
 def test_gradcheck_float64_non_contiguous_input():
     base = hard_scores((2, 4, 7), seed=3)
     x = base.transpose(-1, -2).detach().requires_grad_()
     assert not x.is_contiguous()
-    assert torch.autograd.gradcheck(lambda t: run("score+plan", t, "cpu", **CONVERGED), (x,), atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda t: run_output("score+plan", t, "cpu", **CONVERGED), (x,), atol=1e-6, rtol=1e-4)
 
 
 # -------------------------------------------------- against the reference autograd
 
 
 def _losses(output, x, backend, kw, weights):
-    out = run(output, x, backend, **kw)
+    out = run_output(output, x, backend, **kw)
     outs = out if isinstance(out, tuple) else (out,)
     return sum((o * w).sum() for o, w in zip(outs, weights))
 
@@ -236,15 +234,9 @@ def test_torch_compile_fullgraph_matches_eager(dtype):
         score, plan = mps(x, return_plan=True, backend="cpu")
         return (score * w).sum() + (plan * plan).sum() * 1e3, score, plan
 
-    compiled = torch.compile(fn, fullgraph=True)
     x = hard_scores((2, 3, 37, 6), seed=30, dtype=dtype)
     w = torch.randn(2, 3, 37, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
-    results = {}
-    for name, f in (("eager", fn), ("compiled", compiled)):
-        xb = x.clone().requires_grad_()
-        loss, score, plan = f(xb, w)
-        loss.backward()
-        results[name] = (score.detach(), plan.detach(), xb.grad)
+    results = eager_and_compiled(fn, x, w)
     for a, b, what in zip(results["compiled"], results["eager"], ("score", "plan", "grad")):
         assert_close_report(a, b, atol=0.0, what=what)
 

@@ -11,6 +11,8 @@ import torch
 from otseg.ops import mps, sinkhorn
 
 from helpers import (
+    OUTPUTS,
+    run_output,
     assert_close_report,
     hard_scores,
     np_batch_mean_iterations,
@@ -140,17 +142,6 @@ GRAD_MODES = {
     "fixed3": dict(eps=0.1, max_iter=3, tol=0.0),
     "converged": dict(eps=0.1, max_iter=3000, tol=1e-13),
 }
-OUTPUTS = ["score", "plan", "score+plan", "sinkhorn"]
-
-
-def _outputs(output, x, kw, backend):
-    if output == "score":
-        return mps(x, backend=backend, **kw)
-    if output == "plan":
-        return mps(x, return_plan=True, backend=backend, **kw)[1]
-    if output == "score+plan":
-        return mps(x, return_plan=True, backend=backend, **kw)
-    return sinkhorn(x, backend=backend, **kw)
 
 
 @pytest.mark.parametrize("output", OUTPUTS)
@@ -158,7 +149,7 @@ def _outputs(output, x, kw, backend):
 def test_reference_gradcheck_float64(mode, output):
     x = hard_scores((2, 5, 3), seed=21).requires_grad_()
     kw = GRAD_MODES[mode]
-    assert torch.autograd.gradcheck(lambda t: _outputs(output, t, kw, "reference"), (x,), atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda t: run_output(output, t, "reference", **kw), (x,), atol=1e-6, rtol=1e-4)
 
 
 # ----------------------------------------------------------- iteration counts

@@ -34,6 +34,7 @@ from helpers import (
     assert_close_report,
     clip_scores,
     dtype_id,
+    eager_and_compiled,
     extreme_scores,
     hard_scores,
     max_abs_err,
@@ -520,15 +521,9 @@ def test_torch_compile_fullgraph_matches_eager(device):
         score, plan = mps(x, return_plan=True, eps=0.1, max_iter=200, tol=1e-9, **TRI)
         return (score * w).sum() + (plan * plan).sum() * 1e3, score, plan
 
-    compiled = torch.compile(fn, fullgraph=True)
     x = hard_scores((2, 3, 37, 6), seed=28, dtype=torch.float32).to(device)
     w = torch.randn(2, 3, 37, generator=torch.Generator().manual_seed(29)).to(device)
-    results = {}
-    for name, f in (("eager", fn), ("compiled", compiled)):
-        xb = x.clone().requires_grad_()
-        loss, score, plan = f(xb, w)
-        loss.backward()
-        results[name] = (score.detach(), plan.detach(), xb.grad)
+    results = eager_and_compiled(fn, x, w)
     for a, b, what in zip(results["compiled"], results["eager"], ("score", "plan", "grad")):
         # Inductor may fuse the surrounding arithmetic differently.
         assert_close_report(a.cpu(), b.cpu(), atol=1e-6 * max(1.0, float(b.abs().max())), what=what)
