@@ -1,6 +1,6 @@
 // Operator schemas of the otseg namespace. Each device registers its kernels in
-// csrc/<device>/; autograd and fake (meta) kernels are registered from Python
-// (otseg/ops/mps/fused.py).
+// csrc/<device>/, the autograd of mps_forward is in csrc/autograd.cpp, and the
+// fake (meta) kernels are registered from Python (otseg/ops/mps/fused.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -22,6 +22,11 @@ TORCH_LIBRARY(otseg, m) {
       "float eps) -> Tensor");
 }
 
+namespace otseg {
+// The instruction set the CPU kernels use on this machine (csrc/cpu/).
+const char* cpu_isa_name();
+}  // namespace otseg
+
 // A Python module so that `import otseg._C` loads the library and runs the
 // registrations above; everything else is reached through torch.ops.otseg.
 extern "C" PyObject* PyInit__C(void) {
@@ -33,6 +38,7 @@ extern "C" PyObject* PyInit__C(void) {
 #else
   PyModule_AddIntConstant(mod, "with_cuda", 0);
 #endif
+  PyModule_AddStringConstant(mod, "cpu_isa", otseg::cpu_isa_name());
 #ifdef OTSEG_TORCH_VERSION
   PyModule_AddStringConstant(mod, "torch_version", OTSEG_TORCH_VERSION);
 #endif

@@ -446,3 +446,37 @@ def test_every_output_entry_is_written(M, N, dtype):
             assert_close_report(plan * M * N, gt_plan * M * N, atol=plan_atol, rtol=rtol, what="plan*M*N")
         else:
             assert plan.numel() == 0
+
+
+# ------------------------------------------------ every instruction set
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_narrower_instruction_sets_in_own_process(isa):
+    """The kernels are compiled once per instruction set (AVX-512, AVX2,
+    baseline) and the widest the CPU has runs; OTSEG_CPU_ISA selects a
+    narrower one, so its code is tested here too: this file and the gradient
+    tests in a process that uses it."""
+    import os
+    import subprocess
+    import sys
+
+    from otseg import _extension
+
+    if _extension.cpu_isa not in ("AVX-512", "AVX2"):
+        pytest.skip(f"this build has one instruction set only ({_extension.cpu_isa})")
+    if isa == "avx2" and _extension.cpu_isa != "AVX-512":
+        pytest.skip("AVX2 is already the instruction set of the main test process")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OTSEG_CPU_ISA=isa)
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow",
+           os.path.join(here, "test_cpu_kernel.py"), os.path.join(here, "test_cpu_autograd.py")]
+    check = [sys.executable, "-c", "from otseg import _extension; print(_extension.cpu_isa)"]
+    ran = subprocess.run(check, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert ran.stdout.strip() == {"avx2": "AVX2", "baseline": "SSE2"}[isa], ran.stdout + ran.stderr
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"OTSEG_CPU_ISA={isa} run failed (exit {proc.returncode}):\n{out[-8000:]}"
+    assert " passed" in out and " failed" not in out, out[-4000:]

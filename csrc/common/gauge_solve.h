@@ -67,4 +67,41 @@ OTSEG_HOST_DEVICE inline void gauge_fixed_solve(double* A, double* rhs, double* 
   y[n - 1] = 0.0;
 }
 
+// The same gauge-fixed system given as a graph Laplacian: A[i][i] =
+// sum_{j != i} w[i][j], A[i][j] = -w[i][j] for the symmetric non-negative
+// weights w (row-major [n, n], diagonal ignored, overwritten). The nodes
+// 0..n-2 are eliminated onto the ground node n-1 (Kron reduction); each pivot
+// is the sum of the remaining weights of its row (the GTH variant of Gaussian
+// elimination), so nothing is subtracted and the result is accurate however
+// ill-conditioned the system. A pivot below 1e-30 of the largest degree (a
+// prompt with no coupling left) leaves y at 0 there. inv_pivot is scratch [n].
+OTSEG_HOST_DEVICE inline void laplacian_gauge_solve(double* w, double* rhs, double* y, double* inv_pivot, int n) {
+  double degree = 0.0;
+  for (int i = 0; i < n; ++i) {
+    double d = 0.0;
+    for (int j = 0; j < n; ++j) d += j == i ? 0.0 : w[i * n + j];
+    degree = d > degree ? d : degree;
+  }
+  const double tiny = 1e-30 * degree;
+  for (int k = 0; k < n - 1; ++k) {
+    double pivot = 0.0;
+    for (int j = k + 1; j < n; ++j) pivot += w[k * n + j];
+    const double ip = pivot > tiny ? 1.0 / pivot : 0.0;
+    inv_pivot[k] = ip;
+    for (int i = k + 1; i < n; ++i) {
+      const double wik = w[i * n + k] * ip;
+      if (wik == 0.0) continue;
+      for (int j = k + 1; j < n; ++j)
+        if (j != i) w[i * n + j] += wik * w[k * n + j];
+      rhs[i] += wik * rhs[k];
+    }
+  }
+  y[n - 1] = 0.0;
+  for (int k = n - 2; k >= 0; --k) {
+    double acc = rhs[k];
+    for (int j = k + 1; j < n; ++j) acc += w[k * n + j] * y[j];
+    y[k] = acc * inv_pivot[k];
+  }
+}
+
 }  // namespace otseg

@@ -14,20 +14,31 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../common/checks.h"
 #include "../common/fast_math.h"
 #include "../common/gauge_solve.h"
+#include "vec.h"
 
-// Each hot loop is compiled for AVX-512, AVX2 and baseline x86-64 and picked at
-// load time, so one binary runs everywhere and uses the widest vectors there.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define OTSEG_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// Every kernel below is a template on the vector width B (bytes) and is
+// force-inlined into one entry point per instruction set, compiled for that
+// set with its register width: AVX-512 (B = 64), AVX2 + FMA (B = 32) and the
+// x86-64 baseline (B = 16), chosen once at run time from the CPU's features.
+// One binary runs everywhere and uses the widest vectors there.
+// (-DOTSEG_NO_MULTIVERSION builds only the baseline entry point for the
+// compiler's -march, to test another ISA's code on this machine.)
+#define OTSEG_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(OTSEG_NO_MULTIVERSION)
+#define OTSEG_X86_DISPATCH 1
+#define OTSEG_TARGET(arch) __attribute__((target(arch)))
 #else
-#define OTSEG_MULTIVERSION
+#define OTSEG_TARGET(arch)
 #endif
 
 namespace otseg {
@@ -40,64 +51,204 @@ namespace {
 // e^(2*30-87) ~ 1e-12 relative to the marginals.
 constexpr double kAbsorb = 30.0;
 
+template <typename acc_t, int B>
+using VecOf = typename vec::Vec<acc_t, B>::V;
+
+// Lanes of the widest vector: tiles and per-lane buffers are laid out for it,
+// which also suits every narrower one.
+template <typename acc_t>
+constexpr int kMaxLanes = 64 / static_cast<int>(sizeof(acc_t));
+
+// Leading dimension of the transposed tiles: M rounded up to whole vectors,
+// plus one vector so that the N rows of a tile do not map to the same cache
+// sets (M = 1024 floats is exactly 4 KiB).
+template <typename acc_t>
+int64_t tile_ld(int64_t M) {
+  constexpr int64_t W = kMaxLanes<acc_t>;
+  return ((M + W - 1) / W) * W + W;
+}
+
 template <typename acc_t>
 struct ForwardWorkspace {
-  // Leading dimension of the tiles: M padded so that the N rows do not map to
-  // the same cache sets (M = 1024 floats is exactly 4 KiB).
+  static constexpr int W = kMaxLanes<acc_t>;
   int64_t ld;
-  // Transposed tiles [N, ld]: the scores S and the kernel K.
-  std::vector<acc_t> St, K;
-  // Per pixel [M]: absorbed potential alpha (in units of eps), scaling u,
-  // previous full potential, and scratch.
-  std::vector<acc_t> alpha, u, alpha_prev, tmp, tmp2;
+  // Transposed tiles [N, ld]: the scores S and the kernel K (zero padding).
+  vec::Buffer<acc_t> St, K;
+  // Per pixel [ld]: absorbed potential alpha (in units of eps), scaling u, the
+  // full potential f/eps of the previous and of the current iteration.
+  vec::Buffer<acc_t> alpha, u, f_prev, f_new;
+  // [N, W]: per-lane column sums, and one block of outputs before it is
+  // written row-major.
+  vec::Buffer<acc_t> zacc, blk;
   // Per prompt [N]: absorbed potential beta (in units of eps), scaling v, and
   // the column products K^T u.
   std::vector<acc_t> beta, v, z;
   acc_t inv_eps = 1;
 
   ForwardWorkspace(int64_t M, int64_t N)
-      : ld(((M + 15) / 16) * 16 + 16), St(ld * N), K(ld * N), alpha(M), u(M), alpha_prev(M), tmp(M), tmp2(M), beta(N), v(N), z(N) {}
+      : ld(tile_ld<acc_t>(M)), St(ld * N), K(ld * N), alpha(ld), u(ld), f_prev(ld), f_new(ld), zacc(N * W),
+        blk(N * W), beta(N), v(N), z(N) {}
 };
 
-// The f half-step in the log domain from beta (v = 1): alpha and K such that
-// K[n, m] = exp(alpha_m + beta_n - C[m, n]/eps), rows of K summing to mu.
-template <typename acc_t>
-OTSEG_MULTIVERSION void rebuild_rows(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t log_mu) {
-  acc_t* __restrict rmax = w.tmp.data();
-  acc_t* __restrict rsum = w.tmp2.data();
-  std::fill(rmax, rmax + M, -std::numeric_limits<acc_t>::infinity());
-  std::fill(rsum, rsum + M, acc_t(0));
-  const acc_t ie = w.inv_eps;
-  // -C/eps = (S - 1)/eps, formed on the fly.
-  for (int64_t n = 0; n < N; ++n) {
-    const acc_t b = w.beta[n] - ie;
-    const acc_t* __restrict st = w.St.data() + n * w.ld;
-    for (int64_t m = 0; m < M; ++m) rmax[m] = std::max(rmax[m], st[m] * ie + b);
-  }
-  for (int64_t n = 0; n < N; ++n) {
-    const acc_t b = w.beta[n] - ie;
-    const acc_t* __restrict st = w.St.data() + n * w.ld;
-    acc_t* __restrict k = w.K.data() + n * w.ld;
-    for (int64_t m = 0; m < M; ++m) {
-      k[m] = fast::exp(st[m] * ie + b - rmax[m]);
-      rsum[m] += k[m];
+// Rows [rows, NC] (row stride sM, contiguous) into columns dst[n * ld + r].
+template <int NC, typename scalar_t, typename acc_t>
+OTSEG_INLINE void rows_to_columns(const scalar_t* __restrict src, int64_t sM, int rows,
+                                                           acc_t* __restrict dst, int64_t ld) {
+  for (int r = 0; r < rows; ++r)
+    for (int n = 0; n < NC; ++n) dst[n * ld + r] = static_cast<acc_t>(src[r * sM + n]);
+}
+
+// One block of W pixels of a problem's [M, N] input (any strides) into the
+// transposed layout dst[n * ld + r], in the compute type; lanes past `rows`
+// are set to 0.
+template <int B, typename scalar_t, typename acc_t>
+OTSEG_INLINE void load_block(const scalar_t* src, int64_t sM, int64_t sN, int rows,
+                                                      int64_t N, acc_t* dst, int64_t ld) {
+  constexpr int W = vec::Vec<acc_t, B>::W;
+#ifdef OTSEG_HAVE_SHUFFLES
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    // A whole block of contiguous rows: register shuffles.
+    if (sN == 1 && sM == N && rows == W) {
+      switch (N) {
+        case 6:
+          return vec::BlockTranspose<acc_t, 6, B>::rows_to_columns(src, dst, ld);
+        case 8:
+          return vec::BlockTranspose<acc_t, 8, B>::rows_to_columns(src, dst, ld);
+        case 16:
+          return vec::BlockTranspose<acc_t, 16, B>::rows_to_columns(src, dst, ld);
+        default:
+          break;
+      }
     }
   }
-  const acc_t mu = fast::exp(log_mu);
-  acc_t* __restrict alpha = w.alpha.data();
-  for (int64_t m = 0; m < M; ++m) {
-    alpha[m] = log_mu - rmax[m] - fast::log(rsum[m]);
-    rsum[m] = mu / rsum[m];
+#endif
+  if (sN == 1) {
+    // Unrolled for the usual prompt counts: N sequential reads per row.
+    switch (N) {
+      case 6:
+        rows_to_columns<6>(src, sM, rows, dst, ld);
+        break;
+      case 8:
+        rows_to_columns<8>(src, sM, rows, dst, ld);
+        break;
+      case 16:
+        rows_to_columns<16>(src, sM, rows, dst, ld);
+        break;
+      default:
+        for (int r = 0; r < rows; ++r)
+          for (int64_t n = 0; n < N; ++n) dst[n * ld + r] = static_cast<acc_t>(src[r * sM + n]);
+    }
+  } else {
+    for (int64_t n = 0; n < N; ++n)
+      for (int r = 0; r < rows; ++r) dst[n * ld + r] = static_cast<acc_t>(src[r * sM + n * sN]);
   }
-  for (int64_t n = 0; n < N; ++n) {
-    acc_t* __restrict k = w.K.data() + n * w.ld;
-    for (int64_t m = 0; m < M; ++m) k[m] *= rsum[m];
+  if (rows < W)
+    for (int64_t n = 0; n < N; ++n)
+      for (int r = rows; r < W; ++r) dst[n * ld + r] = acc_t(0);
+}
+
+// A block [NC, W] (lane stride 1) into `rows` contiguous rows of NC values.
+template <int B, int NC, typename acc_t, typename scalar_t>
+OTSEG_INLINE void columns_to_rows(const acc_t* __restrict src, int rows,
+                                                           scalar_t* __restrict dst) {
+  constexpr int W = vec::Vec<acc_t, B>::W;
+  for (int r = 0; r < rows; ++r)
+    for (int n = 0; n < NC; ++n) dst[r * NC + n] = static_cast<scalar_t>(src[n * W + r]);
+}
+
+template <int B, typename acc_t, typename scalar_t>
+OTSEG_INLINE void store_block(const acc_t* src, int rows, int64_t N, scalar_t* dst) {
+  constexpr int W = vec::Vec<acc_t, B>::W;
+#ifdef OTSEG_HAVE_SHUFFLES
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (rows == W) {
+      switch (N) {
+        case 6:
+          return vec::BlockTranspose<acc_t, 6, B>::columns_to_rows(src, W, dst);
+        case 8:
+          return vec::BlockTranspose<acc_t, 8, B>::columns_to_rows(src, W, dst);
+        case 16:
+          return vec::BlockTranspose<acc_t, 16, B>::columns_to_rows(src, W, dst);
+        default:
+          break;
+      }
+    }
   }
+#endif
+  switch (N) {
+    case 6:
+      return columns_to_rows<B, 6>(src, rows, dst);
+    case 8:
+      return columns_to_rows<B, 8>(src, rows, dst);
+    case 16:
+      return columns_to_rows<B, 16>(src, rows, dst);
+    default:
+      for (int r = 0; r < rows; ++r)
+        for (int64_t n = 0; n < N; ++n) dst[r * N + n] = static_cast<scalar_t>(src[n * W + r]);
+  }
+}
+
+// The f half-step in the log domain from beta (v = 1): alpha and K with
+// K[n, m] = exp(alpha_m + beta_n - C[m, n]/eps), rows of K summing to mu, and
+// the column sums z = K^T 1 for the g half-step; the summed |change| of the
+// potential against f_prev into *change, and f_prev <- alpha. With S (the
+// first iteration) it also reads the scores into St, block by block, so that
+// every block is used from L1 while it is fresh. Returns false if
+// check_finite and S holds NaN or inf.
+template <int B, typename scalar_t, typename acc_t>
+OTSEG_INLINE bool log_rows(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, const scalar_t* S, int64_t sM,
+                                 int64_t sN, bool check_finite, acc_t* change) {
+  using V = VecOf<acc_t, B>;
+  constexpr int W = vec::Vec<acc_t, B>::W;
+  const int64_t ld = w.ld;
+  const acc_t ie = w.inv_eps, mu = acc_t(1) / acc_t(M), log_mu = -std::log(acc_t(M));
+  acc_t* __restrict St = w.St.data();
+  acc_t* __restrict K = w.K.data();
+  acc_t* __restrict zacc = w.zacc.data();
+  for (int64_t n = 0; n < N; ++n) vec::store(zacc + n * W, V{});
+  V nonfinite = {}, total = {};
+  // S is read one block ahead: the transposing scalar stores have retired by
+  // the time the block is loaded as vectors (a vector load right after them
+  // would stall on store forwarding).
+  if (S != nullptr) load_block<B>(S, sM, sN, static_cast<int>(std::min<int64_t>(W, M)), N, St, ld);
+  for (int64_t m0 = 0; m0 < M; m0 += W) {
+    const int rows = static_cast<int>(std::min<int64_t>(W, M - m0));
+    if (S != nullptr && m0 + W < M)
+      load_block<B>(S + (m0 + W) * sM, sM, sN, static_cast<int>(std::min<int64_t>(W, M - m0 - W)), N, St + m0 + W, ld);
+    const V valid = vec::first_lanes<V>(rows);
+    // -C/eps = (S - 1)/eps, formed on the fly.
+    V rmax = vec::splat<V>(-std::numeric_limits<acc_t>::infinity());
+    for (int64_t n = 0; n < N; ++n) {
+      const V s = vec::load<V>(St + n * ld + m0);
+      // x * 0 is NaN exactly for NaN and inf.
+      nonfinite += s * acc_t(0);
+      rmax = vec::vmax(rmax, s * ie + (w.beta[n] - ie));
+    }
+    V rsum = {};
+    for (int64_t n = 0; n < N; ++n) {
+      const V k = vec::exp(vec::load<V>(St + n * ld + m0) * ie + (w.beta[n] - ie) - rmax);
+      vec::store(K + n * ld + m0, k);
+      rsum += k;
+    }
+    const V a = (log_mu - rmax - vec::log(rsum)) * valid;
+    const V scale = (mu / rsum) * valid;
+    vec::store(w.alpha.data() + m0, a);
+    total += vec::vabs(a - vec::load<V>(w.f_prev.data() + m0));
+    vec::store(w.f_prev.data() + m0, a);
+    for (int64_t n = 0; n < N; ++n) {
+      const V k = vec::load<V>(K + n * ld + m0) * scale;
+      vec::store(K + n * ld + m0, k);
+      vec::store(zacc + n * W, vec::load<V>(zacc + n * W) + k);
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) w.z[n] = vec::hsum<acc_t>(vec::load<V>(zacc + n * W));
+  *change = vec::hsum<acc_t>(total);
+  return !check_finite || vec::hsum<acc_t>(nonfinite) == acc_t(0);
 }
 
 // The g half-step in the log domain from alpha (u = 1): columns of K sum to nu.
 template <typename acc_t>
-OTSEG_MULTIVERSION void rebuild_cols(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t log_nu) {
+OTSEG_INLINE void rebuild_cols(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t log_nu) {
   const acc_t* __restrict alpha = w.alpha.data();
   const acc_t nu = fast::exp(log_nu);
   const acc_t ie = w.inv_eps;
@@ -121,9 +272,9 @@ OTSEG_MULTIVERSION void rebuild_cols(ForwardWorkspace<acc_t>& w, int64_t M, int6
 }
 
 // v = nu / z for the column products z = K^T u; false when a scaling left
-// the safe range.
+// the safe range (or z underflowed to 0, giving inf).
 template <typename acc_t>
-bool scale_cols_from(ForwardWorkspace<acc_t>& w, int64_t N, acc_t nu) {
+bool scale_cols(ForwardWorkspace<acc_t>& w, int64_t N, acc_t nu) {
   bool ok = true;
   for (int64_t n = 0; n < N; ++n) {
     const acc_t vn = nu / w.z[n];
@@ -133,362 +284,371 @@ bool scale_cols_from(ForwardWorkspace<acc_t>& w, int64_t N, acc_t nu) {
   return ok;
 }
 
-// v = nu / (K^T u); false when a scaling left the safe range (or K^T u
-// underflowed to 0, giving inf).
-template <typename acc_t>
-OTSEG_MULTIVERSION bool scale_cols(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t nu) {
-  const acc_t* __restrict u = w.u.data();
-  for (int64_t n = 0; n < N; ++n) {
-    const acc_t* __restrict k = w.K.data() + n * w.ld;
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t m = 0; m < M; ++m) s += k[m] * u[m];
-    w.z[n] = s;
+// One whole iteration's products in a single sweep over K, W pixels at a
+// time with the block's products and the column sums in registers:
+// u = mu / (K v), the new full potential alpha + log u into f_new with the
+// summed |change| against f_prev into *change, and z = K^T u. Returns false
+// when u left the safe range (then f_new, *change and z are meaningless).
+template <int B, typename acc_t>
+OTSEG_INLINE bool sweep(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t* change) {
+  using V = VecOf<acc_t, B>;
+  constexpr int W = vec::Vec<acc_t, B>::W;
+  const int64_t ld = w.ld;
+  const acc_t mu = acc_t(1) / acc_t(M);
+  const acc_t* __restrict K = w.K.data();
+  acc_t* __restrict zacc = w.zacc.data();
+  for (int64_t n = 0; n < N; ++n) vec::store(zacc + n * W, V{});
+  V lo = vec::splat<V>(std::numeric_limits<acc_t>::infinity()), hi = {}, total = {};
+  for (int64_t m0 = 0; m0 < M; m0 += W) {
+    const V valid = vec::first_lanes<V>(static_cast<int>(std::min<int64_t>(W, M - m0)));
+    // 1 in the padding lanes, where K v = 0: u = mu there, masked to 0 after.
+    const V pad = acc_t(1) - valid;
+    V kv = vec::load<V>(K + m0) * w.v[0];
+    for (int64_t n = 1; n < N; ++n) kv += vec::load<V>(K + n * ld + m0) * w.v[n];
+    const V u_all = mu / (kv + pad);
+    const V um = u_all * valid;
+    lo = vec::vmin(lo, u_all);
+    hi = vec::vmax(hi, u_all);
+    vec::store(w.u.data() + m0, um);
+    const V a = (vec::load<V>(w.alpha.data() + m0) + vec::log(u_all)) * valid;
+    total += vec::vabs(a - vec::load<V>(w.f_prev.data() + m0));
+    vec::store(w.f_new.data() + m0, a);
+    for (int64_t n = 0; n < N; ++n)
+      vec::store(zacc + n * W, vec::load<V>(zacc + n * W) + vec::load<V>(K + n * ld + m0) * um);
   }
-  return scale_cols_from(w, N, nu);
-}
-
-// One whole iteration's products in a single sweep over K, block by block so
-// that each block is reused from L1: u = mu / (K v), the new full potential
-// alpha + log u into tmp2 with the summed |change| against alpha_prev into
-// *change, and z = K^T u. Returns false when u left the safe range (then
-// tmp2, *change and z are meaningless).
-template <typename acc_t>
-OTSEG_MULTIVERSION bool sweep(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t mu, acc_t* change) {
-  constexpr int64_t kBlock = 256;
-  acc_t* __restrict kv = w.tmp.data();
-  acc_t* __restrict u = w.u.data();
-  acc_t* __restrict a_new = w.tmp2.data();
-  const acc_t* __restrict alpha = w.alpha.data();
-  const acc_t* __restrict prev = w.alpha_prev.data();
-  std::fill(w.z.begin(), w.z.end(), acc_t(0));
-  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = 0, total = 0;
-  for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
-    const int64_t m1 = std::min(M, m0 + kBlock);
-    {
-      const acc_t* __restrict k = w.K.data() + m0;
-      const acc_t v0 = w.v[0];
-      for (int64_t m = 0; m < m1 - m0; ++m) kv[m] = k[m] * v0;
-    }
-    for (int64_t n = 1; n < N; ++n) {
-      const acc_t* __restrict k = w.K.data() + n * w.ld + m0;
-      const acc_t vn = w.v[n];
-      for (int64_t m = 0; m < m1 - m0; ++m) kv[m] += k[m] * vn;
-    }
-#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(+ : total)
-    for (int64_t m = m0; m < m1; ++m) {
-      const acc_t um = mu / kv[m - m0];
-      u[m] = um;
-      lo = std::min(lo, um);
-      hi = std::max(hi, um);
-      const acc_t a = alpha[m] + fast::log(um);
-      a_new[m] = a;
-      total += std::abs(a - prev[m]);
-    }
-    for (int64_t n = 0; n < N; ++n) {
-      const acc_t* __restrict k = w.K.data() + n * w.ld;
-      acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t m = m0; m < m1; ++m) s += k[m] * u[m];
-      w.z[n] += s;
-    }
-  }
-  *change = total;
-  return lo >= acc_t(std::exp(-kAbsorb)) && hi <= acc_t(std::exp(kAbsorb));
-}
-
-// After a log-domain f half-step (u = 1): the mean |alpha - alpha_prev|, and
-// alpha_prev <- alpha. In units of eps.
-template <typename acc_t>
-OTSEG_MULTIVERSION acc_t potential_change(ForwardWorkspace<acc_t>& w, int64_t M) {
-  const acc_t* __restrict alpha = w.alpha.data();
-  acc_t* __restrict prev = w.alpha_prev.data();
-  acc_t total = 0;
-#pragma omp simd reduction(+ : total)
-  for (int64_t m = 0; m < M; ++m) {
-    total += std::abs(alpha[m] - prev[m]);
-    prev[m] = alpha[m];
-  }
-  return total / acc_t(M);
-}
-
-// [M, NC] rows (row stride sM) into [NC, ld] columns, NC known at compile time.
-template <int NC, typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void rows_to_columns(const scalar_t* __restrict S, int64_t sM, int64_t M,
-                                                           int64_t ld, acc_t* __restrict St) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int n = 0; n < NC; ++n) St[n * ld + m] = static_cast<acc_t>(S[m * sM + n]);
-}
-
-// [NC, ld] columns into contiguous [M, NC] rows, NC known at compile time.
-template <int NC, typename acc_t, typename scalar_t>
-__attribute__((always_inline)) inline void columns_to_rows(const acc_t* __restrict Tt, int64_t ld, int64_t M,
-                                                           scalar_t* __restrict out) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int n = 0; n < NC; ++n) out[m * NC + n] = static_cast<scalar_t>(Tt[n * ld + m]);
-}
-
-template <typename acc_t, typename scalar_t>
-OTSEG_MULTIVERSION void store_rows(const acc_t* Tt, int64_t ld, int64_t M, int64_t N, scalar_t* out) {
-  switch (N) {
-    case 6:
-      return columns_to_rows<6>(Tt, ld, M, out);
-    case 8:
-      return columns_to_rows<8>(Tt, ld, M, out);
-    case 16:
-      return columns_to_rows<16>(Tt, ld, M, out);
-    default:
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) out[m * N + n] = static_cast<scalar_t>(Tt[n * ld + m]);
-  }
-}
-
-// Reads one problem's S [M, N] (any strides) into the transposed tile [N, M]
-// in the compute type. With check_finite, returns false if it holds NaN or inf.
-template <typename scalar_t, typename acc_t>
-OTSEG_MULTIVERSION bool load_scores(const scalar_t* S, int64_t sM, int64_t sN, int64_t M, int64_t N, int64_t ld,
-                                      acc_t* St, bool check_finite = true) {
-  if (sN == 1) {
-    // Rows are contiguous: stream them in order, writing N sequential outputs
-    // (unrolled for the usual prompt counts).
-    switch (N) {
-      case 6:
-        rows_to_columns<6>(S, sM, M, ld, St);
-        break;
-      case 8:
-        rows_to_columns<8>(S, sM, M, ld, St);
-        break;
-      case 16:
-        rows_to_columns<16>(S, sM, M, ld, St);
-        break;
-      default:
-        for (int64_t m = 0; m < M; ++m) {
-          const scalar_t* __restrict src = S + m * sM;
-          for (int64_t n = 0; n < N; ++n) St[n * ld + m] = static_cast<acc_t>(src[n]);
-        }
-    }
-  } else {
-    for (int64_t n = 0; n < N; ++n) {
-      acc_t* __restrict dst = St + n * ld;
-      const scalar_t* src = S + n * sN;
-      for (int64_t m = 0; m < M; ++m) dst[m] = static_cast<acc_t>(src[m * sM]);
-    }
-  }
-  if (!check_finite) return true;
-  // x * 0 is NaN exactly for NaN and inf; one vectorised pass over the tile.
-  acc_t nonfinite = 0;
-  const int64_t total = ld * N;  // the padding is zero
-#pragma omp simd reduction(+ : nonfinite)
-  for (int64_t i = 0; i < total; ++i) nonfinite += St[i] * acc_t(0);
-  return nonfinite == acc_t(0);
+  for (int64_t n = 0; n < N; ++n) w.z[n] = vec::hsum<acc_t>(vec::load<V>(zacc + n * W));
+  *change = vec::hsum<acc_t>(total);
+  return vec::hmin<acc_t>(lo) >= acc_t(std::exp(-kAbsorb)) && vec::hmax<acc_t>(hi) <= acc_t(std::exp(kAbsorb));
 }
 
 // Refined score M*N*u_m*sum_n K[n, m] v_n S[m, n], and the plan u_m K[n, m] v_n.
-template <typename scalar_t, typename acc_t>
-OTSEG_MULTIVERSION void write_outputs(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, scalar_t* score,
+template <int B, typename scalar_t, typename acc_t>
+OTSEG_INLINE void write_outputs(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, scalar_t* score,
                                       scalar_t* plan) {
-  acc_t* __restrict acc = w.tmp.data();
-  const acc_t* __restrict u = w.u.data();
-  std::fill(acc, acc + M, acc_t(0));
-  for (int64_t n = 0; n < N; ++n) {
-    const acc_t* __restrict k = w.K.data() + n * w.ld;
-    const acc_t* __restrict st = w.St.data() + n * w.ld;
-    const acc_t vn = w.v[n];
-    for (int64_t m = 0; m < M; ++m) acc[m] += k[m] * st[m] * vn;
-  }
+  using V = VecOf<acc_t, B>;
+  constexpr int W = vec::Vec<acc_t, B>::W;
+  const int64_t ld = w.ld;
+  const acc_t* __restrict K = w.K.data();
+  const acc_t* __restrict St = w.St.data();
+  acc_t* __restrict blk = w.blk.data();
   const acc_t scale = acc_t(M) * acc_t(N);
-  for (int64_t m = 0; m < M; ++m) score[m] = static_cast<scalar_t>(scale * u[m] * acc[m]);
-  if (plan == nullptr) return;
-  for (int64_t n = 0; n < N; ++n) {
-    const acc_t* __restrict k = w.K.data() + n * w.ld;
-    const acc_t vn = w.v[n];
-    for (int64_t m = 0; m < M; ++m) plan[m * N + n] = static_cast<scalar_t>(u[m] * k[m] * vn);
+  for (int64_t m0 = 0; m0 < M; m0 += W) {
+    const int rows = static_cast<int>(std::min<int64_t>(W, M - m0));
+    const V um = vec::load<V>(w.u.data() + m0);
+    V acc = {};
+    for (int64_t n = 0; n < N; ++n)
+      acc += vec::load<V>(K + n * ld + m0) * vec::load<V>(St + n * ld + m0) * w.v[n];
+    const V sc = scale * um * acc;
+    for (int r = 0; r < rows; ++r) score[m0 + r] = static_cast<scalar_t>(sc[r]);
+    if (plan == nullptr) continue;
+    for (int64_t n = 0; n < N; ++n) vec::store(blk + n * W, um * vec::load<V>(K + n * ld + m0) * w.v[n]);
+    store_block<B>(blk, rows, N, plan + m0 * N);
   }
 }
 
 // One problem from S to outputs. Returns false (writing nothing) if S holds
 // NaN or inf and check_finite is set.
-template <typename scalar_t, typename acc_t>
-bool forward_problem(const scalar_t* S, int64_t sM, int64_t sN, int64_t M, int64_t N, acc_t eps,
+template <int B, typename scalar_t, typename acc_t>
+OTSEG_INLINE bool forward_problem(const scalar_t* S, int64_t sM, int64_t sN, int64_t M, int64_t N, acc_t eps,
                      int64_t max_iter, acc_t tol, bool check_finite, scalar_t* score, scalar_t* plan,
                      acc_t* f_out, acc_t* g_out, int32_t* n_iter_out, ForwardWorkspace<acc_t>& w) {
-  if (!load_scores(S, sM, sN, M, N, w.ld, w.St.data(), check_finite)) return false;
   w.inv_eps = acc_t(1) / eps;
-  const acc_t log_mu = -std::log(acc_t(M)), log_nu = -std::log(acc_t(N));
-  const acc_t mu = acc_t(1) / acc_t(M), nu = acc_t(1) / acc_t(N);
+  const acc_t log_nu = -std::log(acc_t(N)), nu = acc_t(1) / acc_t(N);
   std::fill(w.beta.begin(), w.beta.end(), acc_t(0));
   std::fill(w.v.begin(), w.v.end(), acc_t(1));
-  std::fill(w.u.begin(), w.u.end(), acc_t(1));
-  std::fill(w.alpha_prev.begin(), w.alpha_prev.end(), acc_t(0));
+  std::fill_n(w.f_prev.data(), w.ld, acc_t(0));
 
   int64_t it = 0;
   bool have_kernel = false;
   while (it < max_iter) {
     ++it;
     acc_t change = 0;
-    if (have_kernel && sweep(w, M, N, mu, &change)) {
+    if (have_kernel && sweep<B>(w, M, N, &change)) {
       // The common case: one sweep over K. alpha + log u is the new f/eps.
-      std::swap(w.alpha_prev, w.tmp2);
-      if (!scale_cols_from(w, N, nu)) {
-        // Absorb u (alpha + log u is in alpha_prev) and redo the g half-step
-        // in the log domain.
-        std::copy(w.alpha_prev.begin(), w.alpha_prev.end(), w.alpha.begin());
+      w.f_prev.swap(w.f_new);
+      if (!scale_cols(w, N, nu)) {
+        // Absorb u (alpha + log u is in f_prev) and redo the g half-step in
+        // the log domain.
+        std::copy_n(w.f_prev.data(), M, w.alpha.data());
         rebuild_cols(w, M, N, log_nu);
-        std::fill(w.u.begin(), w.u.end(), acc_t(1));
+        std::fill_n(w.u.data(), M, acc_t(1));
         std::fill(w.v.begin(), w.v.end(), acc_t(1));
       }
     } else {
-      // First iteration, or the f scalings left the safe range: the f
-      // half-step in the log domain (rebuilding K), then the g half-step.
+      // First iteration (reading S), or the f scalings left the safe range:
+      // the f half-step in the log domain (rebuilding K), then the g half-step.
       if (have_kernel)
         for (int64_t n = 0; n < N; ++n) w.beta[n] += fast::log(w.v[n]);
-      rebuild_rows(w, M, N, log_mu);
-      std::fill(w.u.begin(), w.u.end(), acc_t(1));
-      std::fill(w.v.begin(), w.v.end(), acc_t(1));
+      if (!log_rows<B>(w, M, N, have_kernel ? nullptr : S, sM, sN, check_finite && !have_kernel, &change))
+        return false;
       have_kernel = true;
-      if (!scale_cols(w, M, N, nu)) {
+      std::fill_n(w.u.data(), M, acc_t(1));
+      if (!scale_cols(w, N, nu)) {
         rebuild_cols(w, M, N, log_nu);
         std::fill(w.v.begin(), w.v.end(), acc_t(1));
       }
-      change = potential_change(w, M) * acc_t(M);
     }
     if (eps * change / acc_t(M) < tol) break;
   }
   *n_iter_out = static_cast<int32_t>(it);
-  // alpha_prev holds the full f/eps.
-  for (int64_t m = 0; m < M; ++m) f_out[m] = eps * w.alpha_prev[m];
+  // f_prev holds the full f/eps.
+  for (int64_t m = 0; m < M; ++m) f_out[m] = eps * w.f_prev.data()[m];
   for (int64_t n = 0; n < N; ++n) g_out[n] = eps * (w.beta[n] + std::log(w.v[n]));
-  write_outputs(w, M, N, score, plan);
+  write_outputs<B>(w, M, N, score, plan);
   return true;
 }
 
 template <typename acc_t>
 struct BackwardWorkspace {
-  int64_t ld;                       // padded leading dimension, as in the forward
-  std::vector<acc_t> St, T, H;      // transposed tiles [N, ld]
-  std::vector<acc_t> r, inv_a, x;   // [M]
-  std::vector<double> A, rhs, y;    // [N, N], [N], [N]
+  static constexpr int W = kMaxLanes<acc_t>;
+  int64_t ld;
+  vec::Buffer<acc_t> T, H;         // transposed tiles [N, ld]
+  vec::Buffer<acc_t> r, inv_a;     // [ld]
+  vec::Buffer<acc_t> blk;          // [N, W]: one block of dS before it is written row-major
+  vec::Buffer<acc_t> racc, wacc;   // per-lane sums: [N, W] right-hand side, [N * N, W] prompt weights
+  std::vector<double> weights, rhs, y, scratch;  // [N, N], [N], [N], [N]
   BackwardWorkspace(int64_t M, int64_t N)
-      : ld(((M + 15) / 16) * 16 + 16), St(ld * N), T(ld * N), H(ld * N), r(M), inv_a(M), x(M), A(N * N),
-        rhs(N), y(N) {}
+      : ld(tile_ld<acc_t>(M)), T(N * ld), H(N * ld), r(ld), inv_a(ld), blk(N * W), racc(N * W),
+        wacc(N * N * W), weights(N * N), rhs(N), y(N), scratch(N) {}
 };
 
-// sum_m x[m] * y[m] (* w[m]), vectorised, accumulated in double.
-template <typename acc_t>
-inline double dot(const acc_t* __restrict x, const acc_t* __restrict y, int64_t M) {
-  double s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t m = 0; m < M; ++m) s += static_cast<double>(x[m]) * static_cast<double>(y[m]);
-  return s;
-}
-
-template <typename acc_t>
-inline double dot3(const acc_t* __restrict x, const acc_t* __restrict y, const acc_t* __restrict w, int64_t M) {
-  double s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t m = 0; m < M; ++m) s += static_cast<double>(x[m] * w[m]) * static_cast<double>(y[m]);
-  return s;
-}
-
-// The implicit gradient of one problem (README.md beside otseg/ops/mps), on
-// transposed tiles so that every loop runs over pixels and vectorises.
-template <typename scalar_t, typename acc_t>
-OTSEG_MULTIVERSION void backward_problem(const scalar_t* dscore, const scalar_t* dplan, int64_t dpM, int64_t dpN,
+// The implicit gradient of one problem (README.md beside otseg/ops/mps), W
+// pixels at a time on transposed tiles. The N x N system is formed as the
+// Laplacian of the prompt weights W_nk = sum_m T_mn T_mk / a_m (sums of
+// positive terms, accurate in float) and solved in double without
+// subtractions (csrc/common/gauge_solve.h).
+template <int B, typename scalar_t, typename acc_t>
+OTSEG_INLINE void backward_problem(const scalar_t* dscore, const scalar_t* dplan, int64_t dpM, int64_t dpN,
                                          const scalar_t* S, int64_t sM, int64_t sN, const acc_t* f,
                                          const acc_t* g, int64_t M, int64_t N, acc_t eps, scalar_t* dS,
                                          BackwardWorkspace<acc_t>& w) {
+  using V = VecOf<acc_t, B>;
+  constexpr int W = vec::Vec<acc_t, B>::W;
   const acc_t ie = acc_t(1) / eps;
   const acc_t mn = acc_t(M) * acc_t(N);
   const int64_t ld = w.ld;
-  load_scores(S, sM, sN, M, N, ld, w.St.data(), false);
-  // H first holds the upstream plan gradient G_plan (transposed), if any.
-  if (dplan != nullptr) load_scores(dplan, dpM, dpN, M, N, ld, w.H.data(), false);
-  acc_t* __restrict r = w.r.data();
-  acc_t* __restrict inv_a = w.inv_a.data();
-  acc_t* __restrict x = w.x.data();
-  std::fill(r, r + M, acc_t(0));
-  std::fill(inv_a, inv_a + M, acc_t(0));  // row sums a for now
+  acc_t* __restrict T = w.T.data();
+  acc_t* __restrict H = w.H.data();
+  acc_t* __restrict racc = w.racc.data();
+  acc_t* __restrict wacc = w.wacc.data();
+  for (int64_t n = 0; n < N; ++n) {
+    vec::store(racc + n * W, V{});
+    for (int64_t k = n + 1; k < N; ++k) vec::store(wacc + (n * N + k) * W, V{});
+  }
   // Pass 1: T = exp((f + g - C)/eps); H = -(T * G)/eps with
-  // G = G_plan + M N S dS*; row sums a = T 1 and r = H 1.
-  for (int64_t n = 0; n < N; ++n) {
-    const acc_t* __restrict st = w.St.data() + n * ld;
-    acc_t* __restrict t = w.T.data() + n * ld;
-    acc_t* __restrict h = w.H.data() + n * ld;
-    const acc_t shift = (g[n] - acc_t(1)) * ie;
-    if (dscore != nullptr && dplan == nullptr) {
-#pragma omp simd
-      for (int64_t m = 0; m < M; ++m) {
-        const acc_t tv = fast::exp(f[m] * ie + st[m] * ie + shift);
-        const acc_t gv = mn * st[m] * static_cast<acc_t>(dscore[m]);
-        t[m] = tv;
-        h[m] = -tv * gv * ie;
-        inv_a[m] += tv;
-        r[m] += h[m];
-      }
-    } else if (dscore != nullptr) {
-#pragma omp simd
-      for (int64_t m = 0; m < M; ++m) {
-        const acc_t tv = fast::exp(f[m] * ie + st[m] * ie + shift);
-        const acc_t gv = h[m] + mn * st[m] * static_cast<acc_t>(dscore[m]);
-        t[m] = tv;
-        h[m] = -tv * gv * ie;
-        inv_a[m] += tv;
-        r[m] += h[m];
-      }
-    } else {
-#pragma omp simd
-      for (int64_t m = 0; m < M; ++m) {
-        const acc_t tv = fast::exp(f[m] * ie + st[m] * ie + shift);
-        t[m] = tv;
-        h[m] = -tv * h[m] * ie;
-        inv_a[m] += tv;
-        r[m] += h[m];
+  // G = G_plan + M N S dS*; r = H 1, 1/a = 1/(T 1); the per-lane sums of the
+  // right-hand side s - T^T (r / a) and of the weights. S (and G_plan) are
+  // read one block ahead into the T (and H) tile, where they are overwritten
+  // (a vector load right after the transposing stores would stall).
+  auto stage = [&](int64_t m0) {
+    const int rows = static_cast<int>(std::min<int64_t>(W, M - m0));
+    load_block<B>(S + m0 * sM, sM, sN, rows, N, T + m0, ld);
+    if (dplan != nullptr) load_block<B>(dplan + m0 * dpM, dpM, dpN, rows, N, H + m0, ld);
+  };
+  stage(0);
+  for (int64_t m0 = 0; m0 < M; m0 += W) {
+    const int rows = static_cast<int>(std::min<int64_t>(W, M - m0));
+    const V valid = vec::first_lanes<V>(rows);
+    if (m0 + W < M) stage(m0 + W);
+    const V fe = vec::load_partial<V>(f + m0, rows) * ie;
+    const V ds = dscore != nullptr ? vec::load_partial<V>(dscore + m0, rows) * mn : V{};
+    V a = {}, r = {};
+    for (int64_t n = 0; n < N; ++n) {
+      const V s = vec::load<V>(T + n * ld + m0);
+      // Padding lanes (S = 0, f = 0) get a finite t that 1/a = 0 keeps out
+      // of every sum below; H is 0 there.
+      const V t = vec::exp(fe + s * ie + (g[n] - acc_t(1)) * ie);
+      V gv = dplan != nullptr ? vec::load<V>(H + n * ld + m0) : V{};
+      if (dscore != nullptr) gv += s * ds;
+      const V h = -(t * gv) * ie;
+      vec::store(T + n * ld + m0, t);
+      vec::store(H + n * ld + m0, h);
+      a += t;
+      r += h;
+    }
+    // a >= N e^-87 > 0: exp never returns 0.
+    const V ia = valid / a;
+    vec::store(w.inv_a.data() + m0, ia);
+    vec::store(w.r.data() + m0, r);
+    const V x = r * ia;
+    for (int64_t n = 0; n < N; ++n) {
+      const V t = vec::load<V>(T + n * ld + m0);
+      vec::store(racc + n * W, vec::load<V>(racc + n * W) + vec::load<V>(H + n * ld + m0) - t * x);
+      const V tw = t * ia;
+      for (int64_t k = n + 1; k < N; ++k) {
+        acc_t* acc = wacc + (n * N + k) * W;
+        vec::store(acc, vec::load<V>(acc) + tw * vec::load<V>(T + k * ld + m0));
       }
     }
   }
-  for (int64_t m = 0; m < M; ++m) inv_a[m] = inv_a[m] > acc_t(0) ? acc_t(1) / inv_a[m] : acc_t(0);
-  for (int64_t m = 0; m < M; ++m) x[m] = r[m] * inv_a[m];  // r / a, reused below
-  // A = diag(b) - T^T diag(1/a) T and rhs = s - T^T (r / a), in double.
   for (int64_t n = 0; n < N; ++n) {
-    const acc_t* __restrict t_n = w.T.data() + n * ld;
-    const acc_t* __restrict h_n = w.H.data() + n * ld;
-    double b = 0, hs = 0;
-#pragma omp simd reduction(+ : b, hs)
-    for (int64_t m = 0; m < M; ++m) {
-      b += static_cast<double>(t_n[m]);
-      hs += static_cast<double>(h_n[m]);
+    w.rhs[n] = vec::hsum<acc_t>(vec::load<V>(racc + n * W));
+    for (int64_t k = n + 1; k < N; ++k) {
+      const double wk = vec::hsum<acc_t>(vec::load<V>(wacc + (n * N + k) * W));
+      w.weights[n * N + k] = wk;
+      w.weights[k * N + n] = wk;
     }
-    for (int64_t k = n; k < N; ++k) {
-      const double v = -dot3(t_n, w.T.data() + k * ld, inv_a, M);
-      w.A[n * N + k] = v;
-      w.A[k * N + n] = v;
+  }
+  laplacian_gauge_solve(w.weights.data(), w.rhs.data(), w.y.data(), w.scratch.data(), static_cast<int>(N));
+  // Pass 2: x = (r - T y)/a; dS = -dC + M N T dS* = T (x + y + M N dS*) - H,
+  // written row-major a block at a time.
+  acc_t* __restrict blk = w.blk.data();
+  for (int64_t m0 = 0; m0 < M; m0 += W) {
+    const int rows = static_cast<int>(std::min<int64_t>(W, M - m0));
+    V x = vec::load<V>(w.r.data() + m0);
+    for (int64_t n = 0; n < N; ++n) x -= vec::load<V>(T + n * ld + m0) * static_cast<acc_t>(w.y[n]);
+    x *= vec::load<V>(w.inv_a.data() + m0);
+    if (dscore != nullptr) x += vec::load_partial<V>(dscore + m0, rows) * mn;
+    for (int64_t n = 0; n < N; ++n) {
+      const acc_t yn = static_cast<acc_t>(w.y[n]);
+      vec::store(blk + n * W, vec::load<V>(T + n * ld + m0) * (x + yn) - vec::load<V>(H + n * ld + m0));
     }
-    w.A[n * N + n] += b;
-    w.rhs[n] = hs - dot(t_n, x, M);
+    store_block<B>(blk, rows, N, dS + m0 * N);
   }
-  gauge_fixed_solve(w.A.data(), w.rhs.data(), w.y.data(), static_cast<int>(N));
-  // Pass 2: x = (r - T y)/a; dS = -dC + M N T dS* = T (x + y + M N dS*) - H.
-  for (int64_t m = 0; m < M; ++m) x[m] = r[m];
-  for (int64_t n = 0; n < N; ++n) {
-    const acc_t* __restrict t = w.T.data() + n * ld;
-    const acc_t yn = static_cast<acc_t>(w.y[n]);
-    for (int64_t m = 0; m < M; ++m) x[m] -= t[m] * yn;
-  }
-  for (int64_t m = 0; m < M; ++m) x[m] *= inv_a[m];
-  if (dscore != nullptr)
-    for (int64_t m = 0; m < M; ++m) x[m] += mn * static_cast<acc_t>(dscore[m]);
-  for (int64_t n = 0; n < N; ++n) {
-    acc_t* __restrict t = w.T.data() + n * ld;
-    const acc_t* __restrict h = w.H.data() + n * ld;
-    const acc_t yn = static_cast<acc_t>(w.y[n]);
-    for (int64_t m = 0; m < M; ++m) t[m] = t[m] * (x[m] + yn) - h[m];
-  }
-  store_rows(w.T.data(), ld, M, N, dS);
 }
 
 // Half-precision inputs compute in float; float32 and float64 in their own type.
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  const scalar_t* S;
+  int64_t sP, sM, sN, M, N;
+  acc_t eps;
+  int64_t max_iter;
+  acc_t tol;
+  bool check_finite;
+  scalar_t* score;
+  scalar_t* plan;  // nullptr: no plan
+  acc_t *f, *g;
+  int32_t* n_iter;
+};
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const scalar_t *dscore, *dplan;  // either may be nullptr
+  int64_t dpP, dpM, dpN;
+  const scalar_t* S;
+  int64_t sP, sM, sN, M, N;
+  const acc_t *f, *g;
+  acc_t eps;
+  scalar_t* out;
+};
+
+// One thread's problems [begin, end) with vectors of B bytes. Returns false if
+// a problem's scores held NaN or inf (with check_finite).
+template <int B, typename scalar_t, typename acc_t>
+OTSEG_INLINE bool forward_chunk(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  ForwardWorkspace<acc_t> w(a.M, a.N);
+  bool ok = true;
+  for (int64_t p = begin; p < end; ++p)
+    ok &= forward_problem<B>(a.S + p * a.sP, a.sM, a.sN, a.M, a.N, a.eps, a.max_iter, a.tol, a.check_finite,
+                             a.score + p * a.M, a.plan ? a.plan + p * a.M * a.N : nullptr, a.f + p * a.M,
+                             a.g + p * a.N, a.n_iter + p, w);
+  return ok;
+}
+
+template <int B, typename scalar_t, typename acc_t>
+OTSEG_INLINE void backward_chunk(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  BackwardWorkspace<acc_t> w(a.M, a.N);
+  for (int64_t p = begin; p < end; ++p)
+    backward_problem<B>(a.dscore ? a.dscore + p * a.M : nullptr, a.dplan ? a.dplan + p * a.dpP : nullptr, a.dpM,
+                        a.dpN, a.S + p * a.sP, a.sM, a.sN, a.f + p * a.M, a.g + p * a.N, a.M, a.N, a.eps,
+                        a.out + p * a.M * a.N, w);
+}
+
+// The entry points, one per instruction set, each compiled for it.
+#ifdef OTSEG_X86_DISPATCH
+template <typename scalar_t, typename acc_t>
+OTSEG_TARGET("arch=x86-64-v4") bool forward_avx512(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+  return forward_chunk<64>(a, b, e);
+}
+template <typename scalar_t, typename acc_t>
+OTSEG_TARGET("arch=x86-64-v3") bool forward_avx2(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+  return forward_chunk<32>(a, b, e);
+}
+template <typename scalar_t, typename acc_t>
+OTSEG_TARGET("arch=x86-64-v4") void backward_avx512(const BackwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+  backward_chunk<64>(a, b, e);
+}
+template <typename scalar_t, typename acc_t>
+OTSEG_TARGET("arch=x86-64-v3") void backward_avx2(const BackwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+  backward_chunk<32>(a, b, e);
+}
+constexpr int kBaselineBytes = 16;  // SSE2, part of every x86-64 CPU
+#elif defined(__AVX512F__)
+constexpr int kBaselineBytes = 64;
+#elif defined(__AVX2__) || defined(__AVX__)
+constexpr int kBaselineBytes = 32;
+#else
+constexpr int kBaselineBytes = 16;  // SSE2, NEON
+#endif
+template <typename scalar_t, typename acc_t>
+bool forward_baseline(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+  return forward_chunk<kBaselineBytes>(a, b, e);
+}
+template <typename scalar_t, typename acc_t>
+void backward_baseline(const BackwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+  backward_chunk<kBaselineBytes>(a, b, e);
+}
+
+enum class Isa { avx512, avx2, baseline };
+
+// The widest instruction set this CPU supports, or a narrower one named by the
+// environment variable OTSEG_CPU_ISA ("avx2" or "baseline"; read once), so
+// that every entry point can be tested on one machine.
+Isa cpu_isa() {
+#ifdef OTSEG_X86_DISPATCH
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    Isa best = Isa::baseline;
+    if (__builtin_cpu_supports("x86-64-v4"))
+      best = Isa::avx512;
+    else if (__builtin_cpu_supports("x86-64-v3"))
+      best = Isa::avx2;
+    const char* want = std::getenv("OTSEG_CPU_ISA");
+    if (want == nullptr || *want == '\0') return best;
+    const std::string name(want);
+    if (name == "baseline") return Isa::baseline;
+    if (name == "avx2" && best != Isa::baseline) return Isa::avx2;
+    if (name == "avx512" && best == Isa::avx512) return Isa::avx512;
+    TORCH_WARN("otseg: OTSEG_CPU_ISA=", name, " is unknown or not supported by this CPU; using the widest supported");
+    return best;
+  }();
+  return isa;
+#else
+  return Isa::baseline;
+#endif
+}
+
+template <typename scalar_t, typename acc_t>
+bool run_forward(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+  switch (cpu_isa()) {
+#ifdef OTSEG_X86_DISPATCH
+    case Isa::avx512:
+      return forward_avx512(a, b, e);
+    case Isa::avx2:
+      return forward_avx2(a, b, e);
+#endif
+    default:
+      return forward_baseline(a, b, e);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void run_backward(const BackwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+  switch (cpu_isa()) {
+#ifdef OTSEG_X86_DISPATCH
+    case Isa::avx512:
+      return backward_avx512(a, b, e);
+    case Isa::avx2:
+      return backward_avx2(a, b, e);
+#endif
+    default:
+      return backward_baseline(a, b, e);
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forward_cpu(
     const at::Tensor& scores, double eps, int64_t max_iter, double tol, bool return_plan, bool check_finite) {
@@ -513,15 +673,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
     acc_t* f_p = f.mutable_data_ptr<acc_t>();
     acc_t* g_p = g.mutable_data_ptr<acc_t>();
     int32_t* it_p = n_iter.mutable_data_ptr<int32_t>();
+    const ForwardArgs<scalar_t, acc_t> args{S, sP, sM, sN, M, N, static_cast<acc_t>(eps), max_iter,
+                                             static_cast<acc_t>(tol), check_finite, score_p, plan_p, f_p, g_p, it_p};
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-      ForwardWorkspace<acc_t> w(M, N);
-      for (int64_t p = begin; p < end; ++p) {
-        const bool ok = forward_problem<scalar_t, acc_t>(
-            S + p * sP, sM, sN, M, N, static_cast<acc_t>(eps), max_iter, static_cast<acc_t>(tol),
-            check_finite, score_p + p * M, plan_p ? plan_p + p * M * N : nullptr, f_p + p * M,
-            g_p + p * N, it_p + p, w);
-        if (!ok) nonfinite = true;
-      }
+      if (!run_forward(args, begin, end)) nonfinite = true;
     });
   });
   TORCH_CHECK_VALUE(!nonfinite, "the input contains NaN or inf; pass check_finite=False to skip this check");
@@ -556,19 +711,29 @@ at::Tensor mps_backward_cpu(const std::optional<at::Tensor>& grad_score,
     const acc_t* g_p = gc.const_data_ptr<acc_t>();
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
     const int64_t sP = scores.stride(0), sM = scores.stride(1), sN = scores.stride(2);
-    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-      BackwardWorkspace<acc_t> w(M, N);
-      for (int64_t p = begin; p < end; ++p) {
-        backward_problem<scalar_t, acc_t>(ds_p ? ds_p + p * M : nullptr, dp_p ? dp_p + p * dpP : nullptr,
-                                          dpM, dpN, S + p * sP, sM, sN, f_p + p * M, g_p + p * N, M, N,
-                                          static_cast<acc_t>(eps), out + p * M * N, w);
-      }
-    });
+    const BackwardArgs<scalar_t, acc_t> args{ds_p, dp_p, dpP, dpM, dpN, S, sP, sM, sN, M, N, f_p, g_p,
+                                              static_cast<acc_t>(eps), out};
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) { run_backward(args, begin, end); });
   });
   return grad;
 }
 
 }  // namespace
+
+const char* cpu_isa_name() {
+  switch (cpu_isa()) {
+    case Isa::avx512:
+      return "AVX-512";
+    case Isa::avx2:
+      return "AVX2";
+    default:
+#if defined(__x86_64__) && defined(OTSEG_X86_DISPATCH)
+      return "SSE2";
+#else
+      return "baseline";
+#endif
+  }
+}
 
 TORCH_LIBRARY_IMPL(otseg, CPU, m) {
   m.impl("mps_forward", &mps_forward_cpu);

@@ -64,7 +64,7 @@ def _status(name):
         return True, ("cpu", "cuda"), "published algorithm in plain PyTorch (baseline, autograd through the loop)"
     if name == "cpu":
         if _extension.available:
-            return True, ("cpu",), "fused C++ kernel, implicit backward"
+            return True, ("cpu",), f"fused C++ kernel ({_extension.cpu_isa}), implicit backward"
         return False, ("cpu",), _extension.error
     if name == "cuda":
         if not _extension.available:

@@ -1,5 +1,6 @@
-"""Autograd and fake (meta) registrations of the fused ``torch.ops.otseg`` MPS
-operators, whose kernels live in ``csrc/<device>/``.
+"""Fake (meta) registrations of the fused ``torch.ops.otseg`` MPS operators,
+whose kernels (and, for speed, the autograd of ``mps_forward``) live in
+``csrc/``; the autograd glue shared with the Triton operator.
 
 The backward is the implicit gradient at the fixed point (README.md beside this
 file): one pass per problem from the scores and the final potentials, never an
@@ -78,8 +79,9 @@ if _extension.available:
     def _mps_backward_fake(grad_score, grad_plan, scores, f, g, eps):
         return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
-    _setup_context, _backward = autograd_pair(lambda *args: torch.ops.otseg.mps_backward(*args))
-    torch.library.register_autograd("otseg::mps_forward", _backward, setup_context=_setup_context)
+    # The autograd of otseg::mps_forward is registered in C++ (csrc/autograd.cpp:
+    # the Python route costs about 90 us a call); the same (setup_context,
+    # backward) pair in Python serves the Triton operator.
 
     def _no_double_backward(ctx, *grads):
         raise RuntimeError(

@@ -1,0 +1,283 @@
+// Fixed-width SIMD values for the CPU kernel: GCC/Clang vector extensions.
+//
+// Vec<T, B>::V holds B bytes of T, and the kernels are templates on B: they
+// are compiled once per instruction set with that set's register width
+// (B = 64 for AVX-512, 32 for AVX2, 16 for the x86-64 baseline; see
+// mps_cpu.cpp), so every value is one register and accumulators stay in
+// registers, which the auto-vectoriser would not arrange. (A vector wider
+// than the target's registers is lowered through the stack by GCC: five
+// times slower on AVX2 when B = 64 was used for every target.)
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <type_traits>
+#include <utility>
+
+// Vector values are only passed between functions inlined into one
+// ISA-specific entry point, so the psabi note (the calling convention of such
+// values differs between ISAs) does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#define OTSEG_VEC_INLINE inline __attribute__((always_inline))
+
+namespace otseg {
+namespace vec {
+
+template <typename T, int B>
+struct Vec {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "float or double lanes");
+  typedef T V __attribute__((vector_size(B)));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> IntLane;
+  typedef IntLane I __attribute__((vector_size(B)));
+  static constexpr int W = B / static_cast<int>(sizeof(T));
+};
+
+// The lane type and count of a vector type.
+template <typename V>
+using lane_t = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
+template <typename V>
+inline constexpr int lanes_of = static_cast<int>(sizeof(V) / sizeof(lane_t<V>));
+
+// Unaligned load/store through memcpy (one vmovups; no aliasing questions).
+template <typename V, typename T>
+OTSEG_VEC_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename V, typename T>
+OTSEG_VEC_INLINE void store(T* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// The first `rows` lanes from p converted to the lane type, zeros beyond (the
+// last, partial block, or a narrower input type such as at::Half).
+template <typename V, typename T>
+OTSEG_VEC_INLINE V load_partial(const T* p, int rows) {
+  using A = lane_t<V>;
+  if constexpr (std::is_same_v<A, T>)
+    if (rows == lanes_of<V>) return load<V>(p);
+  V v = {};
+  for (int i = 0; i < rows; ++i) v[i] = static_cast<A>(p[i]);
+  return v;
+}
+
+template <typename V, typename T>
+OTSEG_VEC_INLINE V splat(T s) {
+  return V{} + s;
+}
+
+template <typename V>
+OTSEG_VEC_INLINE V vmin(V a, V b) {
+  return a < b ? a : b;
+}
+
+template <typename V>
+OTSEG_VEC_INLINE V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+
+template <typename V>
+OTSEG_VEC_INLINE V vabs(V a) {
+  return a < V{} ? -a : a;
+}
+
+template <typename T, typename V>
+OTSEG_VEC_INLINE T hsum(V v) {
+  T s = 0;
+  for (unsigned i = 0; i < sizeof(V) / sizeof(T); ++i) s += v[i];
+  return s;
+}
+
+template <typename T, typename V>
+OTSEG_VEC_INLINE T hmin(V v) {
+  T s = v[0];
+  for (unsigned i = 1; i < sizeof(V) / sizeof(T); ++i) s = v[i] < s ? v[i] : s;
+  return s;
+}
+
+template <typename T, typename V>
+OTSEG_VEC_INLINE T hmax(V v) {
+  T s = v[0];
+  for (unsigned i = 1; i < sizeof(V) / sizeof(T); ++i) s = v[i] > s ? v[i] : s;
+  return s;
+}
+
+// 1 in the first `rows` lanes, 0 beyond: multiplying by it masks the last,
+// partial block. (A data-dependent `mask ? a : b` is avoided: GCC lowers it
+// lane by lane with branches.)
+template <typename V>
+OTSEG_VEC_INLINE V first_lanes(int rows) {
+  using T = lane_t<V>;
+  V m = {};
+  if (rows >= lanes_of<V>) return m + T(1);
+  for (int i = 0; i < rows; ++i) m[i] = T(1);
+  return m;
+}
+
+// exp and log of float lanes: the Cephes polynomials of fast_math.h,
+// written without per-lane conditionals (GCC turns a data-dependent vector
+// select into scalar compares here).
+// exp: arguments are clamped to [-87, 88], so anything below -87 gives
+// e^-87 ~ 1.6e-38 rather than 0: a plan entry that small is 0 to every sum
+// it enters (the largest entry of each row or column is at least e^-30).
+template <typename V>
+OTSEG_VEC_INLINE V exp_float(V x) {
+  using I = typename Vec<float, sizeof(V)>::I;
+  const V xc = vmin(vmax(x, splat<V>(-87.0f)), splat<V>(88.0f));
+  // Round to nearest through the 1.5*2^23 trick.
+  const V fx = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const V r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
+  const V z = r * r;
+  const V y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+                1.6666665459e-1f) * r + 5.0000001201e-1f) * z + r + 1.0f;
+  const I e = (__builtin_convertvector(fx, I) + 127) << 23;
+  return y * __builtin_bit_cast(V, e);
+}
+
+// log of positive normal floats. The mantissa is split as in musl's logf:
+// subtracting the bits of sqrt(1/2) makes the exponent field round to the
+// nearest power of two, leaving m in [sqrt(1/2), sqrt(2)), which is where
+// the Cephes polynomial in t = m - 1 is accurate.
+template <typename V>
+OTSEG_VEC_INLINE V log_float(V x) {
+  using I = typename Vec<float, sizeof(V)>::I;
+  const I i = __builtin_bit_cast(I, x) - 0x3f3504f3;
+  const V ef = __builtin_convertvector(i >> 23, V);
+  const V t = __builtin_bit_cast(V, (i & 0x007fffff) + 0x3f3504f3) - 1.0f;
+  const V z = t * t;
+  V y = ((((((((7.0376836292e-2f * t - 1.1514610310e-1f) * t + 1.1676998740e-1f) * t - 1.2420140846e-1f) * t +
+             1.4249322787e-1f) * t - 1.6668057665e-1f) * t + 2.0000714765e-1f) * t - 2.4999993993e-1f) * t +
+        3.3333331174e-1f) * t * z;
+  y += -2.12194440e-4f * ef;
+  y += -0.5f * z;
+  return t + y + 0.693359375f * ef;
+}
+
+// float64 is the correctness path, not the fast one: the C library per lane.
+template <typename V>
+OTSEG_VEC_INLINE V exp(V x) {
+  if constexpr (std::is_same_v<lane_t<V>, float>) {
+    return exp_float(x);
+  } else {
+    for (int i = 0; i < lanes_of<V>; ++i) x[i] = std::exp(x[i]);
+    return x;
+  }
+}
+
+template <typename V>
+OTSEG_VEC_INLINE V log(V x) {
+  if constexpr (std::is_same_v<lane_t<V>, float>) {
+    return log_float(x);
+  } else {
+    for (int i = 0; i < lanes_of<V>; ++i) x[i] = std::log(x[i]);
+    return x;
+  }
+}
+
+// Transposition of one block between W contiguous rows of NC values (the
+// [M, N] layout of the inputs and outputs) and NC vectors of W lanes, one per
+// column (the transposed tiles), with register shuffles instead of 2*W*NC
+// scalar loads and stores. Column n, lane r is element NC*r + n of the
+// block: register (NC*r + n) / W, lane (NC*r + n) % W. Each column is
+// gathered from the NC registers by NC - 1 two-source shuffles, each taking
+// the lanes that come from one more register (and the same the other way).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define OTSEG_HAVE_SHUFFLES 1
+template <typename T, int NC, int B>
+struct BlockTranspose {
+  static_assert(NC >= 2, "one column needs no transposition");
+  static constexpr int W = Vec<T, B>::W;
+  using V = typename Vec<T, B>::V;
+  using Lanes = std::make_integer_sequence<int, W>;
+  static constexpr int reg(int n, int r) { return (NC * r + n) / W; }
+  static constexpr int pos(int n, int r) { return (NC * r + n) % W; }
+
+  // Rows to columns: column n from the registers R[0..NC-1].
+  template <int n, int... r>
+  static OTSEG_VEC_INLINE V first(V a, V b, std::integer_sequence<int, r...>) {
+    return __builtin_shufflevector(a, b, (reg(n, r) == 1 ? W + pos(n, r) : pos(n, r))...);
+  }
+  template <int n, int j, int... r>
+  static OTSEG_VEC_INLINE V merge(V acc, V b, std::integer_sequence<int, r...>) {
+    return __builtin_shufflevector(acc, b, (reg(n, r) == j ? W + pos(n, r) : r)...);
+  }
+  template <int n, int... j>
+  static OTSEG_VEC_INLINE V column(const V* R, std::integer_sequence<int, j...>) {
+    V acc = first<n>(R[0], R[1], Lanes{});
+    ((acc = merge<n, j + 2>(acc, R[j + 2], Lanes{})), ...);
+    return acc;
+  }
+  // W (one register of) rows, W * NC contiguous values, into NC column
+  // vectors stored at dst + n * ld.
+  static OTSEG_VEC_INLINE void rows_to_columns(const T* src, T* dst, int64_t ld) {
+    V R[NC];
+    for (int k = 0; k < NC; ++k) R[k] = load<V>(src + k * W);
+    store_columns(R, dst, ld, std::make_integer_sequence<int, NC>{});
+  }
+  template <int... n>
+  static OTSEG_VEC_INLINE void store_columns(const V* R, T* dst, int64_t ld, std::integer_sequence<int, n...>) {
+    ((store(dst + n * ld, column<n>(R, std::make_integer_sequence<int, NC - 2>{}))), ...);
+  }
+
+  // Columns to rows: output register k, lane p is element W*k + p, which is
+  // column (W*k + p) % NC, lane (W*k + p) / NC.
+  static constexpr int col(int k, int p) { return (W * k + p) % NC; }
+  static constexpr int lane(int k, int p) { return (W * k + p) / NC; }
+  template <int k, int... p>
+  static OTSEG_VEC_INLINE V first_row(V a, V b, std::integer_sequence<int, p...>) {
+    return __builtin_shufflevector(a, b, (col(k, p) == 1 ? W + lane(k, p) : lane(k, p))...);
+  }
+  template <int k, int j, int... p>
+  static OTSEG_VEC_INLINE V merge_row(V acc, V b, std::integer_sequence<int, p...>) {
+    return __builtin_shufflevector(acc, b, (col(k, p) == j ? W + lane(k, p) : p)...);
+  }
+  template <int k, int... j>
+  static OTSEG_VEC_INLINE V row_register(const V* C, std::integer_sequence<int, j...>) {
+    V acc = first_row<k>(C[0], C[1], Lanes{});
+    ((acc = merge_row<k, j + 2>(acc, C[j + 2], Lanes{})), ...);
+    return acc;
+  }
+  // NC column vectors (src + n * ld) into W * NC contiguous values.
+  static OTSEG_VEC_INLINE void columns_to_rows(const T* src, int64_t ld, T* dst) {
+    V C[NC];
+    for (int n = 0; n < NC; ++n) C[n] = load<V>(src + n * ld);
+    store_rows(C, dst, std::make_integer_sequence<int, NC>{});
+  }
+  template <int... k>
+  static OTSEG_VEC_INLINE void store_rows(const V* C, T* dst, std::integer_sequence<int, k...>) {
+    ((store(dst + k * W, row_register<k>(C, std::make_integer_sequence<int, NC - 2>{}))), ...);
+  }
+};
+#endif
+
+// A zero-filled, 64-byte aligned array (tiles and per-pixel vectors).
+template <typename T>
+class Buffer {
+ public:
+  explicit Buffer(int64_t n) {
+    const size_t bytes = std::max<size_t>(64, ((static_cast<size_t>(n) * sizeof(T) + 63) / 64) * 64);
+    p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (p_ == nullptr) throw std::bad_alloc();
+    std::memset(static_cast<void*>(p_), 0, bytes);
+  }
+  ~Buffer() { std::free(p_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  void swap(Buffer& other) { std::swap(p_, other.p_); }
+
+ private:
+  T* p_;
+};
+
+}  // namespace vec
+}  // namespace otseg
