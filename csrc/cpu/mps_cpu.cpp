@@ -3,8 +3,8 @@
 // Each (b, k) problem is solved by one thread from start to finish while its
 // M x N tile sits in cache: S is read once, every iteration and the
 // per-problem stopping test run on the tile, and the refined score (and the
-// plan when asked) is written once. Problems are spread over threads with
-// at::parallel_for. The inner loop runs in the scaling domain (two
+// plan when asked) is written once. Threads (at::parallel_for) take problems
+// one at a time from a shared counter. The inner loop runs in the scaling domain (two
 // matrix-vector products per iteration, no exp) with log-domain absorption;
 // see otseg/ops/mps/README.md for the scheme and the backward derivation.
 #include <ATen/ATen.h>
@@ -246,6 +246,119 @@ OTSEG_INLINE bool log_rows(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, con
   return !check_finite || vec::hsum<acc_t>(nonfinite) == acc_t(0);
 }
 
+// U consecutive blocks of log_rows_n from pixel m0 (rows[u] valid rows in
+// block u), written phase by phase so that the U blocks' dependency chains
+// (row max, exponentials, row sums, log) interleave: one block alone is a
+// chain about 200 cycles long that the out-of-order window cannot overlap
+// with the next block's.
+template <int B, int NC, int U, typename scalar_t, typename acc_t>
+OTSEG_INLINE void log_rows_blocks(ForwardWorkspace<acc_t>& w, int64_t M, const scalar_t* S, int64_t sM, int64_t sN,
+                                  int64_t m0, const acc_t* shift, VecOf<acc_t, B>* zreg,
+                                  VecOf<acc_t, B>& nonfinite, VecOf<acc_t, B>& total) {
+  using V = VecOf<acc_t, B>;
+  constexpr int W = vec::Vec<acc_t, B>::W;
+  const int64_t ld = w.ld;
+  const acc_t ie = w.inv_eps, mu = acc_t(1) / acc_t(M), log_mu = -std::log(acc_t(M));
+  acc_t* __restrict St = w.St.data();
+  acc_t* __restrict K = w.K.data();
+  V s[U][NC];
+  for (int u = 0; u < U; ++u) {
+    const int64_t mb = m0 + u * W;
+    const int rows = static_cast<int>(std::min<int64_t>(W, M - mb));
+    bool in_registers = false;
+#ifdef OTSEG_HAVE_SHUFFLES
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (S != nullptr && sN == 1 && sM == NC && rows == W) {
+        vec::BlockTranspose<acc_t, NC, B>::columns(S + mb * sM, s[u]);
+        for (int n = 0; n < NC; ++n) vec::store(St + n * ld + mb, s[u][n]);
+        in_registers = true;
+      }
+    }
+#endif
+    if (!in_registers) {
+      if (S != nullptr) load_block<B>(S + mb * sM, sM, sN, rows, NC, St + mb, ld);
+      for (int n = 0; n < NC; ++n) s[u][n] = vec::load<V>(St + n * ld + mb);
+    }
+  }
+  // -C/eps = (S - 1)/eps; x * 0 is NaN exactly for NaN and inf.
+  V rmax[U], rsum[U];
+  for (int u = 0; u < U; ++u) rmax[u] = vec::splat<V>(-std::numeric_limits<acc_t>::infinity());
+  for (int n = 0; n < NC; ++n)
+    for (int u = 0; u < U; ++u) {
+      nonfinite += s[u][n] * acc_t(0);
+      s[u][n] = s[u][n] * ie + shift[n];
+      rmax[u] = vec::vmax(rmax[u], s[u][n]);
+    }
+  for (int u = 0; u < U; ++u) rsum[u] = V{};
+  for (int n = 0; n < NC; ++n)
+    for (int u = 0; u < U; ++u) {
+      s[u][n] = vec::exp(s[u][n] - rmax[u]);
+      rsum[u] += s[u][n];
+    }
+  for (int u = 0; u < U; ++u) {
+    const int64_t mb = m0 + u * W;
+    const V valid = vec::first_lanes<V>(static_cast<int>(std::min<int64_t>(W, M - mb)));
+    const V a = (log_mu - rmax[u] - vec::log(rsum[u])) * valid;
+    rsum[u] = (mu / rsum[u]) * valid;  // now the row scale
+    vec::store(w.alpha.data() + mb, a);
+    total += vec::vabs(a - vec::load<V>(w.f_prev.data() + mb));
+    vec::store(w.f_prev.data() + mb, a);
+  }
+  for (int n = 0; n < NC; ++n)
+    for (int u = 0; u < U; ++u) {
+      const V k = s[u][n] * rsum[u];
+      vec::store(K + n * ld + m0 + u * W, k);
+      zreg[n] += k;
+    }
+}
+
+// log_rows for a prompt count NC known at compile time, with the blocks'
+// scores, exponentials and column sums in registers; whole blocks of
+// contiguous rows are transposed by shuffles straight into registers. Two
+// blocks at a time where the registers allow (NC <= 8).
+template <int B, int NC, typename scalar_t, typename acc_t>
+OTSEG_INLINE bool log_rows_n(ForwardWorkspace<acc_t>& w, int64_t M, const scalar_t* S, int64_t sM, int64_t sN,
+                             bool check_finite, acc_t* change) {
+  using V = VecOf<acc_t, B>;
+  constexpr int W = vec::Vec<acc_t, B>::W;
+  constexpr int U = NC <= 8 ? 2 : 1;
+  const acc_t ie = w.inv_eps;
+  acc_t shift[NC];
+  for (int n = 0; n < NC; ++n) shift[n] = w.beta[n] - ie;
+  V zreg[NC];
+  for (int n = 0; n < NC; ++n) zreg[n] = V{};
+  V nonfinite = {}, total = {};
+  int64_t m0 = 0;
+  for (; m0 + U * W <= M; m0 += U * W)
+    log_rows_blocks<B, NC, U>(w, M, S, sM, sN, m0, shift, zreg, nonfinite, total);
+  for (; m0 < M; m0 += W) log_rows_blocks<B, NC, 1>(w, M, S, sM, sN, m0, shift, zreg, nonfinite, total);
+  for (int n = 0; n < NC; ++n) w.z[n] = vec::hsum<acc_t>(zreg[n]);
+  *change = vec::hsum<acc_t>(total);
+  return !check_finite || vec::hsum<acc_t>(nonfinite) == acc_t(0);
+}
+
+// The f half-step in the log domain: the register version for the usual
+// prompt counts when the scores are contiguous rows in the compute type (or
+// already loaded), else the general one.
+template <int B, typename scalar_t, typename acc_t>
+OTSEG_INLINE bool log_rows_any(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, const scalar_t* S, int64_t sM,
+                               int64_t sN, bool check_finite, acc_t* change) {
+  const bool fixed = S == nullptr || (std::is_same_v<scalar_t, acc_t> && sN == 1 && sM == N);
+  if (fixed) {
+    switch (N) {
+      case 6:
+        return log_rows_n<B, 6>(w, M, S, sM, sN, check_finite, change);
+      case 8:
+        return log_rows_n<B, 8>(w, M, S, sM, sN, check_finite, change);
+      case 16:
+        return log_rows_n<B, 16>(w, M, S, sM, sN, check_finite, change);
+      default:
+        break;
+    }
+  }
+  return log_rows<B>(w, M, N, S, sM, sN, check_finite, change);
+}
+
 // The g half-step in the log domain from alpha (u = 1): columns of K sum to nu.
 template <typename acc_t>
 OTSEG_INLINE void rebuild_cols(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t log_nu) {
@@ -285,26 +398,35 @@ bool scale_cols(ForwardWorkspace<acc_t>& w, int64_t N, acc_t nu) {
 }
 
 // One whole iteration's products in a single sweep over K, W pixels at a
-// time with the block's products and the column sums in registers:
-// u = mu / (K v), the new full potential alpha + log u into f_new with the
-// summed |change| against f_prev into *change, and z = K^T u. Returns false
-// when u left the safe range (then f_new, *change and z are meaningless).
-template <int B, typename acc_t>
-OTSEG_INLINE bool sweep(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t* change) {
+// time with the block's products in a register: u = mu / (K v), the new full
+// potential alpha + log u into f_new with the summed |change| against f_prev
+// into *change, and z = K^T u, accumulated per lane (in registers when the
+// prompt count NC is a compile-time constant, else in memory) and reduced
+// across lanes once. Returns false when u left the safe range (then f_new,
+// *change and z are meaningless).
+template <int B, int NC, typename acc_t>
+OTSEG_INLINE bool sweep_n(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N_any, acc_t* change) {
   using V = VecOf<acc_t, B>;
   constexpr int W = vec::Vec<acc_t, B>::W;
+  const int64_t N = NC > 0 ? NC : N_any;
   const int64_t ld = w.ld;
   const acc_t mu = acc_t(1) / acc_t(M);
   const acc_t* __restrict K = w.K.data();
+  const acc_t* __restrict v = w.v.data();
   acc_t* __restrict zacc = w.zacc.data();
-  for (int64_t n = 0; n < N; ++n) vec::store(zacc + n * W, V{});
+  V zreg[NC > 0 ? NC : 1];
+  if constexpr (NC > 0) {
+    for (int n = 0; n < NC; ++n) zreg[n] = V{};
+  } else {
+    for (int64_t n = 0; n < N; ++n) vec::store(zacc + n * W, V{});
+  }
   V lo = vec::splat<V>(std::numeric_limits<acc_t>::infinity()), hi = {}, total = {};
   for (int64_t m0 = 0; m0 < M; m0 += W) {
     const V valid = vec::first_lanes<V>(static_cast<int>(std::min<int64_t>(W, M - m0)));
     // 1 in the padding lanes, where K v = 0: u = mu there, masked to 0 after.
     const V pad = acc_t(1) - valid;
-    V kv = vec::load<V>(K + m0) * w.v[0];
-    for (int64_t n = 1; n < N; ++n) kv += vec::load<V>(K + n * ld + m0) * w.v[n];
+    V kv = vec::load<V>(K + m0) * v[0];
+    for (int64_t n = 1; n < N; ++n) kv += vec::load<V>(K + n * ld + m0) * v[n];
     const V u_all = mu / (kv + pad);
     const V um = u_all * valid;
     lo = vec::vmin(lo, u_all);
@@ -313,12 +435,31 @@ OTSEG_INLINE bool sweep(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t*
     const V a = (vec::load<V>(w.alpha.data() + m0) + vec::log(u_all)) * valid;
     total += vec::vabs(a - vec::load<V>(w.f_prev.data() + m0));
     vec::store(w.f_new.data() + m0, a);
-    for (int64_t n = 0; n < N; ++n)
-      vec::store(zacc + n * W, vec::load<V>(zacc + n * W) + vec::load<V>(K + n * ld + m0) * um);
+    if constexpr (NC > 0) {
+      for (int n = 0; n < NC; ++n) zreg[n] += vec::load<V>(K + n * ld + m0) * um;
+    } else {
+      for (int64_t n = 0; n < N; ++n)
+        vec::store(zacc + n * W, vec::load<V>(zacc + n * W) + vec::load<V>(K + n * ld + m0) * um);
+    }
   }
-  for (int64_t n = 0; n < N; ++n) w.z[n] = vec::hsum<acc_t>(vec::load<V>(zacc + n * W));
+  for (int64_t n = 0; n < N; ++n)
+    w.z[n] = vec::hsum<acc_t>(NC > 0 ? zreg[NC > 0 ? n : 0] : vec::load<V>(zacc + n * W));
   *change = vec::hsum<acc_t>(total);
   return vec::hmin<acc_t>(lo) >= acc_t(std::exp(-kAbsorb)) && vec::hmax<acc_t>(hi) <= acc_t(std::exp(kAbsorb));
+}
+
+template <int B, typename acc_t>
+OTSEG_INLINE bool sweep(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t* change) {
+  switch (N) {
+    case 6:
+      return sweep_n<B, 6>(w, M, N, change);
+    case 8:
+      return sweep_n<B, 8>(w, M, N, change);
+    case 16:
+      return sweep_n<B, 16>(w, M, N, change);
+    default:
+      return sweep_n<B, 0>(w, M, N, change);
+  }
 }
 
 // Refined score M*N*u_m*sum_n K[n, m] v_n S[m, n], and the plan u_m K[n, m] v_n.
@@ -371,7 +512,7 @@ OTSEG_INLINE bool forward_problem(const scalar_t* S, int64_t sM, int64_t sN, int
         // the log domain.
         std::copy_n(w.f_prev.data(), M, w.alpha.data());
         rebuild_cols(w, M, N, log_nu);
-        std::fill_n(w.u.data(), M, acc_t(1));
+        std::fill_n(w.u.data(), w.ld, acc_t(1));
         std::fill(w.v.begin(), w.v.end(), acc_t(1));
       }
     } else {
@@ -379,10 +520,10 @@ OTSEG_INLINE bool forward_problem(const scalar_t* S, int64_t sM, int64_t sN, int
       // the f half-step in the log domain (rebuilding K), then the g half-step.
       if (have_kernel)
         for (int64_t n = 0; n < N; ++n) w.beta[n] += fast::log(w.v[n]);
-      if (!log_rows<B>(w, M, N, have_kernel ? nullptr : S, sM, sN, check_finite && !have_kernel, &change))
+      if (!log_rows_any<B>(w, M, N, have_kernel ? nullptr : S, sM, sN, check_finite && !have_kernel, &change))
         return false;
       have_kernel = true;
-      std::fill_n(w.u.data(), M, acc_t(1));
+      std::fill_n(w.u.data(), w.ld, acc_t(1));
       if (!scale_cols(w, N, nu)) {
         rebuild_cols(w, M, N, log_nu);
         std::fill(w.v.begin(), w.v.end(), acc_t(1));
@@ -412,16 +553,17 @@ struct BackwardWorkspace {
         wacc(N * N * W), weights(N * N), rhs(N), y(N), scratch(N) {}
 };
 
-// The implicit gradient of one problem (README.md beside otseg/ops/mps), W
-// pixels at a time on transposed tiles. The N x N system is formed as the
-// Laplacian of the prompt weights W_nk = sum_m T_mn T_mk / a_m (sums of
-// positive terms, accurate in float) and solved in double without
-// subtractions (csrc/common/gauge_solve.h).
+// Pass 1 of the backward (README.md beside otseg/ops/mps): T = exp((f + g -
+// C)/eps) and H = -(T * G)/eps with G = G_plan + M N S dS* into the tiles,
+// r = H 1 and 1/a = 1/(T 1), and the sums the N x N system needs: the
+// right-hand side s - T^T (r / a) into w.rhs and the prompt weights
+// W_nk = sum_m T_mn T_mk / a_m into w.weights (sums of positive terms,
+// accurate in float), accumulated per lane and reduced once. This version
+// takes any N (sums in memory).
 template <int B, typename scalar_t, typename acc_t>
-OTSEG_INLINE void backward_problem(const scalar_t* dscore, const scalar_t* dplan, int64_t dpM, int64_t dpN,
-                                         const scalar_t* S, int64_t sM, int64_t sN, const acc_t* f,
-                                         const acc_t* g, int64_t M, int64_t N, acc_t eps, scalar_t* dS,
-                                         BackwardWorkspace<acc_t>& w) {
+OTSEG_INLINE void backward_sums(const scalar_t* dscore, const scalar_t* dplan, int64_t dpM, int64_t dpN,
+                                const scalar_t* S, int64_t sM, int64_t sN, const acc_t* f, const acc_t* g,
+                                int64_t M, int64_t N, acc_t eps, BackwardWorkspace<acc_t>& w) {
   using V = VecOf<acc_t, B>;
   constexpr int W = vec::Vec<acc_t, B>::W;
   const acc_t ie = acc_t(1) / eps;
@@ -435,21 +577,21 @@ OTSEG_INLINE void backward_problem(const scalar_t* dscore, const scalar_t* dplan
     vec::store(racc + n * W, V{});
     for (int64_t k = n + 1; k < N; ++k) vec::store(wacc + (n * N + k) * W, V{});
   }
-  // Pass 1: T = exp((f + g - C)/eps); H = -(T * G)/eps with
-  // G = G_plan + M N S dS*; r = H 1, 1/a = 1/(T 1); the per-lane sums of the
-  // right-hand side s - T^T (r / a) and of the weights. S (and G_plan) are
-  // read one block ahead into the T (and H) tile, where they are overwritten
-  // (a vector load right after the transposing stores would stall).
-  auto stage = [&](int64_t m0) {
-    const int rows = static_cast<int>(std::min<int64_t>(W, M - m0));
-    load_block<B>(S + m0 * sM, sM, sN, rows, N, T + m0, ld);
-    if (dplan != nullptr) load_block<B>(dplan + m0 * dpM, dpM, dpN, rows, N, H + m0, ld);
-  };
-  stage(0);
+  // S (and G_plan) are read one block ahead into the T (and H) tile, where
+  // they are overwritten (a vector load right after the transposing stores
+  // would stall).
+  // (Not a lambda: a lambda is a function of its own, compiled for the
+  // baseline ISA instead of being inlined into this entry point's.)
+  load_block<B>(S, sM, sN, static_cast<int>(std::min<int64_t>(W, M)), N, T, ld);
+  if (dplan != nullptr) load_block<B>(dplan, dpM, dpN, static_cast<int>(std::min<int64_t>(W, M)), N, H, ld);
   for (int64_t m0 = 0; m0 < M; m0 += W) {
     const int rows = static_cast<int>(std::min<int64_t>(W, M - m0));
     const V valid = vec::first_lanes<V>(rows);
-    if (m0 + W < M) stage(m0 + W);
+    if (m0 + W < M) {
+      const int next = static_cast<int>(std::min<int64_t>(W, M - m0 - W));
+      load_block<B>(S + (m0 + W) * sM, sM, sN, next, N, T + m0 + W, ld);
+      if (dplan != nullptr) load_block<B>(dplan + (m0 + W) * dpM, dpM, dpN, next, N, H + m0 + W, ld);
+    }
     const V fe = vec::load_partial<V>(f + m0, rows) * ie;
     const V ds = dscore != nullptr ? vec::load_partial<V>(dscore + m0, rows) * mn : V{};
     V a = {}, r = {};
@@ -489,6 +631,116 @@ OTSEG_INLINE void backward_problem(const scalar_t* dscore, const scalar_t* dplan
       w.weights[k * N + n] = wk;
     }
   }
+}
+
+// A block [NC, W] of a problem's [M, NC] input in registers: shuffles for a
+// whole block of contiguous rows in the compute type, else through the tile
+// `via` (transposing stores, then loads: this path stalls on store
+// forwarding, but only the last block or strided / half-precision inputs
+// take it).
+template <int B, int NC, typename scalar_t, typename acc_t>
+OTSEG_INLINE void load_columns(const scalar_t* src, int64_t sM, int64_t sN, int rows, acc_t* via, int64_t ld,
+                               VecOf<acc_t, B>* out) {
+#ifdef OTSEG_HAVE_SHUFFLES
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (sN == 1 && sM == NC && rows == vec::Vec<acc_t, B>::W) return vec::BlockTranspose<acc_t, NC, B>::columns(src, out);
+  }
+#endif
+  load_block<B>(src, sM, sN, rows, NC, via, ld);
+  for (int n = 0; n < NC; ++n) out[n] = vec::load<VecOf<acc_t, B>>(via + n * ld);
+}
+
+// backward_sums for a prompt count NC known at compile time: the block's
+// scores, T, and every sum in registers (NC (NC - 1) / 2 weight sums: used for
+// NC <= 8), whole blocks of contiguous rows transposed by shuffles straight
+// into registers.
+template <int B, int NC, typename scalar_t, typename acc_t>
+OTSEG_INLINE void backward_sums_n(const scalar_t* dscore, const scalar_t* dplan, int64_t dpM, int64_t dpN,
+                                  const scalar_t* S, int64_t sM, int64_t sN, const acc_t* f, const acc_t* g,
+                                  int64_t M, acc_t eps, BackwardWorkspace<acc_t>& w) {
+  using V = VecOf<acc_t, B>;
+  constexpr int W = vec::Vec<acc_t, B>::W;
+  constexpr int NP = NC * (NC - 1) / 2;
+  const acc_t ie = acc_t(1) / eps;
+  const acc_t mn = acc_t(M) * acc_t(NC);
+  const int64_t ld = w.ld;
+  acc_t* __restrict T = w.T.data();
+  acc_t* __restrict H = w.H.data();
+  acc_t gshift[NC];
+  for (int n = 0; n < NC; ++n) gshift[n] = (g[n] - acc_t(1)) * ie;
+  V racc[NC], wreg[NP];
+  for (int n = 0; n < NC; ++n) racc[n] = V{};
+  for (int i = 0; i < NP; ++i) wreg[i] = V{};
+  for (int64_t m0 = 0; m0 < M; m0 += W) {
+    const int rows = static_cast<int>(std::min<int64_t>(W, M - m0));
+    const V valid = vec::first_lanes<V>(rows);
+    V s[NC], t[NC];
+    load_columns<B, NC>(S + m0 * sM, sM, sN, rows, T + m0, ld, s);
+    V gp[NC] = {};
+    if (dplan != nullptr) load_columns<B, NC>(dplan + m0 * dpM, dpM, dpN, rows, H + m0, ld, gp);
+    const V fe = vec::load_partial<V>(f + m0, rows) * ie;
+    const V ds = dscore != nullptr ? vec::load_partial<V>(dscore + m0, rows) * mn : V{};
+    V a = {}, r = {};
+    for (int n = 0; n < NC; ++n) {
+      // Padding lanes (S = 0, f = 0) get a finite t that 1/a = 0 keeps out
+      // of every sum below; H is 0 there.
+      t[n] = vec::exp(fe + s[n] * ie + gshift[n]);
+      V gv = dplan != nullptr ? gp[n] : V{};
+      if (dscore != nullptr) gv += s[n] * ds;
+      const V h = -(t[n] * gv) * ie;
+      vec::store(T + n * ld + m0, t[n]);
+      vec::store(H + n * ld + m0, h);
+      a += t[n];
+      r += h;
+      racc[n] += h;
+    }
+    // a >= N e^-87 > 0: exp never returns 0.
+    const V ia = valid / a;
+    vec::store(w.inv_a.data() + m0, ia);
+    vec::store(w.r.data() + m0, r);
+    const V x = r * ia;
+    int i = 0;
+    for (int n = 0; n < NC; ++n) {
+      racc[n] -= t[n] * x;
+      const V tw = t[n] * ia;
+      for (int k = n + 1; k < NC; ++k) wreg[i++] += tw * t[k];
+    }
+  }
+  int i = 0;
+  for (int n = 0; n < NC; ++n) {
+    w.rhs[n] = vec::hsum<acc_t>(racc[n]);
+    for (int k = n + 1; k < NC; ++k) {
+      const double wk = vec::hsum<acc_t>(wreg[i++]);
+      w.weights[n * NC + k] = wk;
+      w.weights[k * NC + n] = wk;
+    }
+  }
+}
+
+// The implicit gradient of one problem (README.md beside otseg/ops/mps), W
+// pixels at a time on transposed tiles: the sums of pass 1, the N x N
+// Laplacian system solved in double without subtractions
+// (csrc/common/gauge_solve.h), and dS.
+template <int B, typename scalar_t, typename acc_t>
+OTSEG_INLINE void backward_problem(const scalar_t* dscore, const scalar_t* dplan, int64_t dpM, int64_t dpN,
+                                   const scalar_t* S, int64_t sM, int64_t sN, const acc_t* f, const acc_t* g,
+                                   int64_t M, int64_t N, acc_t eps, scalar_t* dS, BackwardWorkspace<acc_t>& w) {
+  using V = VecOf<acc_t, B>;
+  constexpr int W = vec::Vec<acc_t, B>::W;
+  const acc_t mn = acc_t(M) * acc_t(N);
+  const int64_t ld = w.ld;
+  const acc_t* __restrict T = w.T.data();
+  const acc_t* __restrict H = w.H.data();
+  switch (N) {
+    case 6:
+      backward_sums_n<B, 6>(dscore, dplan, dpM, dpN, S, sM, sN, f, g, M, eps, w);
+      break;
+    case 8:
+      backward_sums_n<B, 8>(dscore, dplan, dpM, dpN, S, sM, sN, f, g, M, eps, w);
+      break;
+    default:
+      backward_sums<B>(dscore, dplan, dpM, dpN, S, sM, sN, f, g, M, N, eps, w);
+  }
   laplacian_gauge_solve(w.weights.data(), w.rhs.data(), w.y.data(), w.scratch.data(), static_cast<int>(N));
   // Pass 2: x = (r - T y)/a; dS = -dC + M N T dS* = T (x + y + M N dS*) - H,
   // written row-major a block at a time.
@@ -523,6 +775,8 @@ struct ForwardArgs {
   scalar_t* plan;  // nullptr: no plan
   acc_t *f, *g;
   int32_t* n_iter;
+  int64_t P;
+  std::atomic<int64_t>* next;  // the next problem nobody has taken
 };
 
 template <typename scalar_t, typename acc_t>
@@ -534,15 +788,20 @@ struct BackwardArgs {
   const acc_t *f, *g;
   acc_t eps;
   scalar_t* out;
+  int64_t P;
+  std::atomic<int64_t>* next;  // the next problem nobody has taken
 };
 
-// One thread's problems [begin, end) with vectors of B bytes. Returns false if
-// a problem's scores held NaN or inf (with check_finite).
+// One thread's share of the problems, with vectors of B bytes: each thread
+// takes the next untaken problem until none is left, so a thread that starts
+// late (woken from sleep) or runs slower leaves its share to the others
+// instead of making them wait. Returns false if a problem's scores held NaN
+// or inf (with check_finite).
 template <int B, typename scalar_t, typename acc_t>
-OTSEG_INLINE bool forward_chunk(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+OTSEG_INLINE bool forward_chunk(const ForwardArgs<scalar_t, acc_t>& a) {
   ForwardWorkspace<acc_t> w(a.M, a.N);
   bool ok = true;
-  for (int64_t p = begin; p < end; ++p)
+  for (int64_t p = a.next->fetch_add(1); p < a.P; p = a.next->fetch_add(1))
     ok &= forward_problem<B>(a.S + p * a.sP, a.sM, a.sN, a.M, a.N, a.eps, a.max_iter, a.tol, a.check_finite,
                              a.score + p * a.M, a.plan ? a.plan + p * a.M * a.N : nullptr, a.f + p * a.M,
                              a.g + p * a.N, a.n_iter + p, w);
@@ -550,9 +809,9 @@ OTSEG_INLINE bool forward_chunk(const ForwardArgs<scalar_t, acc_t>& a, int64_t b
 }
 
 template <int B, typename scalar_t, typename acc_t>
-OTSEG_INLINE void backward_chunk(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+OTSEG_INLINE void backward_chunk(const BackwardArgs<scalar_t, acc_t>& a) {
   BackwardWorkspace<acc_t> w(a.M, a.N);
-  for (int64_t p = begin; p < end; ++p)
+  for (int64_t p = a.next->fetch_add(1); p < a.P; p = a.next->fetch_add(1))
     backward_problem<B>(a.dscore ? a.dscore + p * a.M : nullptr, a.dplan ? a.dplan + p * a.dpP : nullptr, a.dpM,
                         a.dpN, a.S + p * a.sP, a.sM, a.sN, a.f + p * a.M, a.g + p * a.N, a.M, a.N, a.eps,
                         a.out + p * a.M * a.N, w);
@@ -561,20 +820,20 @@ OTSEG_INLINE void backward_chunk(const BackwardArgs<scalar_t, acc_t>& a, int64_t
 // The entry points, one per instruction set, each compiled for it.
 #ifdef OTSEG_X86_DISPATCH
 template <typename scalar_t, typename acc_t>
-OTSEG_TARGET("arch=x86-64-v4") bool forward_avx512(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
-  return forward_chunk<64>(a, b, e);
+OTSEG_TARGET("arch=x86-64-v4") bool forward_avx512(const ForwardArgs<scalar_t, acc_t>& a) {
+  return forward_chunk<64>(a);
 }
 template <typename scalar_t, typename acc_t>
-OTSEG_TARGET("arch=x86-64-v3") bool forward_avx2(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
-  return forward_chunk<32>(a, b, e);
+OTSEG_TARGET("arch=x86-64-v3") bool forward_avx2(const ForwardArgs<scalar_t, acc_t>& a) {
+  return forward_chunk<32>(a);
 }
 template <typename scalar_t, typename acc_t>
-OTSEG_TARGET("arch=x86-64-v4") void backward_avx512(const BackwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
-  backward_chunk<64>(a, b, e);
+OTSEG_TARGET("arch=x86-64-v4") void backward_avx512(const BackwardArgs<scalar_t, acc_t>& a) {
+  backward_chunk<64>(a);
 }
 template <typename scalar_t, typename acc_t>
-OTSEG_TARGET("arch=x86-64-v3") void backward_avx2(const BackwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
-  backward_chunk<32>(a, b, e);
+OTSEG_TARGET("arch=x86-64-v3") void backward_avx2(const BackwardArgs<scalar_t, acc_t>& a) {
+  backward_chunk<32>(a);
 }
 constexpr int kBaselineBytes = 16;  // SSE2, part of every x86-64 CPU
 #elif defined(__AVX512F__)
@@ -585,12 +844,12 @@ constexpr int kBaselineBytes = 32;
 constexpr int kBaselineBytes = 16;  // SSE2, NEON
 #endif
 template <typename scalar_t, typename acc_t>
-bool forward_baseline(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
-  return forward_chunk<kBaselineBytes>(a, b, e);
+bool forward_baseline(const ForwardArgs<scalar_t, acc_t>& a) {
+  return forward_chunk<kBaselineBytes>(a);
 }
 template <typename scalar_t, typename acc_t>
-void backward_baseline(const BackwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
-  backward_chunk<kBaselineBytes>(a, b, e);
+void backward_baseline(const BackwardArgs<scalar_t, acc_t>& a) {
+  backward_chunk<kBaselineBytes>(a);
 }
 
 enum class Isa { avx512, avx2, baseline };
@@ -623,30 +882,30 @@ Isa cpu_isa() {
 }
 
 template <typename scalar_t, typename acc_t>
-bool run_forward(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+bool run_forward(const ForwardArgs<scalar_t, acc_t>& a) {
   switch (cpu_isa()) {
 #ifdef OTSEG_X86_DISPATCH
     case Isa::avx512:
-      return forward_avx512(a, b, e);
+      return forward_avx512(a);
     case Isa::avx2:
-      return forward_avx2(a, b, e);
+      return forward_avx2(a);
 #endif
     default:
-      return forward_baseline(a, b, e);
+      return forward_baseline(a);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void run_backward(const BackwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+void run_backward(const BackwardArgs<scalar_t, acc_t>& a) {
   switch (cpu_isa()) {
 #ifdef OTSEG_X86_DISPATCH
     case Isa::avx512:
-      return backward_avx512(a, b, e);
+      return backward_avx512(a);
     case Isa::avx2:
-      return backward_avx2(a, b, e);
+      return backward_avx2(a);
 #endif
     default:
-      return backward_baseline(a, b, e);
+      return backward_baseline(a);
   }
 }
 
@@ -664,6 +923,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
   auto n_iter = at::empty({P}, scores.options().dtype(at::kInt));
   const int64_t sP = scores.stride(0), sM = scores.stride(1), sN = scores.stride(2);
   std::atomic<bool> nonfinite{false};
+  std::atomic<int64_t> next{0};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "mps_forward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
@@ -674,9 +934,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
     acc_t* g_p = g.mutable_data_ptr<acc_t>();
     int32_t* it_p = n_iter.mutable_data_ptr<int32_t>();
     const ForwardArgs<scalar_t, acc_t> args{S, sP, sM, sN, M, N, static_cast<acc_t>(eps), max_iter,
-                                             static_cast<acc_t>(tol), check_finite, score_p, plan_p, f_p, g_p, it_p};
-    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-      if (!run_forward(args, begin, end)) nonfinite = true;
+                                             static_cast<acc_t>(tol), check_finite, score_p, plan_p, f_p, g_p, it_p,
+                                             P, &next};
+    at::parallel_for(0, std::min<int64_t>(P, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      if (!run_forward(args)) nonfinite = true;
     });
   });
   TORCH_CHECK_VALUE(!nonfinite, "the input contains NaN or inf; pass check_finite=False to skip this check");
@@ -700,6 +961,7 @@ at::Tensor mps_backward_cpu(const std::optional<at::Tensor>& grad_score,
   auto grad = at::empty({P, M, N}, scores.options());
   if (!ds.defined() && !dp.defined()) return grad.zero_();
 
+  std::atomic<int64_t> next{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "mps_backward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const scalar_t* S = scores.const_data_ptr<scalar_t>();
@@ -712,8 +974,9 @@ at::Tensor mps_backward_cpu(const std::optional<at::Tensor>& grad_score,
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
     const int64_t sP = scores.stride(0), sM = scores.stride(1), sN = scores.stride(2);
     const BackwardArgs<scalar_t, acc_t> args{ds_p, dp_p, dpP, dpM, dpN, S, sP, sM, sN, M, N, f_p, g_p,
-                                              static_cast<acc_t>(eps), out};
-    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) { run_backward(args, begin, end); });
+                                              static_cast<acc_t>(eps), out, P, &next};
+    at::parallel_for(0, std::min<int64_t>(P, at::get_num_threads()), 1,
+                     [&](int64_t, int64_t) { run_backward(args); });
   });
   return grad;
 }

@@ -215,8 +215,18 @@ struct BlockTranspose {
     ((acc = merge<n, j + 2>(acc, R[j + 2], Lanes{})), ...);
     return acc;
   }
-  // W (one register of) rows, W * NC contiguous values, into NC column
-  // vectors stored at dst + n * ld.
+  // W rows, W * NC contiguous values, into NC column vectors.
+  static OTSEG_VEC_INLINE void columns(const T* src, V* out) {
+    V R[NC];
+    for (int k = 0; k < NC; ++k) R[k] = load<V>(src + k * W);
+    fill_columns(R, out, std::make_integer_sequence<int, NC>{});
+  }
+  template <int... n>
+  static OTSEG_VEC_INLINE void fill_columns(const V* R, V* out, std::integer_sequence<int, n...>) {
+    ((out[n] = column<n>(R, std::make_integer_sequence<int, NC - 2>{})), ...);
+  }
+  // W rows, W * NC contiguous values, into NC column vectors stored at
+  // dst + n * ld.
   static OTSEG_VEC_INLINE void rows_to_columns(const T* src, T* dst, int64_t ld) {
     V R[NC];
     for (int k = 0; k < NC; ++k) R[k] = load<V>(src + k * W);
@@ -258,7 +268,8 @@ struct BlockTranspose {
 };
 #endif
 
-// A zero-filled, 64-byte aligned array (tiles and per-pixel vectors).
+// A 64-byte aligned array (tiles and per-pixel vectors), uninitialised: the
+// kernels write every lane they read (padding lanes included).
 template <typename T>
 class Buffer {
  public:
@@ -266,7 +277,6 @@ class Buffer {
     const size_t bytes = std::max<size_t>(64, ((static_cast<size_t>(n) * sizeof(T) + 63) / 64) * 64);
     p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
     if (p_ == nullptr) throw std::bad_alloc();
-    std::memset(static_cast<void*>(p_), 0, bytes);
   }
   ~Buffer() { std::free(p_); }
   Buffer(const Buffer&) = delete;
