@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-PACKAGES ?= ninja pybind11 numpy tqdm pytest scipy POT matplotlib
+PACKAGES ?= ninja pybind11 numpy tqdm pytest scipy POT matplotlib open_clip_torch
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: on a machine with an NVIDIA GPU (no network needed; torch, triton,
 # ninja, pytest and numpy installed), build otseg for this card only, run every
-# GPU test and the benchmark, and write logs and results into the folder given
+# GPU test, the operator benchmark and the model step, and write logs and results into the folder given
 # as the first argument. Budget: about 8 minutes.
 #
 #   bash bench/gpu_check.sh OUT_DIR
@@ -45,5 +45,8 @@ step "benchmark"
 timeout 240 otseg bench --device cuda --cases voc,coco,coco16 --generators clip,hard --out "$out/bench" --no-plot \
   > "$out/bench.log" 2>&1 || status=1
 tail -40 "$out/bench.log" | tee -a "$out/summary.txt"
+step "model training step (otseg bench --model)"
+timeout 120 otseg bench --model --device cuda > "$out/bench-model.log" 2>&1 || status=1
+tail -12 "$out/bench-model.log" | tee -a "$out/summary.txt"
 step "done (status $status)"
 exit $status

@@ -2,6 +2,7 @@
 
     otseg backends                 which backends run here, and what "auto" picks
     otseg bench [--quick] [...]    the benchmark of SPEC section 4 (bench/README.md)
+    otseg bench --model [--quick]  one training step of the OTSeg head per backend
 """
 
 import argparse
@@ -84,6 +85,12 @@ def _parser():
     bench.add_argument("--threads", type=_positive_int, metavar="N",
                        help="CPU threads of torch and the fused CPU kernel (default: torch's default, one per core); "
                             "on a machine shared with other work, fewer threads give steadier times")
+    bench.add_argument("--model", action="store_true",
+                       help="instead of the operator benchmark, time one training step of the OTSeg head (relation "
+                            "descriptor, MPSA decoder, MPS path, focal+dice losses, backward, AdamW) at B=4, K=171, "
+                            "N=8, M=1024, D=512 with the reference and each otseg backend of the device (or "
+                            "--backends), and the Sinkhorn share of the step; prints a table, writes no files "
+                            "(2-5 minutes on 2 CPU cores; with --quick, small sizes in seconds)")
     bench.add_argument("--no-plot", action="store_true", help="do not draw latest.png")
     bench.add_argument("--seed", type=int, default=0, help="seed of the scores and loss weights (default: 0)")
     bench.add_argument("--compile-scope", choices=COMPILE_SCOPES, default="step",
@@ -121,6 +128,20 @@ def _bench(args, command):
                              f"CUDA build {torch.version.cuda})")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model:
+        from . import ops
+        from .benchmark import model
+
+        chosen = _flatten(args.backends)
+        if chosen and any(n not in model.BACKEND_NAMES for n in chosen):
+            args.subparser.error(f"--model compares otseg backends only ({', '.join(model.BACKEND_NAMES)})")
+        try:
+            for name in chosen or ():
+                ops.resolve_backend(name, args.device)
+        except ValueError as exc:
+            args.subparser.error(str(exc))
+        model.run(quick=args.quick, device=args.device, backends=chosen, repeats=args.repeats, seed=args.seed)
+        return 0
     settings = dict(QUICK if args.quick else DEFAULTS[args.device])
     for key in ("cases", "generators", "modes"):
         chosen = _flatten(getattr(args, key))

@@ -1,0 +1,269 @@
+"""The OTSeg model (SPEC section 3): image encoder, text embeddings and head.
+
+    >>> model = OTSeg.from_config("voc20")              # CLIP VPT encoder, shipped text embeddings
+    >>> out = model(images)                              # HeadOutput(dec, mps), [B, K, H, W] logits
+    >>> loss = model.loss(out, labels).total
+    >>> labels = model.predict(images)                   # OTSeg+ argmax [B, H, W]
+
+The encoder (``otseg.model.clip.VPTImageEncoder``) is imported only when
+``from_config`` has to build one; any module with its interface works:
+``encoder(images [B, 3, H, W]) -> (g [B, D], patches [B, M, D], (h, w))``.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import data
+from ..nn.mpsa import set_backend
+from .head import MODES, OTSegHead, class_probabilities
+from .losses import otseg_loss
+
+__all__ = ["OTSegConfig", "OTSeg"]
+
+SETTINGS = ("inductive", "transductive", "supervised")
+
+
+@dataclass
+class OTSegConfig:
+    """Everything that defines an OTSeg model (defaults: SPEC section 3).
+
+    Attributes:
+        dataset: "voc20", "context59" or "cocostuff171" (text embeddings, class splits).
+        setting: "inductive" (seen-class bias at inference), "transductive" or "supervised".
+        num_prompts: visual prompt tokens P of the encoder (10 VOC/Context, 100 COCO).
+        prompt_dropout: dropout of the visual prompts. Default 0.1.
+        clip_weights: CLIP ViT-B/16 weights for the encoder (None: random init, with a warning).
+        text_embeddings: a ``.npy`` file to load instead of the shipped embeddings.
+        dim, num_layers, ffn_dim, dropout: the head (512, 3, 2048, 0.1).
+        eps, max_iter, tol, backend: every Sinkhorn (0.05, 100, 1e-6, "auto").
+        ensemble_weight: λ of OTSeg+. Default 0.5.
+        seen_bias: subtracted from seen-class probabilities (inductive). Default 0.1.
+        focal_weight, dice_weight, focal_alpha, focal_gamma: the loss (100, 1, 0.25, 2).
+        ignore_index: label of unlabelled / unseen pixels. Default 255.
+    """
+
+    dataset: str = "voc20"
+    setting: str = "inductive"
+    num_prompts: int = 10
+    prompt_dropout: float = 0.1
+    clip_weights: Optional[str] = None
+    text_embeddings: Optional[str] = None
+    dim: int = 512
+    num_layers: int = 3
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    eps: float = 0.05
+    max_iter: int = 100
+    tol: float = 1e-6
+    backend: str = "auto"
+    ensemble_weight: float = 0.5
+    seen_bias: float = 0.1
+    focal_weight: float = 100.0
+    dice_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    ignore_index: int = 255
+
+    @classmethod
+    def for_dataset(cls, dataset, **overrides):
+        """The SPEC defaults of ``dataset`` (100 visual prompts for COCO-Stuff), then ``overrides``."""
+        defaults = dict(dataset=dataset, num_prompts=100 if dataset == "cocostuff171" else 10)
+        return cls(**{**defaults, **overrides})
+
+    @classmethod
+    def from_dict(cls, values):
+        """An OTSegConfig from a dict of its fields; unknown keys raise ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown OTSegConfig fields {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+    def __post_init__(self):
+        if self.dataset not in data.DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {data.DATASETS}")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"unknown setting {self.setting!r}; choose one of {SETTINGS}")
+        if not 0 <= self.ensemble_weight <= 1:
+            raise ValueError(f"ensemble_weight must be in [0, 1], got {self.ensemble_weight}")
+
+
+class OTSeg(nn.Module):
+    """OTSeg / OTSeg+: a (prompt-tuned, frozen) image encoder, frozen text
+    embeddings and the trainable head.
+
+    Args:
+        encoder: module ``images [B, 3, H, W] -> (g [B, D], patches [B, M, D],
+            (h, w))``; its own ``requires_grad`` flags decide what of it trains.
+        text_embeddings: [K, N, D] text embeddings (normalised here); a
+            buffer, never trained.
+        config: OTSegConfig (default: ``OTSegConfig()``); its ``dataset``
+            names the class split (seen classes) unless ``seen`` is given.
+        seen: indices of the seen classes (for the inductive bias at
+            inference); default: the config's dataset split when K matches it,
+            else none.
+    """
+
+    def __init__(self, encoder, text_embeddings, config=None, seen=None):
+        super().__init__()
+        self.config = config = config or OTSegConfig()
+        text = torch.as_tensor(text_embeddings)
+        if text.dim() != 3 or text.shape[-1] != config.dim:
+            raise ValueError(f"text_embeddings must have shape [K, N, {config.dim}], got {tuple(text.shape)}")
+        self.encoder = encoder
+        self.register_buffer("text", F.normalize(text.float(), dim=-1))
+        if seen is None:
+            split = data.class_splits()[config.dataset]
+            seen = split["seen"] if len(split["classes"]) == text.shape[0] else []
+        self.register_buffer("seen", torch.as_tensor(list(seen), dtype=torch.long))
+        self.head = OTSegHead(config.dim, config.num_layers, config.ffn_dim, config.dropout, config.eps,
+                              config.max_iter, config.tol, config.backend)
+
+    @classmethod
+    def from_config(cls, config="voc20", encoder=None, text_embeddings=None, seen=None, **overrides):
+        """Build a model from a config.
+
+        Args:
+            config: an OTSegConfig, a dict of its fields, or a dataset name
+                (that dataset's defaults, ``OTSegConfig.for_dataset``).
+            encoder: an encoder module to use (e.g. a test double); None
+                builds ``otseg.model.clip.VPTImageEncoder`` from the config.
+            text_embeddings: [K, N, D] tensor; None loads the config's
+                dataset embeddings (``otseg.data.load_text_embeddings``).
+            seen: seen-class indices (default: the dataset's split, see OTSeg).
+            overrides: config fields to change.
+        """
+        if isinstance(config, str):
+            config = OTSegConfig.for_dataset(config, **overrides)
+        elif isinstance(config, dict):
+            config = OTSegConfig.from_dict({**config, **overrides})
+        elif isinstance(config, OTSegConfig):
+            config = dataclasses.replace(config, **overrides)
+        else:
+            raise TypeError(f"config must be an OTSegConfig, a dict or a dataset name, got {type(config).__name__}")
+        if text_embeddings is None:
+            text_embeddings = data.load_text_embeddings(config.dataset, config.text_embeddings)
+        if encoder is None:
+            try:
+                from .clip import VPTImageEncoder
+            except ImportError as exc:
+                raise ImportError(f"the CLIP image encoder (otseg.model.clip) cannot be imported: {exc}; "
+                                  "pass encoder= to use another") from exc
+            encoder = VPTImageEncoder(num_prompts=config.num_prompts, weights=config.clip_weights,
+                                      prompt_dropout=config.prompt_dropout)
+        return cls(encoder, text_embeddings, config, seen)
+
+    @property
+    def backend(self):
+        """The backend of every Sinkhorn; setting it switches all of them."""
+        return self.head.backend
+
+    @backend.setter
+    def backend(self, value):
+        set_backend(self.head, value)
+        self.config = dataclasses.replace(self.config, backend=value)
+
+    @property
+    def num_classes(self):
+        return self.text.shape[0]
+
+    def trainable_parameters(self):
+        """The parameters that train: the encoder's trainable ones (visual
+        prompts and their LayerNorm), the relation descriptor and the decoder."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, images, classes=None):
+        """
+        Args:
+            images: [B, 3, H, W] RGB 0-255 (the encoder normalises).
+            classes: indices of the classes to score (e.g. the seen classes
+                while training inductively); None: all K.
+
+        Returns:
+            HeadOutput(dec, mps): logits [B, K', H, W] at the input size.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+        g, patches, grid = self.encoder(images)
+        text = self.text if classes is None else self.text[torch.as_tensor(classes, device=self.text.device)]
+        return self.head(g, patches, text.to(patches.dtype), grid, images.shape[-2:])
+
+    def loss(self, outputs, labels):
+        """Focal + dice on both paths (``losses.otseg_loss`` with the config's weights).
+
+        Args:
+            outputs: HeadOutput of ``forward``.
+            labels: [B, H, W] indices into the scored classes, or ignore_index.
+
+        Returns:
+            SegLosses(total, focal, dice, num_masks).
+        """
+        c = self.config
+        return otseg_loss(outputs, labels, focal_weight=c.focal_weight, dice_weight=c.dice_weight,
+                          alpha=c.focal_alpha, gamma=c.focal_gamma, ignore_index=c.ignore_index)
+
+    def _window_probabilities(self, images, mode):
+        out = self(images)
+        seen = self.seen if self.config.setting == "inductive" and self.seen.numel() else None
+        return class_probabilities(out.dec, out.mps, mode, self.config.ensemble_weight, seen, self.config.seen_bias)
+
+    @torch.no_grad()
+    def predict_proba(self, images, mode="otseg+", crop=None, stride=None):
+        """Class probabilities at inference (seen-class bias in the inductive setting).
+
+        Args:
+            images: [B, 3, H, W].
+            mode: "otseg+" (ensemble, default), "otseg" (decoder) or "mps".
+            crop: sliding-window size (e.g. 512); None runs the whole image.
+            stride: sliding-window stride (e.g. 426); default ``crop``.
+
+        Returns:
+            [B, K, H, W], averaged over the windows that cover each pixel.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if crop is None:
+            return self._window_probabilities(images, mode)
+        stride = stride or crop
+        B, _, H, W = images.shape
+        total = images.new_zeros(B, self.num_classes, H, W)
+        count = images.new_zeros(1, 1, H, W)
+        for top in _window_starts(H, crop, stride):
+            for left in _window_starts(W, crop, stride):
+                window = images[:, :, top:top + crop, left:left + crop]
+                total[:, :, top:top + crop, left:left + crop] += self._window_probabilities(window, mode)
+                count[:, :, top:top + crop, left:left + crop] += 1
+        return total / count
+
+    @torch.no_grad()
+    def predict(self, images, mode="otseg+", crop=None, stride=None):
+        """Predicted class per pixel [B, H, W] (argmax of ``predict_proba``)."""
+        return self.predict_proba(images, mode, crop, stride).argmax(1)
+
+    def save(self, path):
+        """Write the config and the state dict to ``path`` (``torch.save``)."""
+        torch.save({"config": dataclasses.asdict(self.config), "state_dict": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path, encoder=None, map_location="cpu"):
+        """A model written by ``save``: built with ``from_config`` (``encoder``
+        as there), then the state dict loaded strictly."""
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+        state = saved["state_dict"]
+        model = cls.from_config(OTSegConfig.from_dict(saved["config"]), encoder=encoder, text_embeddings=state["text"],
+                                seen=state["seen"].tolist())
+        model.load_state_dict(saved["state_dict"])
+        return model
+
+
+def _window_starts(size, crop, stride):
+    """Top-left offsets of sliding windows covering ``size`` (the last one flush with the end)."""
+    if size <= crop:
+        return [0]
+    starts = list(range(0, size - crop, stride))
+    return starts + [size - crop]
