@@ -90,7 +90,7 @@ def _parser():
                             "descriptor, MPSA decoder, MPS path, focal+dice losses, backward, AdamW) at B=4, K=171, "
                             "N=8, M=1024, D=512 with the reference and each otseg backend of the device (or "
                             "--backends), and the Sinkhorn share of the step; prints a table, writes no files "
-                            "(2-5 minutes on 2 CPU cores; with --quick, small sizes in seconds)")
+                            "(about 80 s on 2 idle CPU cores; with --quick, small sizes in seconds)")
     bench.add_argument("--no-plot", action="store_true", help="do not draw latest.png")
     bench.add_argument("--seed", type=int, default=0, help="seed of the scores and loss weights (default: 0)")
     bench.add_argument("--compile-scope", choices=COMPILE_SCOPES, default="step",
