@@ -10,6 +10,7 @@ ground truth for the fused backends.
 import math
 
 import numpy as np
+import pytest
 import torch
 
 import otseg
@@ -234,3 +235,23 @@ def eager_and_compiled(fn, x, w):
         loss.backward()
         results[name] = (score.detach(), plan.detach(), xb.grad)
     return results
+
+
+# ------------------------------------------------ backends in the model tests
+
+# Backends other than the reference; the ones that do not run on CPU tensors
+# here show as skipped, with the reason.
+OTHER_BACKENDS = [s.name for s in otseg.ops.backends() if s.name != "reference"]
+
+
+def cpu_backend_or_skip(name):
+    """Skip (with the backend's reason) unless backend ``name`` runs on CPU tensors here."""
+    status = next(s for s in otseg.ops.backends() if s.name == name)
+    if not status.available or "cpu" not in status.devices:
+        pytest.skip(f"backend {name!r} does not run on CPU tensors here: {status.reason}")
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|, in float64."""
+    return float((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max())
+

@@ -32,20 +32,9 @@ from otseg.model import (
 )
 from otseg.nn import sinkhorn_modules
 
-from helpers import assert_close_report
+from helpers import OTHER_BACKENDS, assert_close_report, cpu_backend_or_skip, rel_err
 
-OTHER_BACKENDS = [s.name for s in otseg.ops.backends() if s.name != "reference"]
 D = 16
-
-
-def cpu_backend_or_skip(name):
-    status = next(s for s in otseg.ops.backends() if s.name == name)
-    if not status.available or "cpu" not in status.devices:
-        pytest.skip(f"backend {name!r} does not run on CPU tensors here: {status.reason}")
-
-
-def rel_err(a, b):
-    return float((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max())
 
 
 class FakeEncoder(nn.Module):

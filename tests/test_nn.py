@@ -26,22 +26,7 @@ from otseg.nn import (
     to_image,
 )
 
-from helpers import assert_close_report
-
-# Backends other than the reference that run on CPU tensors here; the
-# unavailable ones are listed so that each shows as skipped, with the reason.
-OTHER_BACKENDS = [s.name for s in otseg.ops.backends() if s.name != "reference"]
-
-
-def cpu_backend_or_skip(name):
-    status = next(s for s in otseg.ops.backends() if s.name == name)
-    if not status.available or "cpu" not in status.devices:
-        pytest.skip(f"backend {name!r} does not run on CPU tensors here: {status.reason}")
-
-
-def rel_err(a, b):
-    return float((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max())
-
+from helpers import OTHER_BACKENDS, assert_close_report, cpu_backend_or_skip, rel_err
 
 def inputs(B=2, K=3, N=4, M=15, D=16, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)

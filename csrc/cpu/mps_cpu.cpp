@@ -59,6 +59,26 @@ using VecOf = typename vec::Vec<acc_t, B>::V;
 template <typename acc_t>
 constexpr int kMaxLanes = 64 / static_cast<int>(sizeof(acc_t));
 
+// The prompt counts with code specialised at compile time (registers sized
+// for them, unrolled transpositions): calls f(std::integral_constant<int, NC>)
+// with NC = N for N = 6, 8, 16, else with NC = 0 (the general code). The
+// lambdas passed here are force-inlined (OTSEG_LAMBDA_INLINE): a lambda left
+// out of line would be compiled for the baseline ISA, not the entry point's.
+#define OTSEG_LAMBDA_INLINE __attribute__((always_inline))
+template <typename F>
+OTSEG_INLINE decltype(auto) with_prompt_count(int64_t N, F&& f) {
+  switch (N) {
+    case 6:
+      return f(std::integral_constant<int, 6>{});
+    case 8:
+      return f(std::integral_constant<int, 8>{});
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    default:
+      return f(std::integral_constant<int, 0>{});
+  }
+}
+
 // Leading dimension of the transposed tiles: M rounded up to whole vectors,
 // plus one vector so that the N rows of a tile do not map to the same cache
 // sets (M = 1024 floats is exactly 4 KiB).
@@ -105,39 +125,23 @@ template <int B, typename scalar_t, typename acc_t>
 OTSEG_INLINE void load_block(const scalar_t* src, int64_t sM, int64_t sN, int rows,
                                                       int64_t N, acc_t* dst, int64_t ld) {
   constexpr int W = vec::Vec<acc_t, B>::W;
-#ifdef OTSEG_HAVE_SHUFFLES
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    // A whole block of contiguous rows: register shuffles.
-    if (sN == 1 && sM == N && rows == W) {
-      switch (N) {
-        case 6:
-          return vec::BlockTranspose<acc_t, 6, B>::rows_to_columns(src, dst, ld);
-        case 8:
-          return vec::BlockTranspose<acc_t, 8, B>::rows_to_columns(src, dst, ld);
-        case 16:
-          return vec::BlockTranspose<acc_t, 16, B>::rows_to_columns(src, dst, ld);
-        default:
-          break;
-      }
-    }
-  }
-#endif
   if (sN == 1) {
-    // Unrolled for the usual prompt counts: N sequential reads per row.
-    switch (N) {
-      case 6:
-        rows_to_columns<6>(src, sM, rows, dst, ld);
-        break;
-      case 8:
-        rows_to_columns<8>(src, sM, rows, dst, ld);
-        break;
-      case 16:
-        rows_to_columns<16>(src, sM, rows, dst, ld);
-        break;
-      default:
+    with_prompt_count(N, [&](auto nc) OTSEG_LAMBDA_INLINE {
+      constexpr int NC = decltype(nc)::value;
+      if constexpr (NC == 0) {
         for (int r = 0; r < rows; ++r)
           for (int64_t n = 0; n < N; ++n) dst[n * ld + r] = static_cast<acc_t>(src[r * sM + n]);
-    }
+      } else {
+#ifdef OTSEG_HAVE_SHUFFLES
+        // A whole block of contiguous rows in the compute type: register shuffles.
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (sM == NC && rows == W) return vec::BlockTranspose<acc_t, NC, B>::rows_to_columns(src, dst, ld);
+        }
+#endif
+        // Unrolled: NC sequential reads per row.
+        rows_to_columns<NC>(src, sM, rows, dst, ld);
+      }
+    });
   } else {
     for (int64_t n = 0; n < N; ++n)
       for (int r = 0; r < rows; ++r) dst[n * ld + r] = static_cast<acc_t>(src[r * sM + n * sN]);
@@ -159,33 +163,20 @@ OTSEG_INLINE void columns_to_rows(const acc_t* __restrict src, int rows,
 template <int B, typename acc_t, typename scalar_t>
 OTSEG_INLINE void store_block(const acc_t* src, int rows, int64_t N, scalar_t* dst) {
   constexpr int W = vec::Vec<acc_t, B>::W;
-#ifdef OTSEG_HAVE_SHUFFLES
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (rows == W) {
-      switch (N) {
-        case 6:
-          return vec::BlockTranspose<acc_t, 6, B>::columns_to_rows(src, W, dst);
-        case 8:
-          return vec::BlockTranspose<acc_t, 8, B>::columns_to_rows(src, W, dst);
-        case 16:
-          return vec::BlockTranspose<acc_t, 16, B>::columns_to_rows(src, W, dst);
-        default:
-          break;
-      }
-    }
-  }
-#endif
-  switch (N) {
-    case 6:
-      return columns_to_rows<B, 6>(src, rows, dst);
-    case 8:
-      return columns_to_rows<B, 8>(src, rows, dst);
-    case 16:
-      return columns_to_rows<B, 16>(src, rows, dst);
-    default:
+  with_prompt_count(N, [&](auto nc) OTSEG_LAMBDA_INLINE {
+    constexpr int NC = decltype(nc)::value;
+    if constexpr (NC == 0) {
       for (int r = 0; r < rows; ++r)
         for (int64_t n = 0; n < N; ++n) dst[r * N + n] = static_cast<scalar_t>(src[n * W + r]);
-  }
+    } else {
+#ifdef OTSEG_HAVE_SHUFFLES
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (rows == W) return vec::BlockTranspose<acc_t, NC, B>::columns_to_rows(src, W, dst);
+      }
+#endif
+      columns_to_rows<B, NC>(src, rows, dst);
+    }
+  });
 }
 
 // The f half-step in the log domain from beta (v = 1): alpha and K with
@@ -344,19 +335,13 @@ template <int B, typename scalar_t, typename acc_t>
 OTSEG_INLINE bool log_rows_any(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, const scalar_t* S, int64_t sM,
                                int64_t sN, bool check_finite, acc_t* change) {
   const bool fixed = S == nullptr || (std::is_same_v<scalar_t, acc_t> && sN == 1 && sM == N);
-  if (fixed) {
-    switch (N) {
-      case 6:
-        return log_rows_n<B, 6>(w, M, S, sM, sN, check_finite, change);
-      case 8:
-        return log_rows_n<B, 8>(w, M, S, sM, sN, check_finite, change);
-      case 16:
-        return log_rows_n<B, 16>(w, M, S, sM, sN, check_finite, change);
-      default:
-        break;
+  return with_prompt_count(N, [&](auto nc) OTSEG_LAMBDA_INLINE {
+    constexpr int NC = decltype(nc)::value;
+    if constexpr (NC > 0) {
+      if (fixed) return log_rows_n<B, NC>(w, M, S, sM, sN, check_finite, change);
     }
-  }
-  return log_rows<B>(w, M, N, S, sM, sN, check_finite, change);
+    return log_rows<B>(w, M, N, S, sM, sN, check_finite, change);
+  });
 }
 
 // The g half-step in the log domain from alpha (u = 1): columns of K sum to nu.
@@ -450,16 +435,8 @@ OTSEG_INLINE bool sweep_n(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N_any, 
 
 template <int B, typename acc_t>
 OTSEG_INLINE bool sweep(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t* change) {
-  switch (N) {
-    case 6:
-      return sweep_n<B, 6>(w, M, N, change);
-    case 8:
-      return sweep_n<B, 8>(w, M, N, change);
-    case 16:
-      return sweep_n<B, 16>(w, M, N, change);
-    default:
-      return sweep_n<B, 0>(w, M, N, change);
-  }
+  return with_prompt_count(
+      N, [&](auto nc) OTSEG_LAMBDA_INLINE { return sweep_n<B, decltype(nc)::value>(w, M, N, change); });
 }
 
 // Refined score M*N*u_m*sum_n K[n, m] v_n S[m, n], and the plan u_m K[n, m] v_n.
@@ -731,16 +708,14 @@ OTSEG_INLINE void backward_problem(const scalar_t* dscore, const scalar_t* dplan
   const int64_t ld = w.ld;
   const acc_t* __restrict T = w.T.data();
   const acc_t* __restrict H = w.H.data();
-  switch (N) {
-    case 6:
-      backward_sums_n<B, 6>(dscore, dplan, dpM, dpN, S, sM, sN, f, g, M, eps, w);
-      break;
-    case 8:
-      backward_sums_n<B, 8>(dscore, dplan, dpM, dpN, S, sM, sN, f, g, M, eps, w);
-      break;
-    default:
+  with_prompt_count(N, [&](auto nc) OTSEG_LAMBDA_INLINE {
+    // NC (NC - 1) / 2 weight sums in registers: up to NC = 8.
+    constexpr int NC = decltype(nc)::value;
+    if constexpr (NC > 0 && NC <= 8)
+      backward_sums_n<B, NC>(dscore, dplan, dpM, dpN, S, sM, sN, f, g, M, eps, w);
+    else
       backward_sums<B>(dscore, dplan, dpM, dpN, S, sM, sN, f, g, M, N, eps, w);
-  }
+  });
   laplacian_gauge_solve(w.weights.data(), w.rhs.data(), w.y.data(), w.scratch.data(), static_cast<int>(N));
   // Pass 2: x = (r - T y)/a; dS = -dC + M N T dS* = T (x + y + M N dS*) - H,
   // written row-major a block at a time.
