@@ -133,8 +133,8 @@ def test_kernels_compile_for_sm90():
     M = N = 1 compile-time constants."""
     if INTERPRET:
         pytest.skip("the interpreter process holds interpreted kernels")
-    if not tb.available:
-        pytest.skip(f"triton is unavailable: {tb.error}")
+    if not kernels.available:
+        pytest.skip(f"triton is unavailable: {kernels.error}")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 

@@ -17,7 +17,8 @@ registered with ``torch.library.custom_op`` and an explicit fake instead.
 Limits: one problem is one register block, so M <= 4096 pixels and N <= 16
 prompts. float64 scores compute in float64; every other dtype in float32.
 Importing this module never fails: ``available`` and ``error`` say whether the
-backend can run here.
+backend can run here. Without a GPU and without the interpreter it loads
+neither the kernels nor Triton's torch glue (``available`` is then False).
 """
 
 import math
@@ -42,6 +43,20 @@ available = _kernels.available
 error = _kernels.error
 interpreted = False
 
+
+def interpreter_requested():
+    """True when the environment asks for Triton's interpreter (TRITON_INTERPRET)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+if available and not (torch.cuda.is_available() or interpreter_requested()):
+    # Nothing here can launch the kernels, so neither the kernels nor Triton's
+    # torch glue are loaded: torch.library.wrap_triton pulls in torch._inductor,
+    # about 2 s at every `import otseg` on a machine without a GPU.
+    available = False
+    error = ("no CUDA GPU is visible (torch.cuda.is_available() is False); TRITON_INTERPRET=1, set before "
+             "otseg is imported, runs the kernels on CPU tensors, for testing")
+
 if available:
     try:
         import triton
@@ -57,11 +72,6 @@ if available:
         except ImportError:
             InterpretedFunction = ()
         interpreted = isinstance(_mps_fwd_kernel, InterpretedFunction)
-
-
-def interpreter_requested():
-    """True when the environment asks for Triton's interpreter (TRITON_INTERPRET)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 def check_limits(M, N):
