@@ -138,7 +138,7 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not triton_backend.available, reason="triton is not installed")
+@pytest.mark.skipif(not triton_backend.available, reason=f"triton backend unavailable: {triton_backend.error}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_cuda_and_triton_agree(dtype):
     S = hard_scores((4, 900, 8), seed=6).to("cuda", dtype)
