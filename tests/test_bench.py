@@ -68,3 +68,20 @@ def test_otseg_bench_rejects_bad_arguments_clearly(args, says):
                           timeout=120)
     assert proc.returncode == 2
     assert says in proc.stderr
+
+
+def test_bandwidth_column_only_with_a_measured_copy_bandwidth():
+    """GPU runs show the forward's GB/s against the copy bandwidth measured in
+    the run; CPU runs (no copy bandwidth) have no such column."""
+    from otseg.benchmark import report
+
+    row = dict(case="coco16", generator="clip", mode="converged", backend="cuda", status="ok", note="",
+               fwd_ms=0.05, fwd_bwd_ms=0.2, peak_mb=10.0, iters_mean=4.0, iters_max=5, max_err=1e-6,
+               speedup_fwd=40.0, speedup_fwd_bwd=35.0, fwd_gbs=1720.0, machine=dict(copy_gbs=4300.0))
+    gpu = report.format_table([row])
+    assert "fwd GB/s (% copy)" in gpu and "1720 (40%)" in gpu
+    assert "1720 (40%)" in report.markdown_table([row])
+    cpu = dict(row, machine=dict(copy_gbs=None))
+    assert "GB/s" not in report.format_table([cpu]) and "GB/s" not in report.markdown_table([cpu])
+    failed = dict(row, status="failed", note="OOM")
+    assert "1720" not in report.format_table([failed, row]).splitlines()[2]

@@ -24,7 +24,7 @@ from .. import ops
 from ..ops.mps import BACKEND_NAMES, naive
 from . import report
 from .generators import CASES, EPS, MODES, make_scores
-from .measure import PeakMemory, median_ms
+from .measure import PeakMemory, copy_bandwidth_gbs, median_ms
 
 PEERS = ("pot", "compile")
 METHOD_NAMES = BACKEND_NAMES + PEERS
@@ -174,6 +174,8 @@ def _measure(method, scores, weight, truth, peak_memory, timing):
     """
     device = scores.device
     fwd_ms, fwd_repeats, fwd_warmup_s, (score, n_iter) = median_ms(lambda: method.run(scores), device, **timing)
+    # What a forward must move at the least: read S once, write the refined score.
+    fwd_bytes = scores.numel() * scores.element_size() + score.numel() * score.element_size()
     iters_mean, iters_max = _iters(n_iter)
     max_err = (score.double() - truth).abs().max().item()
     del score, n_iter
@@ -190,7 +192,7 @@ def _measure(method, scores, weight, truth, peak_memory, timing):
     peak_mb = peak_memory(fwd_bwd)
     return dict(
         fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, peak_mb=peak_mb, iters_mean=iters_mean, iters_max=iters_max,
-        max_err=max_err, fwd_repeats=fwd_repeats, fwd_bwd_repeats=fwd_bwd_repeats,
+        max_err=max_err, fwd_gbs=fwd_bytes / (fwd_ms * 1e-3) / 1e9, fwd_repeats=fwd_repeats, fwd_bwd_repeats=fwd_bwd_repeats,
         warmup_s=round(fwd_warmup_s + fwd_bwd_warmup_s, 3),
     )
 
@@ -233,6 +235,9 @@ def run(cases, generators, modes, methods=None, device="cpu", repeats=None, budg
     device = torch.device(device)
     env = report.environment(device)
     peak_memory = PeakMemory(device)
+    if device.type == "cuda":
+        # The ceiling of the GB/s column; a field of every row (env).
+        env["machine"]["copy_gbs"] = round(copy_bandwidth_gbs(device), 1)
     timing = dict(repeats=repeats, budget_s=budget_s, max_repeats=max_repeats)
     _log(f"{env['machine']['name']}, {env['machine']['torch_threads']} torch threads, torch "
          f"{env['versions']['torch']}, otseg {env['versions']['otseg']}, commit {env['git_commit']}")

@@ -82,6 +82,24 @@ def median_ms(fn, device, repeats=None, budget_s=1.0, max_repeats=20):
     return statistics.median(times), repeats, warmup_s, result
 
 
+def copy_bandwidth_gbs(device, mib=1024, repeats=10):
+    """Device-to-device copy bandwidth in GB/s (bytes read + written per second):
+    the achievable memory bandwidth that the benchmark's GB/s column is
+    compared with. CUDA devices only.
+
+    Args:
+        device: a CUDA device.
+        mib: size of the copied tensor in MiB (several times the L2 cache).
+        repeats: timed copies; the median is taken.
+    """
+    src = torch.empty(mib * MIB // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms, _, _, _ = median_ms(lambda: dst.copy_(src), device, repeats=repeats)
+    src = dst = None  # noqa: F841  (free before emptying the cache)
+    torch.cuda.empty_cache()
+    return 2 * mib * MIB / (ms * 1e-3) / 1e9
+
+
 def _proc_status_kib(field):
     with open("/proc/self/status") as f:
         for line in f:

@@ -29,6 +29,7 @@ COLUMNS = (
     ("peak MB", "peak_mb", lambda v: f"{v:.1f}"),
     ("iters mean/max", None, None),
     ("max err", "max_err", lambda v: f"{v:.1e}"),
+    ("fwd GB/s (% copy)", None, None),
     ("speedup fwd", "speedup_fwd", lambda v: _fmt_speedup(v)),
     ("speedup fwd+bwd", "speedup_fwd_bwd", lambda v: _fmt_speedup(v)),
     ("note", None, None),
@@ -69,7 +70,8 @@ def _git(args, cwd):
 
 
 def git_state():
-    """(commit, dirty) of the checkout that holds the otseg package, or ("unknown", None).
+    """(commit, dirty) of the checkout that holds the otseg package; outside a
+    git checkout, (``$OTSEG_GIT_COMMIT`` or "unknown", None).
 
     ``dirty``: uncommitted changes (tracked or not) in otseg/, csrc/, kernels/
     or setup.py.
@@ -80,7 +82,9 @@ def git_state():
         commit = _git(["rev-parse", "HEAD"], top)
         dirty = bool(_git(["status", "--porcelain", "--", "otseg", "csrc", "kernels", "setup.py"], top))
     except (OSError, subprocess.SubprocessError):
-        return "unknown", None
+        # A copy without .git (e.g. a remote GPU runner): the commit it was
+        # made from, if the caller says (bench/gpu_check.sh does).
+        return os.environ.get("OTSEG_GIT_COMMIT", "unknown"), None
     return commit, dirty
 
 
@@ -119,10 +123,20 @@ def add_speedups(rows):
             r[f"speedup_{key}"] = ref[f"{key}_ms"] / r[f"{key}_ms"] if ok else None
 
 
-def _cells(row):
+def _columns(rows):
+    """COLUMNS, without the bandwidth column unless a row has the copy bandwidth (CUDA runs)."""
+    gpu = any(r.get("machine", {}).get("copy_gbs") for r in rows)
+    return [c for c in COLUMNS if gpu or c[0] != "fwd GB/s (% copy)"]
+
+
+def _cells(row, columns=COLUMNS):
     cells = []
-    for header, key, fmt in COLUMNS:
-        if header == "generator/mode":
+    for header, key, fmt in columns:
+        if header == "fwd GB/s (% copy)":
+            copy = row.get("machine", {}).get("copy_gbs")
+            gbs = row.get("fwd_gbs") if row["status"] == "ok" else None
+            cells.append("-" if gbs is None or not copy else f"{gbs:.0f} ({gbs / copy:.0%})")
+        elif header == "generator/mode":
             cells.append(f"{row['generator']}/{row['mode']}")
         elif header == "iters mean/max":
             cells.append(f"{row['iters_mean']:.1f}/{row['iters_max']}" if row["status"] == "ok" else "-")
@@ -136,8 +150,9 @@ def _cells(row):
 
 def format_table(rows):
     """The rows as an aligned plain-text table."""
-    table = [[h for h, _, _ in COLUMNS]] + [_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    columns = _columns(rows)
+    table = [[h for h, _, _ in columns]] + [_cells(r, columns) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -145,8 +160,9 @@ def format_table(rows):
 
 def markdown_table(rows):
     """The rows as a markdown table."""
-    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r, columns)) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -195,6 +211,12 @@ def notes(rows, env, peak_memory, compile_scope):
         "max_b ||T 1 - a||_2 < tol every 10 iterations (a host sync each time), a different stopping rule; "
         "compile: a fixed count, in converged mode the reference's count of this problem.",
     ]
+    copy = env["machine"].get("copy_gbs")
+    if copy:
+        lines.append(f"fwd GB/s: the bytes a forward must move at the least (read the float32 scores S once, write "
+                     f"the refined score; no plan) / fwd time; in brackets, the share of this device's "
+                     f"device-to-device copy bandwidth measured at the start of this run, {copy:.0f} GB/s "
+                     "(bytes read + written, 1 GiB copy, median of 10).")
     if "compile" in ran:
         scope = ("one compiled (f, g) update called in a Python loop; compile time does not grow with the "
                  "iterations" if compile_scope == "step" else "the whole unrolled loop is one graph")
