@@ -17,8 +17,8 @@
 # results where the copy has no .git).
 #
 # Files written (at most 8, so that a remote runner can return them all):
-# summary.txt, build.log, gpu-tests.log, bench.log, bench/latest.md,
-# bench/results.jsonl, bench-model.log.
+# summary.txt, build.log, gpu-tests.log (per test), gpu-pytest.log, bench.log,
+# bench/latest.md, bench/results.jsonl, bench-model.log.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -44,7 +44,8 @@ p = torch.cuda.get_device_properties(0)
 print("device", p.name, "capability", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count,
       "memory GiB", round(p.total_memory / 2**30, 1))
 PY
-commit=$(git rev-parse HEAD 2>/dev/null || echo "${OTSEG_GIT_COMMIT:-unknown}")
+# A copy made by a remote runner may carry a stale .git: a commit passed in wins.
+commit=${OTSEG_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export OTSEG_GIT_COMMIT=$commit
 echo "commit $commit" | tee -a "$out/summary.txt"
 
@@ -58,13 +59,18 @@ fi
 
 if has_step tests; then
   step "GPU tests (pytest -m gpu)"
+  # gpu-tests.log: one line per test as it ends, with its time, and the
+  # traceback of each failure (tests/conftest.py), so that a run cut short by
+  # the time limit or a crashed worker still says what failed.
   par=()
-  "$py" -c "import xdist" 2>/dev/null && par=(-n 8)
+  "$py" -c "import xdist" 2>/dev/null && par=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
   "$py" -c "import pytest_timeout" 2>/dev/null && par+=(--timeout 150)
-  timeout 240 "$py" -m pytest -m gpu tests -p no:cacheprovider -rfEs "${par[@]}" \
-    > "$out/gpu-tests.log" 2>&1 || status=1
-  grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -30 | tee -a "$out/summary.txt"
-  tail -3 "$out/gpu-tests.log" | tee -a "$out/summary.txt"
+  OTSEG_TEST_LOG="$out/gpu-tests.log" timeout "${TEST_TIMEOUT_S:-300}" "$py" -m pytest -m gpu tests \
+    -p no:cacheprovider -p no:benchmark -q -rfEs --durations 15 "${par[@]}" > "$out/gpu-pytest.log" 2>&1 || status=1
+  echo "$(grep -c '^PASSED' "$out/gpu-tests.log") passed, $(grep -c '^FAILED' "$out/gpu-tests.log") failed," \
+    "$(grep -c '^SKIPPED' "$out/gpu-tests.log") skipped (gpu-tests.log)" | tee -a "$out/summary.txt"
+  grep '^FAILED' "$out/gpu-tests.log" | head -30 | tee -a "$out/summary.txt"
+  tail -3 "$out/gpu-pytest.log" | tee -a "$out/summary.txt"
 fi
 
 if has_step bench; then

@@ -31,3 +31,19 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def pytest_runtest_logreport(report):
+    """With OTSEG_TEST_LOG set (bench/gpu_check.sh sets it), append each test's
+    outcome and time, and the traceback of a failure, to that file as soon as
+    the test ends: a run cut short by a time limit (or a crashed worker) still
+    says which tests failed and why. Written by the main process only."""
+    path = os.environ.get("OTSEG_TEST_LOG")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if report.when != "call" and not (report.failed or report.skipped):
+        return
+    with open(path, "a") as f:
+        f.write(f"{report.outcome.upper():8s} {report.duration:7.2f} s  {report.nodeid} ({report.when})\n")
+        if report.failed:
+            f.write(report.longreprtext.rstrip() + "\n\n")

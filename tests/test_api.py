@@ -306,3 +306,19 @@ def test_package_docstring_example_runs():
     refined = otseg.ops.mps(scores)
     assert refined.shape == (2, 3, 64)
     assert torch.isfinite(refined).all()
+
+
+@pytest.mark.parametrize("shape,dtype,error,says", [
+    ((2, 10, 4), torch.float64, TypeError, "float64"),
+    ((2, 10, 17), torch.float32, ValueError, "N <= 16"),
+    ((1, 4097, 4), torch.float32, ValueError, "M <= 4096"),
+])
+def test_cuda_backend_limits_are_checked_in_python(shape, dtype, error, says):
+    """Asked for by name, the cuda backend's dtype and size limits raise in
+    Python, before the kernel sees the input (checked here on meta tensors;
+    test_cuda_kernel.py checks the same through mps on a GPU)."""
+    from otseg.ops.mps import _check_takes
+
+    with pytest.raises(error, match=says):
+        _check_takes("cuda", torch.empty(shape, dtype=dtype, device="meta"), "scores")
+    _check_takes("cuda", torch.empty(2, 10, 4, device="meta"), "scores")  # fits: no error

@@ -70,21 +70,22 @@ def _git(args, cwd):
 
 
 def git_state():
-    """(commit, dirty) of the checkout that holds the otseg package; outside a
-    git checkout, (``$OTSEG_GIT_COMMIT`` or "unknown", None).
+    """(commit, dirty) of the checkout that holds the otseg package, or ("unknown", None);
+    ($OTSEG_GIT_COMMIT, None) when that is set (the commit a copy was made from).
 
     ``dirty``: uncommitted changes (tracked or not) in otseg/, csrc/, kernels/
     or setup.py.
     """
+    if os.environ.get("OTSEG_GIT_COMMIT"):
+        # Set by bench/gpu_check.sh: a copy made by a remote runner may carry a stale .git.
+        return os.environ["OTSEG_GIT_COMMIT"], None
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         top = _git(["rev-parse", "--show-toplevel"], here)
         commit = _git(["rev-parse", "HEAD"], top)
         dirty = bool(_git(["status", "--porcelain", "--", "otseg", "csrc", "kernels", "setup.py"], top))
     except (OSError, subprocess.SubprocessError):
-        # A copy without .git (e.g. a remote GPU runner): the commit it was
-        # made from, if the caller says (bench/gpu_check.sh does).
-        return os.environ.get("OTSEG_GIT_COMMIT", "unknown"), None
+        return "unknown", None
     return commit, dirty
 
 

@@ -169,6 +169,24 @@ def _cannot_take(name, x):
     return None
 
 
+def _check_takes(name, x, what):
+    """Raise a clear TypeError/ValueError when backend ``name``, asked for by
+    name, cannot take ``x`` (before any kernel sees it)."""
+    max_m, max_n, dtypes = _TAKES[name]
+    M, N = x.shape[-2:]
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(
+            f"the {name} backend takes {what} in {', '.join(str(d).replace('torch.', '') for d in dtypes)}, "
+            f"got {x.dtype}; use backend='reference' (or 'cpu' for CPU tensors) for other dtypes"
+        )
+    if max_n is not None and N > max_n:
+        raise ValueError(f"the {name} backend supports N <= {max_n} prompts, got N = {N} (use backend='reference')")
+    if max_m is not None and M > max_m:
+        raise ValueError(
+            f"the {name} backend supports M <= {max_m} pixels per problem, got M = {M} (use backend='reference')"
+        )
+
+
 def _time_forward(name, x, want_plan):
     """Median milliseconds of one forward of backend ``name`` on ``x`` (CUDA events)."""
     fn = _FUSED[name]
@@ -243,6 +261,9 @@ def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_
     chosen = resolve_backend(backend, x.device)
     if backend == "auto" and chosen != "reference":
         chosen = _auto_for(x, want_plan)
+    elif chosen == "cuda":
+        # In Python, so that the kernel's own checks are a second line only.
+        _check_takes(chosen, x, name)
     # The fused C++ kernels check finiteness while they read the input; the
     # reference and the Triton kernels (which never report to the host) need a
     # separate pass.
