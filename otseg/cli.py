@@ -6,6 +6,7 @@
 """
 
 import argparse
+import os
 import sys
 
 # What a run covers unless --cases/--generators/--modes say otherwise, and how
@@ -168,6 +169,11 @@ def main(argv=None):
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
-    if args.command == "backends":
-        return _backends()
-    return _bench(args, "otseg " + " ".join(argv))
+    try:
+        if args.command == "backends":
+            return _backends()
+        return _bench(args, "otseg " + " ".join(argv))
+    except BrokenPipeError:
+        # The reader went away (e.g. `otseg backends | head`): stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -217,7 +217,7 @@ OTSEG_INLINE bool log_rows(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, con
     }
     V rsum = {};
     for (int64_t n = 0; n < N; ++n) {
-      const V k = vec::exp(vec::load<V>(St + n * ld + m0) * ie + (w.beta[n] - ie) - rmax);
+      const V k = vec::exp</*kNonPositive=*/true>(vec::load<V>(St + n * ld + m0) * ie + (w.beta[n] - ie) - rmax);
       vec::store(K + n * ld + m0, k);
       rsum += k;
     }
@@ -283,7 +283,7 @@ OTSEG_INLINE void log_rows_blocks(ForwardWorkspace<acc_t>& w, int64_t M, const s
   for (int u = 0; u < U; ++u) rsum[u] = V{};
   for (int n = 0; n < NC; ++n)
     for (int u = 0; u < U; ++u) {
-      s[u][n] = vec::exp(s[u][n] - rmax[u]);
+      s[u][n] = vec::exp</*kNonPositive=*/true>(s[u][n] - rmax[u]);
       rsum[u] += s[u][n];
     }
   for (int u = 0; u < U; ++u) {

@@ -8,7 +8,7 @@
 // u = mu / (K v) per row in registers and z = K^T u by one block reduction,
 // with log-domain absorption when a scaling leaves [e^-30, e^30]. The
 // backward is the implicit gradient, one block per problem, sharing the small
-// gauge-fixed solve with the CPU kernel (csrc/common/gauge_solve.h).
+// Laplacian solve with the CPU kernel (csrc/common/gauge_solve.h).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -151,6 +151,7 @@ __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
   auto rebuild_rows = [&]() {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
+      const bool live = threadIdx.x + r * kThreads < M;
       float mx = -INFINITY;
 #pragma unroll
       for (int n = 0; n < NP; ++n)
@@ -162,7 +163,9 @@ __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
         sum += k[r][n];
       }
       alpha[r] = log_mu - mx - __logf(sum);
-      const float scale = mu / sum;
+      // Rows past M (s = 0 there) must stay out of every column sum:
+      // K is 0 on them, as rebuild_cols and the sweep assume.
+      const float scale = live ? mu / sum : 0.0f;
 #pragma unroll
       for (int n = 0; n < NP; ++n) k[r][n] *= scale;
       u[r] = 1.0f;
@@ -336,23 +339,28 @@ struct BackwardArgs {
 
 template <int NP, int kThreads>
 __global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
-  __shared__ float red[(kThreads / 32) * (2 * NP)];
-  __shared__ float A_s[NP * NP];
+  constexpr int kWarps = kThreads / 32;
+  __shared__ float red[kWarps * NP];
+  // Per warp, its partial sums of the prompt weights W[n][j] = sum_m
+  // T_mn T_mj / a_m, then (W_s) their sum over the warps in a fixed order:
+  // no atomics, so the gradient is the same on every launch.
+  __shared__ float part[kWarps * NP * NP];
+  __shared__ float W_s[NP * NP];
   __shared__ double y_s[NP];
   const int64_t p = blockIdx.x;
   const int M = a.M, N = a.N;
   const float ie = 1.0f / a.eps;
   const float mn = static_cast<float>(M) * static_cast<float>(N);
-  for (int i = threadIdx.x; i < NP * NP; i += kThreads) A_s[i] = 0.0f;
 
   float t[kRows][NP], h[kRows][NP], inv_a[kRows], rr[kRows], ds[kRows];
   float g[NP];
 #pragma unroll
   for (int n = 0; n < NP; ++n) g[n] = n < N ? a.g[p * N + n] : 0.0f;
-  // Pass 1: T, H = -(T * G) / eps; row sums a, r; column sums b, s; rhs terms.
-  float cols[2 * NP];  // b then s - T^T (r / a)
+  // Pass 1: T, H = -(T * G) / eps; row sums a, r; the right-hand side
+  // s - T^T (r / a) of the Laplacian system.
+  float rhs[NP];
 #pragma unroll
-  for (int n = 0; n < 2 * NP; ++n) cols[n] = 0.0f;
+  for (int n = 0; n < NP; ++n) rhs[n] = 0.0f;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int m = threadIdx.x + r * kThreads;
@@ -378,43 +386,47 @@ __global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
     inv_a[r] = row_a > 0.0f ? 1.0f / row_a : 0.0f;
     rr[r] = row_r;
 #pragma unroll
-    for (int n = 0; n < NP; ++n) {
-      cols[n] += t[r][n];
-      cols[NP + n] += h[r][n] - t[r][n] * inv_a[r] * row_r;
-    }
+    for (int n = 0; n < NP; ++n) rhs[n] += h[r][n] - t[r][n] * inv_a[r] * row_r;
   }
-  __syncthreads();  // A_s zeroed
-  // A = diag(b) - T^T diag(1/a) T, one row of N at a time to bound registers.
+  // The weights, sums of positive terms: the Laplacian L = diag(W 1) - W
+  // equals diag(b) - T^T diag(1/a) T without its cancellations
+  // (csrc/common/gauge_solve.h).
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int n = 0; n < NP; ++n) {
-    if (n >= N) break;
+    if (n >= N) break;  // uniform across the block
     float row[NP];
 #pragma unroll
     for (int j = 0; j < NP; ++j) {
       row[j] = 0.0f;
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) row[j] -= t[r][n] * t[r][j] * inv_a[r];
+      for (int r = 0; r < kRows; ++r) row[j] += t[r][n] * t[r][j] * inv_a[r];
     }
 #pragma unroll
     for (int j = 0; j < NP; ++j) {
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) row[j] += __shfl_xor_sync(0xffffffffu, row[j], off);
     }
-    if (threadIdx.x % 32 == 0) {
+    if (lane == 0) {
 #pragma unroll
-      for (int j = 0; j < NP; ++j)
-        if (j < N) atomicAdd(&A_s[n * NP + j], row[j]);
+      for (int j = 0; j < NP; ++j) part[(warp * NP + n) * NP + j] = row[j];
     }
   }
-  block_reduce<2 * NP, kThreads, false>(cols, red);  // also orders the atomics above
+  __syncthreads();
+  for (int i = threadIdx.x; i < N * NP; i += kThreads) {
+    float acc = 0.0f;
+    for (int w = 0; w < kWarps; ++w) acc += part[w * NP * NP + i];
+    W_s[i] = acc;
+  }
+  block_reduce<NP, kThreads, false>(rhs, red);  // its barriers also publish W_s
   if (threadIdx.x == 0) {
-    double A[kMaxPromptsCuda * kMaxPromptsCuda], rhs[kMaxPromptsCuda], y[kMaxPromptsCuda];
+    double W[kMaxPromptsCuda * kMaxPromptsCuda], b[kMaxPromptsCuda], y[kMaxPromptsCuda],
+        scratch[kMaxPromptsCuda];
     for (int i = 0; i < N; ++i) {
-      for (int j = 0; j < N; ++j) A[i * N + j] = A_s[i * NP + j];
-      A[i * N + i] += cols[i];
-      rhs[i] = cols[NP + i];
+      for (int j = 0; j < N; ++j) W[i * N + j] = W_s[i * NP + j];
+      b[i] = rhs[i];
     }
-    gauge_fixed_solve(A, rhs, y, N);
+    laplacian_gauge_solve(W, b, y, scratch, N);
     for (int i = 0; i < NP; ++i) y_s[i] = i < N ? y[i] : 0.0;
   }
   __syncthreads();
