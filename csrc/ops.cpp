@@ -5,18 +5,19 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(otseg, m) {
-  // Multi-Prompts Sinkhorn on scores [P, M, N] (cost 1 - S, uniform marginals).
-  // Returns the refined score M*N*sum_n T*S [P, M] in the input dtype, the plan
-  // [P, M, N] when return_plan (else an empty tensor), the final potentials
-  // f [P, M] and g [P, N] in the compute dtype, and the iterations run [P] (int32).
+  // Multi-Prompts Sinkhorn on scores [..., M, N] (cost 1 - S, uniform
+  // marginals), one problem per leading index. Returns the refined score
+  // M*N*sum_n T*S [..., M] in the input dtype, the plan [..., M, N] when
+  // return_plan (else an empty tensor), the final potentials f [..., M] and
+  // g [..., N] in the compute dtype, and the iterations run [...] (int32).
   // With check_finite, NaN or inf in the scores raise a ValueError (found while
   // the kernel reads them, so the check costs no extra pass).
   m.def(
       "mps_forward(Tensor scores, float eps, int max_iter, float tol, bool return_plan, bool check_finite) -> "
       "(Tensor score, Tensor plan, Tensor f, Tensor g, Tensor n_iter)");
   // Implicit gradient at the fixed point (SPEC section 1) with respect to the
-  // scores, for upstream gradients of the refined score [P, M] and of the plan
-  // [P, M, N], either of which may be absent.
+  // scores [..., M, N], for upstream gradients of the refined score [..., M]
+  // and of the plan [..., M, N], either of which may be absent.
   m.def(
       "mps_backward(Tensor? grad_score, Tensor? grad_plan, Tensor scores, Tensor f, Tensor g, "
       "float eps) -> Tensor");

@@ -198,6 +198,42 @@ def test_opcheck_mps_backward(dtype, grads):
     torch.library.opcheck(torch.ops.otseg.mps_backward.default, (gs, gp, scores, f, g, 0.05))
 
 
+@pytest.mark.parametrize("layout", ["4d", "2d", "permuted-4d"])
+def test_operators_take_batch_dims_like_the_flattened_problems(layout):
+    """The fused operators take scores [..., M, N] (no reshape by the caller):
+    outputs carry the batch dims and equal those of the flattened problems,
+    also where the batch dims cannot be merged into a view (a permuted batch)."""
+    if layout == "4d":
+        x = hard_scores((2, 3, 9, 4), seed=25)
+    elif layout == "2d":
+        x = hard_scores((9, 4), seed=25)
+    else:
+        x = hard_scores((3, 2, 9, 4), seed=25).transpose(0, 1)
+    batch = x.shape[:-2]
+    flat = x.reshape(-1, 9, 4)
+    out = torch.ops.otseg.mps_forward(x, 0.1, 50, 1e-9, True, True)
+    ref = torch.ops.otseg.mps_forward(flat, 0.1, 50, 1e-9, True, True)
+    for got, want, tail in zip(out, ref, [(9,), (9, 4), (9,), (4,), ()]):
+        assert got.shape == (*batch, *tail)
+        assert torch.equal(got, want.reshape(got.shape))
+    score, plan, f, g, _ = out
+    gen = torch.Generator().manual_seed(7)
+    gs, gp = torch.randn(score.shape, generator=gen, dtype=x.dtype), torch.randn(plan.shape, generator=gen, dtype=x.dtype)
+    grad = torch.ops.otseg.mps_backward(gs, gp, x, f, g, 0.1)
+    want = torch.ops.otseg.mps_backward(gs.reshape(-1, 9), gp.reshape(-1, 9, 4), flat, f.reshape(-1, 9),
+                                        g.reshape(-1, 4), 0.1)
+    assert grad.shape == x.shape and torch.equal(grad, want.reshape(x.shape))
+    torch.library.opcheck(torch.ops.otseg.mps_forward.default, (x, 0.1, 20, 0.0, True, True))
+    torch.library.opcheck(torch.ops.otseg.mps_backward.default, (gs, gp, x, f, g, 0.1))
+    with pytest.raises(RuntimeError, match="must have shape"):
+        torch.ops.otseg.mps_backward(gs.reshape(-1, 9), None, x, f, g, 0.1)
+    if x.dim() > 2:
+        # Through autograd, as mps() calls it: the gradient lands in x's shape.
+        xr = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad((torch.ops.otseg.mps_forward(xr, 0.1, 50, 1e-9, False, True)[0] * gs).sum(), xr)
+        assert torch.equal(gx, torch.ops.otseg.mps_backward(gs, None, x, f, g, 0.1))
+
+
 def test_mps_backward_with_non_contiguous_upstream_plan_gradient():
     scores = hard_scores((2, 7, 4), seed=23)
     score, plan, f, g, _ = torch.ops.otseg.mps_forward(scores, 0.1, 500, 1e-12, True, True)

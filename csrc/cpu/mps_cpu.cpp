@@ -886,23 +886,24 @@ void run_backward(const BackwardArgs<scalar_t, acc_t>& a) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forward_cpu(
     const at::Tensor& scores, double eps, int64_t max_iter, double tol, bool return_plan, bool check_finite) {
-  OTSEG_CHECK_SCORES(scores);
+  const Problems pr = problems_of(scores);
   OTSEG_CHECK_PARAMS(eps, max_iter, tol);
   TORCH_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor");
-  const int64_t P = scores.size(0), M = scores.size(1), N = scores.size(2);
+  const int64_t P = pr.P, M = pr.M, N = pr.N;
   const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto score = at::empty({P, M}, scores.options());
-  auto plan = return_plan ? at::empty({P, M, N}, scores.options()) : at::empty({0}, scores.options());
-  auto f = at::empty({P, M}, scores.options().dtype(acc_dtype));
-  auto g = at::empty({P, N}, scores.options().dtype(acc_dtype));
-  auto n_iter = at::empty({P}, scores.options().dtype(at::kInt));
-  const int64_t sP = scores.stride(0), sM = scores.stride(1), sN = scores.stride(2);
+  auto score = at::empty(pr.sizes({M}), scores.options());
+  auto plan = return_plan ? at::empty(pr.sizes({M, N}), scores.options()) : at::empty({0}, scores.options());
+  auto f = at::empty(pr.sizes({M}), scores.options().dtype(acc_dtype));
+  auto g = at::empty(pr.sizes({N}), scores.options().dtype(acc_dtype));
+  auto n_iter = at::empty(pr.batch, scores.options().dtype(at::kInt));
+  const at::Tensor& flat = pr.flat;
+  const int64_t sP = flat.stride(0), sM = flat.stride(1), sN = flat.stride(2);
   std::atomic<bool> nonfinite{false};
   std::atomic<int64_t> next{0};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "mps_forward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    const scalar_t* S = scores.const_data_ptr<scalar_t>();
+    const scalar_t* S = flat.const_data_ptr<scalar_t>();
     scalar_t* score_p = score.mutable_data_ptr<scalar_t>();
     scalar_t* plan_p = return_plan ? plan.mutable_data_ptr<scalar_t>() : nullptr;
     acc_t* f_p = f.mutable_data_ptr<acc_t>();
@@ -922,24 +923,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
 at::Tensor mps_backward_cpu(const std::optional<at::Tensor>& grad_score,
                             const std::optional<at::Tensor>& grad_plan, const at::Tensor& scores,
                             const at::Tensor& f, const at::Tensor& g, double eps) {
-  OTSEG_CHECK_SCORES(scores);
+  const Problems pr = problems_of(scores);
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
-  const int64_t P = scores.size(0), M = scores.size(1), N = scores.size(2);
+  const int64_t P = pr.P, M = pr.M, N = pr.N;
   const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  OTSEG_CHECK_SHAPE(f, P, M);
-  OTSEG_CHECK_SHAPE(g, P, N);
+  OTSEG_CHECK_SIZES(f, pr.sizes({M}));
+  OTSEG_CHECK_SIZES(g, pr.sizes({N}));
   TORCH_CHECK(f.scalar_type() == acc_dtype && g.scalar_type() == acc_dtype,
               "f and g must be ", acc_dtype, " for ", scores.scalar_type(), " scores");
   auto fc = f.contiguous(), gc = g.contiguous();
   at::Tensor ds, dp;
-  std::tie(ds, dp) = upstream_grads(grad_score, grad_plan, scores);
-  auto grad = at::empty({P, M, N}, scores.options());
+  std::tie(ds, dp) = upstream_grads(grad_score, grad_plan, pr, scores.scalar_type());
+  auto grad = at::empty(scores.sizes(), scores.options());
   if (!ds.defined() && !dp.defined()) return grad.zero_();
 
   std::atomic<int64_t> next{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "mps_backward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    const scalar_t* S = scores.const_data_ptr<scalar_t>();
+    const scalar_t* S = pr.flat.const_data_ptr<scalar_t>();
     const scalar_t* ds_p = ds.defined() ? ds.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* dp_p = dp.defined() ? dp.const_data_ptr<scalar_t>() : nullptr;
     const int64_t dpP = dp.defined() ? dp.stride(0) : 0, dpM = dp.defined() ? dp.stride(1) : 0,
@@ -947,7 +948,7 @@ at::Tensor mps_backward_cpu(const std::optional<at::Tensor>& grad_score,
     const acc_t* f_p = fc.const_data_ptr<acc_t>();
     const acc_t* g_p = gc.const_data_ptr<acc_t>();
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-    const int64_t sP = scores.stride(0), sM = scores.stride(1), sN = scores.stride(2);
+    const int64_t sP = pr.flat.stride(0), sM = pr.flat.stride(1), sN = pr.flat.stride(2);
     const BackwardArgs<scalar_t, acc_t> args{ds_p, dp_p, dpP, dpM, dpN, S, sP, sM, sN, M, N, f_p, g_p,
                                               static_cast<acc_t>(eps), out, P, &next};
     at::parallel_for(0, std::min<int64_t>(P, at::get_num_threads()), 1,

@@ -103,7 +103,7 @@ struct ForwardArgs {
   float* f;            // [P, M]
   float* g;            // [P, N]
   int* n_iter;         // [P]
-  int* nonfinite;      // [1], set when S holds NaN or inf
+  int* nonfinite;      // [1], set when S holds NaN or inf; null: no check
 };
 
 template <int NP, int kThreads>
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
     u[r] = 1.0f;
     prev[r] = 0.0f;
   }
-  if (__syncthreads_or(bad)) {
+  if (a.nonfinite != nullptr && __syncthreads_or(bad)) {  // the pointer is the same in every thread
     if (threadIdx.x == 0) atomicExch(a.nonfinite, 1);
   }
 #pragma unroll
@@ -505,35 +505,39 @@ struct LaunchBwd {
   }
 };
 
-void check_cuda_shape(const at::Tensor& scores) {
-  OTSEG_CHECK_SCORES(scores);
+Problems check_cuda_shape(const at::Tensor& scores) {
+  Problems pr = problems_of(scores);
   TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor");
-  TORCH_CHECK_VALUE(scores.size(2) <= kMaxPromptsCuda, "the cuda backend supports N <= ", kMaxPromptsCuda,
-                    " prompts, got N = ", scores.size(2), " (use backend=\"cpu\" on CPU tensors or \"reference\")");
-  TORCH_CHECK_VALUE(scores.size(1) <= kMaxPixels, "the cuda backend supports M <= ", kMaxPixels,
-                    " pixels per problem, got M = ", scores.size(1), " (use backend=\"reference\")");
-  TORCH_CHECK_VALUE(scores.size(0) <= std::numeric_limits<int>::max(), "too many problems for one launch");
+  TORCH_CHECK_VALUE(pr.N <= kMaxPromptsCuda, "the cuda backend supports N <= ", kMaxPromptsCuda,
+                    " prompts, got N = ", pr.N, " (use backend=\"cpu\" on CPU tensors or \"reference\")");
+  TORCH_CHECK_VALUE(pr.M <= kMaxPixels, "the cuda backend supports M <= ", kMaxPixels,
+                    " pixels per problem, got M = ", pr.M, " (use backend=\"reference\")");
+  TORCH_CHECK_VALUE(pr.P <= std::numeric_limits<int>::max(), "too many problems for one launch");
+  return pr;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forward_cuda(
     const at::Tensor& scores, double eps, int64_t max_iter, double tol, bool return_plan, bool check_finite) {
-  check_cuda_shape(scores);
+  const Problems pr = check_cuda_shape(scores);
   OTSEG_CHECK_PARAMS(eps, max_iter, tol);
   const at::cuda::OptionalCUDAGuard guard(scores.device());
-  const int64_t P = scores.size(0), M = scores.size(1), N = scores.size(2);
-  auto score = at::empty({P, M}, scores.options());
-  auto plan = return_plan ? at::empty({P, M, N}, scores.options()) : at::empty({0}, scores.options());
-  auto f = at::empty({P, M}, scores.options().dtype(at::kFloat));
-  auto g = at::empty({P, N}, scores.options().dtype(at::kFloat));
-  auto n_iter = at::empty({P}, scores.options().dtype(at::kInt));
-  auto nonfinite = at::zeros({1}, scores.options().dtype(at::kInt));
+  const int64_t P = pr.P, M = pr.M, N = pr.N;
+  const at::Tensor& flat = pr.flat;
+  auto score = at::empty(pr.sizes({M}), scores.options());
+  auto plan = return_plan ? at::empty(pr.sizes({M, N}), scores.options()) : at::empty({0}, scores.options());
+  auto f = at::empty(pr.sizes({M}), scores.options().dtype(at::kFloat));
+  auto g = at::empty(pr.sizes({N}), scores.options().dtype(at::kFloat));
+  auto n_iter = at::empty(pr.batch, scores.options().dtype(at::kInt));
+  // The flag costs a fill kernel: only when the check is asked for.
+  auto nonfinite = check_finite ? at::zeros({1}, scores.options().dtype(at::kInt)) : at::Tensor();
   if (P == 0) return {score, plan, f, g, n_iter};
-  ForwardArgs a{scores.const_data_ptr(), scores.stride(0), scores.stride(1), scores.stride(2),
+  ForwardArgs a{flat.const_data_ptr(), flat.stride(0), flat.stride(1), flat.stride(2),
                 static_cast<int>(M), static_cast<int>(N), static_cast<float>(eps),
                 static_cast<int>(std::min<int64_t>(max_iter, std::numeric_limits<int>::max())),
                 static_cast<float>(tol), to_dtype(scores.scalar_type()), score.mutable_data_ptr(),
                 return_plan ? plan.mutable_data_ptr() : nullptr, f.mutable_data_ptr<float>(),
-                g.mutable_data_ptr<float>(), n_iter.mutable_data_ptr<int>(), nonfinite.mutable_data_ptr<int>()};
+                g.mutable_data_ptr<float>(), n_iter.mutable_data_ptr<int>(),
+                check_finite ? nonfinite.mutable_data_ptr<int>() : nullptr};
   dispatch<LaunchFwd>(M, N, P, a);
   // The one host synchronisation, and only when asked for: reporting bad input.
   if (check_finite) {
@@ -545,27 +549,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
 
 at::Tensor mps_backward_cuda(const std::optional<at::Tensor>& grad_score, const std::optional<at::Tensor>& grad_plan,
                              const at::Tensor& scores, const at::Tensor& f, const at::Tensor& g, double eps) {
-  check_cuda_shape(scores);
+  const Problems pr = check_cuda_shape(scores);
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
   const at::cuda::OptionalCUDAGuard guard(scores.device());
-  const int64_t P = scores.size(0), M = scores.size(1), N = scores.size(2);
-  OTSEG_CHECK_SHAPE(f, P, M);
-  OTSEG_CHECK_SHAPE(g, P, N);
+  const int64_t P = pr.P, M = pr.M, N = pr.N;
+  OTSEG_CHECK_SIZES(f, pr.sizes({M}));
+  OTSEG_CHECK_SIZES(g, pr.sizes({N}));
   TORCH_CHECK(f.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat, "f and g must be float32");
   auto fc = f.contiguous(), gc = g.contiguous();
   at::Tensor ds, dp;
-  std::tie(ds, dp) = upstream_grads(grad_score, grad_plan, scores);
-  auto grad = at::empty({P, M, N}, scores.options());
+  std::tie(ds, dp) = upstream_grads(grad_score, grad_plan, pr, scores.scalar_type());
+  auto grad = at::empty(scores.sizes(), scores.options());
   if ((!ds.defined() && !dp.defined()) || P == 0) return grad.zero_();
   BackwardArgs a{ds.defined() ? ds.const_data_ptr() : nullptr,
                  dp.defined() ? dp.const_data_ptr() : nullptr,
                  dp.defined() ? dp.stride(0) : 0,
                  dp.defined() ? dp.stride(1) : 0,
                  dp.defined() ? dp.stride(2) : 0,
-                 scores.const_data_ptr(),
-                 scores.stride(0),
-                 scores.stride(1),
-                 scores.stride(2),
+                 pr.flat.const_data_ptr(),
+                 pr.flat.stride(0),
+                 pr.flat.stride(1),
+                 pr.flat.stride(2),
                  fc.const_data_ptr<float>(),
                  gc.const_data_ptr<float>(),
                  static_cast<int>(M),

@@ -17,17 +17,17 @@ def _acc_dtype(dtype):
 
 
 def empty_outputs(scores, return_plan):
-    """Uninitialised outputs of a fused forward on scores [P, M, N]: score
-    [P, M], plan [P, M, N] (or [0]), f [P, M], g [P, N] in the compute dtype,
-    n_iter [P] int32."""
-    P, M, N = scores.shape
+    """Uninitialised outputs of a fused forward on scores [..., M, N]: score
+    [..., M], plan [..., M, N] (or [0]), f [..., M], g [..., N] in the compute
+    dtype, n_iter [...] int32."""
+    *batch, M, N = scores.shape
     acc = _acc_dtype(scores.dtype)
     return (
-        scores.new_empty(P, M),
-        scores.new_empty(P, M, N) if return_plan else scores.new_empty(0),
-        scores.new_empty(P, M, dtype=acc),
-        scores.new_empty(P, N, dtype=acc),
-        scores.new_empty(P, dtype=torch.int32),
+        scores.new_empty(*batch, M),
+        scores.new_empty(*batch, M, N) if return_plan else scores.new_empty(0),
+        scores.new_empty(*batch, M, dtype=acc),
+        scores.new_empty(*batch, N, dtype=acc),
+        scores.new_empty(batch, dtype=torch.int32),
     )
 
 
@@ -58,7 +58,7 @@ def autograd_pair(backward_op):
 
 
 def unflatten(outputs, batch, return_plan):
-    """(score [P, M], plan [P, M, N], f, g, n_iter [P]) of a fused operator
+    """(score [P, M], plan [P, M, N], f, g, n_iter [P]) of the Triton operator
     back to the batch dims: (score [..., M], plan [..., M, N] or None, n_iter [...])."""
     score, plan, _f, _g, n_iter = outputs
     M, N = score.shape[-1], plan.shape[-1] if return_plan else None
@@ -98,12 +98,13 @@ if _extension.available:
 def mps_forward(scores, eps, max_iter, tol, return_plan, check_finite):
     """Run the fused forward on scores of any batch shape [..., M, N].
 
-    The kernel checks finiteness while it reads the scores (``check_finite``).
+    The operator takes the batch dims itself (no reshape here: each would be
+    a dispatch and an autograd node per call). The kernel checks finiteness
+    while it reads the scores (``check_finite``).
 
     Returns (refined score [..., M], plan [..., M, N] or None, iterations [...]).
     """
-    batch, (M, N) = scores.shape[:-2], scores.shape[-2:]
-    outputs = torch.ops.otseg.mps_forward(
-        scores.reshape(-1, M, N), float(eps), int(max_iter), float(tol), bool(return_plan), bool(check_finite)
+    score, plan, _f, _g, n_iter = torch.ops.otseg.mps_forward(
+        scores, float(eps), int(max_iter), float(tol), bool(return_plan), bool(check_finite)
     )
-    return unflatten(outputs, batch, return_plan)
+    return score, plan if return_plan else None, n_iter
