@@ -48,10 +48,10 @@ p = torch.cuda.get_device_properties(0)
 print("device", p.name, "capability", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count,
       "memory GiB", round(p.total_memory / 2**30, 1))
 PY
-# A copy made by a remote runner may carry a stale .git: a commit passed in wins.
-commit=${OTSEG_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-export OTSEG_GIT_COMMIT=$commit
-echo "commit $commit" | tee -a "$out/summary.txt"
+# A copy made by a remote runner may carry a stale .git: a commit passed in
+# (OTSEG_GIT_COMMIT, exported to the benchmark) wins; otherwise git's, and the
+# benchmark checks for uncommitted changes itself.
+echo "commit ${OTSEG_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" | tee -a "$out/summary.txt"
 
 step "build for this card only"
 arch=$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
@@ -64,7 +64,7 @@ fi
 if has_step bench; then
   step "operator benchmark (otseg bench)"
   # shellcheck disable=SC2086
-  timeout 270 "$py" -m otseg bench --device cuda --cases voc coco coco16 --generators clip hard \
+  timeout -k 10 270 "$py" -m otseg bench --device cuda --cases voc coco coco16 --generators clip hard \
     --backends ${BENCH_BACKENDS:-reference cuda triton} --out "$out/bench" --no-plot \
     > "$out/bench.log" 2>&1 || status=1
   grep -vE "^\[otseg bench\] \[" "$out/bench.log" | tail -40 | tee -a "$out/summary.txt"
@@ -72,7 +72,7 @@ fi
 
 if has_step model; then
   step "model training step (otseg bench --model)"
-  timeout 150 "$py" -m otseg bench --model --device cuda > "$out/bench-model.log" 2>&1 || status=1
+  timeout -k 10 150 "$py" -m otseg bench --model --device cuda > "$out/bench-model.log" 2>&1 || status=1
   tail -14 "$out/bench-model.log" | tee -a "$out/summary.txt"
 fi
 if has_step tests; then
@@ -85,7 +85,9 @@ if has_step tests; then
   "$py" -c "import pytest_timeout" 2>/dev/null && par+=(--timeout 150)
   # One inductor compile thread per pytest worker: eight workers each with a
   # pool of one process per core oversubscribe the CPU many times over.
-  OTSEG_TEST_LOG="$out/gpu-tests.log" TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${TEST_TIMEOUT_S:-300}" "$py" -m pytest -m gpu tests \
+  rm -f "$out/gpu-tests.log"
+  OTSEG_TEST_LOG="$out/gpu-tests.log" TORCHINDUCTOR_COMPILE_THREADS=1 timeout -k 10 "${TEST_TIMEOUT_S:-300}" \
+    "$py" -m pytest -m gpu tests \
     -p no:cacheprovider -p no:benchmark -q -rfEs --durations 15 "${par[@]}" > "$out/gpu-pytest.log" 2>&1 || status=1
   echo "$(grep -c '^PASSED' "$out/gpu-tests.log") passed, $(grep -c '^FAILED' "$out/gpu-tests.log") failed," \
     "$(grep -c '^SKIPPED' "$out/gpu-tests.log") skipped (gpu-tests.log)" | tee -a "$out/summary.txt"

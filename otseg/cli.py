@@ -174,6 +174,7 @@ def main(argv=None):
             return _backends()
         return _bench(args, "otseg " + " ".join(argv))
     except BrokenPipeError:
-        # The reader went away (e.g. `otseg backends | head`): stop quietly.
+        # The reader went away (e.g. `otseg backends | head`): stop without a
+        # traceback, with the status of a process ended by SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return 141

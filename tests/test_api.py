@@ -322,3 +322,28 @@ def test_cuda_backend_limits_are_checked_in_python(shape, dtype, error, says):
     with pytest.raises(error, match=says):
         _check_takes("cuda", torch.empty(shape, dtype=dtype, device="meta"), "scores")
     _check_takes("cuda", torch.empty(2, 10, 4, device="meta"), "scores")  # fits: no error
+
+
+def test_mps_checks_the_cuda_backend_before_its_kernel(monkeypatch):
+    """mps(..., backend="cuda") raises the cuda backend's dtype, size and
+    finiteness errors in Python: the kernel is never called (here a stand-in
+    that fails the test, on a machine made to look as if cuda ran)."""
+    import sys
+
+    pkg = sys.modules["otseg.ops.mps"]
+
+    def kernel(*args):
+        raise AssertionError("the cuda kernel was called")
+
+    monkeypatch.setattr(pkg, "resolve_backend", lambda backend, device: "cuda")
+    monkeypatch.setitem(pkg._FUSED, "cuda", kernel)
+    with pytest.raises(TypeError, match="float64"):
+        mps(torch.rand(2, 10, 4, dtype=torch.float64), backend="cuda")
+    with pytest.raises(ValueError, match="N <= 16"):
+        mps(torch.rand(2, 10, 17), backend="cuda")
+    with pytest.raises(ValueError, match="M <= 4096"):
+        mps(torch.rand(1, 4097, 4), backend="cuda")
+    x = torch.rand(2, 10, 4)
+    x[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        mps(x, backend="cuda")

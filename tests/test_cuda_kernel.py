@@ -168,3 +168,36 @@ def test_batch_dims_and_a_repeatable_backward():
     grads = [torch.ops.otseg.mps_backward(gs, None, x, f, g, 0.05) for _ in range(3)]
     assert grads[0].shape == x.shape
     assert all(torch.equal(grads[0], g_) for g_ in grads[1:])
+
+
+def test_errors_raised_in_the_cuda_library_reach_python():
+    """The one GPU run so far crashed (SIGSEGV) where the cuda library raised
+    a C++ exception (float64 input, before the Python checks existed). Calls
+    of the operators that raise there, in a child process: each must end as
+    a Python exception, not a crash."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, otseg
+        x = torch.rand(2, 10, 4, device="cuda")
+        bad = x.clone(); bad[1, 2, 3] = float("nan")
+        calls = [
+            lambda: torch.ops.otseg.mps_forward(x.double(), 0.05, 10, 0.0, False, True),
+            lambda: torch.ops.otseg.mps_forward(bad, 0.05, 10, 0.0, False, True),
+            lambda: torch.ops.otseg.mps_backward(torch.ones(2, 9, device="cuda"), None, x,
+                                                 torch.zeros(2, 10, device="cuda"), torch.zeros(2, 4, device="cuda"),
+                                                 0.05),
+        ]
+        for i, call in enumerate(calls):
+            try:
+                call()
+            except (TypeError, ValueError, RuntimeError) as exc:
+                print(i, type(exc).__name__, flush=True)
+            else:
+                print(i, "no error", flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"child ended with status {out.returncode}:\n{out.stdout}\n{out.stderr[-2000:]}"
+    assert out.stdout.split("\n")[:3] == ["0 TypeError", "1 ValueError", "2 RuntimeError"], out.stdout

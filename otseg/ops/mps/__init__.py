@@ -242,8 +242,8 @@ def _available_text():
     return ", ".join(f"{s.name!r} ({'/'.join(s.devices)})" for s in backends() if s.available)
 
 
-# Fused forwards on [P, M, N] scores: (scores, eps, max_iter, tol, return_plan,
-# check_finite) -> (score [P, M], plan or None, n_iter [P]).
+# Fused forwards on [..., M, N] scores: (scores, eps, max_iter, tol, return_plan,
+# check_finite) -> (score [..., M], plan or None, n_iter [...]).
 _FUSED = {
     "cpu": lambda s, *a: fused.mps_forward(s, *a),
     "cuda": lambda s, *a: fused.mps_forward(s, *a),
@@ -293,10 +293,7 @@ def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_
         except ValueError as exc:
             if "NaN or inf" not in str(exc):
                 raise
-            raise ValueError(
-                f"{name} contains NaN or inf; pass check_finite=False to skip this check "
-                "(on a GPU it costs one host synchronisation)"
-            ) from None
+            raise ValueError(f"{name} contains NaN or inf; pass check_finite=False to skip this check") from None
     else:
         score, plan, n_iter = run(scores, eps, max_iter, tol, want_plan, False)
     if plan is not None and plan.dtype != x.dtype:
