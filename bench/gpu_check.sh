@@ -13,7 +13,8 @@
 #   bash bench/gpu_check.sh OUT_DIR
 #
 # Environment: PYTHON (default python3), MAX_JOBS (build jobs, default: the
-# cores), STEPS (default "bench model tests"; e.g. STEPS=tests runs one),
+# cores), STEPS (default "bench model profile tests"; e.g. STEPS=tests runs
+# one),
 # TEST_TIMEOUT_S (default 300: the test step's limit),
 # BENCH_BACKENDS (default "reference cuda triton": the torch.compile peer is
 # left out here because its compile time, per case and per direction, would
@@ -21,15 +22,16 @@
 # results where the copy has no .git).
 #
 # Files written (at most 8, so that a remote runner can return them all):
-# summary.txt, build.log, gpu-tests.log (per test), gpu-pytest.log, bench.log,
-# bench/latest.md, bench/results.jsonl, bench-model.log.
+# summary.txt (with the profile table), build.log, gpu-tests.log (per test),
+# gpu-pytest.log, bench.log, bench/latest.md, bench/results.jsonl,
+# bench-model.log.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-steps=${STEPS:-bench model tests}
+steps=${STEPS:-bench model profile tests}
 status=0
 t_start=$(date +%s)
 step() { echo "== $(date +%T) (+$(( $(date +%s) - t_start )) s) $*" | tee -a "$out/summary.txt"; }
@@ -75,6 +77,11 @@ if has_step model; then
   timeout -k 10 150 "$py" -m otseg bench --model --device cuda > "$out/bench-model.log" 2>&1 || status=1
   tail -14 "$out/bench-model.log" | tee -a "$out/summary.txt"
 fi
+if has_step profile; then
+  step "kernel or host: eager vs CUDA-graph times (bench/gpu_profile.py)"
+  timeout -k 10 120 "$py" bench/gpu_profile.py 2>&1 | tee -a "$out/summary.txt" || status=1
+fi
+
 if has_step tests; then
   step "GPU tests (pytest -m gpu)"
   # gpu-tests.log: one line per test as it ends, with its time, and the

@@ -1,0 +1,115 @@
+"""Where a fused GPU call's time goes: the kernels or the host.
+
+For each case and backend, times one forward (and one raw backward op) two
+ways on the same inputs: called eagerly, as `otseg bench` does (CUDA events
+around the Python call), and replayed from a CUDA graph captured from the
+same call, which leaves only the GPU's work. The difference is what the host
+adds per call (Python, dispatch, allocation, launches); the graph time is
+what a kernel change can improve, and its GB/s is set against the
+device-to-device copy bandwidth measured here.
+
+    python bench/gpu_profile.py [--cases voc coco coco16] [--out FILE]
+
+Needs a CUDA GPU (bench/gpu_check.sh runs it). Prints a markdown table.
+"""
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+from otseg import ops
+from otseg.benchmark.generators import CASES, EPS, make_scores
+from otseg.benchmark.measure import copy_bandwidth_gbs
+
+
+def _events_ms(fn, repeats=50):
+    """Median ms of fn() between two CUDA events, after 5 warm-up calls."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _graph_ms(fn, replays=20):
+    """Median ms of one call replayed from a CUDA graph (GPU work only)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _events_ms(graph.replay, replays)
+
+
+def _ops(backend):
+    """(forward, backward) callables of one backend's raw operators on [P, M, N]."""
+    if backend == "cuda":
+        fwd = lambda s: torch.ops.otseg.mps_forward(s, EPS, 100, 1e-6, False, False)  # noqa: E731
+        bwd = torch.ops.otseg.mps_backward
+    else:
+        fwd = lambda s: torch.ops.otseg.mps_forward_triton(s, EPS, 100, 1e-6, False)  # noqa: E731
+        bwd = torch.ops.otseg.mps_backward_triton
+    return fwd, bwd
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=["voc", "coco", "coco16"])
+    parser.add_argument("--generators", nargs="+", default=["clip", "hard"])
+    parser.add_argument("--out", help="also write the table to this file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_profile.py needs a CUDA GPU")
+    copy = copy_bandwidth_gbs("cuda")
+    backends = [s.name for s in ops.backends() if s.available and "cuda" in s.devices and s.name != "reference"]
+    lines = [
+        f"GPU {torch.cuda.get_device_name()}, copy bandwidth {copy:.0f} GB/s (read + write); times in us, "
+        "medians; eager: the Python call between CUDA events; graph: the same call replayed from a CUDA graph "
+        "(GPU work only); host = eager - graph; GB/s: read S + write the refined score, over the graph time.",
+        "",
+        "| case | scores | backend | fwd eager | fwd graph | fwd host | fwd GB/s (% copy) | bwd eager | bwd graph |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case_name in args.cases:
+        case = CASES[case_name]
+        for gen in args.generators:
+            scores = make_scores(case, gen, 0, "cuda").reshape(-1, case.M, case.N).contiguous()
+            nbytes = scores.numel() * 4 + scores.shape[0] * case.M * 4
+            for backend in backends:
+                try:
+                    fwd, bwd = _ops(backend)
+                    _, _, f, g, _ = fwd(scores)
+                    ds = torch.randn(scores.shape[:-1], device="cuda")
+                    fe = _events_ms(lambda: fwd(scores)) * 1e3
+                    fg = _graph_ms(lambda: fwd(scores)) * 1e3
+                    be = _events_ms(lambda: bwd(ds, None, scores, f, g, EPS)) * 1e3
+                    bg = _graph_ms(lambda: bwd(ds, None, scores, f, g, EPS)) * 1e3
+                except Exception as exc:  # noqa: BLE001  (report and go on)
+                    lines.append(f"| {case_name} | {gen} | {backend} | failed: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:200]} |")
+                    continue
+                gbs = nbytes / (fg * 1e-6) / 1e9
+                lines.append(f"| {case_name} | {gen} | {backend} | {fe:.1f} | {fg:.1f} | {fe - fg:.1f} | "
+                             f"{gbs:.0f} ({gbs / copy:.0%}) | {be:.1f} | {bg:.1f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
