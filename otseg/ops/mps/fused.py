@@ -57,18 +57,6 @@ def autograd_pair(backward_op):
     return setup_context, backward
 
 
-def unflatten(outputs, batch, return_plan):
-    """(score [P, M], plan [P, M, N], f, g, n_iter [P]) of the Triton operator
-    back to the batch dims: (score [..., M], plan [..., M, N] or None, n_iter [...])."""
-    score, plan, _f, _g, n_iter = outputs
-    M, N = score.shape[-1], plan.shape[-1] if return_plan else None
-    return (
-        score.reshape(*batch, M),
-        plan.reshape(*batch, M, N) if return_plan else None,
-        n_iter.reshape(batch),
-    )
-
-
 if _extension.available:
 
     @torch.library.register_fake("otseg::mps_forward")

@@ -21,6 +21,7 @@ backend can run here. Without a GPU and without the interpreter it loads
 neither the kernels nor Triton's torch glue (``available`` is then False).
 """
 
+import functools
 import math
 import os
 from typing import Optional
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from ... import kernels as _kernels
-from .fused import _acc_dtype, autograd_pair, empty_outputs, unflatten
+from .fused import _acc_dtype, autograd_pair, empty_outputs
 
 __all__ = [
     "available", "error", "interpreted", "interpreter_requested", "MAX_M", "MAX_N", "check_limits",
@@ -97,6 +98,7 @@ def _check_device(x):
     )
 
 
+@functools.lru_cache(maxsize=64)
 def _split(x):
     """A Python float as float32 hi + lo (exact to about 2^-48 when summed in
     float64): Triton passes Python floats to kernels as float32."""
@@ -106,6 +108,7 @@ def _split(x):
     return hi, lo
 
 
+@functools.lru_cache(maxsize=64)
 def _blocks(M, N):
     M, N = int(M), int(N)
     block_m = max(16, triton.next_power_of_2(M))
@@ -119,12 +122,18 @@ def _blocks(M, N):
 
 
 def _check_scores(scores):
-    if scores.dim() != 3:
-        raise ValueError(f"scores must have shape [P, M, N], got {tuple(scores.shape)}")
+    if scores.dim() < 2:
+        raise ValueError(f"scores must have shape [..., M, N], got {tuple(scores.shape)}")
     if not scores.dtype.is_floating_point:
         raise TypeError(f"scores must be float16, bfloat16, float32 or float64, got {scores.dtype}")
-    check_limits(scores.shape[1], scores.shape[2])
+    check_limits(scores.shape[-2], scores.shape[-1])
     _check_device(scores)
+
+
+def _flat(x, *tail):
+    """``x`` [..., *tail] as [P, *tail] (a view where the batch dims merge).
+    Inside the operators, so that it adds no autograd node."""
+    return x.reshape(-1, *tail)
 
 
 def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter):
@@ -134,6 +143,8 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter):
         scores: [P, M, N], any strides.
         score: [P, M] contiguous; plan: [P, M, N] contiguous or None;
         f: [P, M], g: [P, N] contiguous in the compute type; n_iter: [P] int32.
+        The outputs are used as pointers: any shape with those contiguous
+        layouts will do (e.g. [..., M] for score).
     """
     P, M, N = scores.shape
     if P == 0:
@@ -156,7 +167,8 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter):
 
 
 def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad):
-    """Run ``_mps_bwd_kernel`` into ``grad`` [P, M, N] (contiguous).
+    """Run ``_mps_bwd_kernel`` into ``grad`` [P, M, N] (contiguous; used as a
+    pointer, so any shape with that layout will do).
 
     Args:
         grad_score: [P, M] or None; grad_plan: [P, M, N] or None (any strides).
@@ -189,8 +201,11 @@ def _mps_forward_triton(
     scores: torch.Tensor, eps: float, max_iter: int, tol: float, return_plan: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_scores(scores)
+    # Outputs with the batch dims of the scores [..., M, N]; the kernel sees
+    # them as [P, ...] (contiguous) and the scores flattened.
     score, plan, f, g, n_iter = empty_outputs(scores, return_plan)
-    launch_forward(scores, eps, max_iter, tol, score, plan if return_plan else None, f, g, n_iter)
+    flat = _flat(scores, *scores.shape[-2:])
+    launch_forward(flat, eps, max_iter, tol, score, plan if return_plan else None, f, g, n_iter)
     return score, plan, f, g, n_iter
 
 
@@ -201,14 +216,15 @@ def _mps_forward_triton_fake(scores, eps, max_iter, tol, return_plan):
 
 def _check_backward_args(grad_score, grad_plan, scores, f, g):
     _check_scores(scores)
-    P, M, N = scores.shape
+    *batch, M, N = scores.shape
+    batch = tuple(batch)
     acc = _acc_dtype(scores.dtype)
-    if f.shape != (P, M) or g.shape != (P, N) or f.dtype != acc or g.dtype != acc:
-        raise ValueError(f"f [P, M] and g [P, N] must be {acc} for scores of shape {tuple(scores.shape)}")
-    if grad_score is not None and grad_score.shape != (P, M):
-        raise ValueError(f"grad_score must have shape {(P, M)}, got {tuple(grad_score.shape)}")
-    if grad_plan is not None and grad_plan.shape != (P, M, N):
-        raise ValueError(f"grad_plan must have shape {(P, M, N)}, got {tuple(grad_plan.shape)}")
+    if f.shape != (*batch, M) or g.shape != (*batch, N) or f.dtype != acc or g.dtype != acc:
+        raise ValueError(f"f [..., M] and g [..., N] must be {acc} for scores of shape {tuple(scores.shape)}")
+    if grad_score is not None and grad_score.shape != (*batch, M):
+        raise ValueError(f"grad_score must have shape {(*batch, M)}, got {tuple(grad_score.shape)}")
+    if grad_plan is not None and grad_plan.shape != (*batch, M, N):
+        raise ValueError(f"grad_plan must have shape {(*batch, M, N)}, got {tuple(grad_plan.shape)}")
 
 
 def _mps_backward_triton(
@@ -222,8 +238,13 @@ def _mps_backward_triton(
     _check_backward_args(grad_score, grad_plan, scores, f, g)
     if grad_score is None and grad_plan is None:
         return torch.zeros_like(scores, memory_format=torch.contiguous_format)
+    M, N = scores.shape[-2:]
     grad = torch.empty_like(scores, memory_format=torch.contiguous_format)
-    launch_backward(grad_score, grad_plan, scores, f.contiguous(), g.contiguous(), eps, grad)
+    launch_backward(
+        None if grad_score is None else _flat(grad_score, M),
+        None if grad_plan is None else _flat(grad_plan, M, N),
+        _flat(scores, M, N), f.contiguous(), g.contiguous(), eps, grad,
+    )
     return grad
 
 
@@ -253,9 +274,10 @@ def mps_forward(scores, eps, max_iter, tol, return_plan):
 
     Returns (refined score [..., M], plan [..., M, N] or None, iterations [...] int32).
     """
-    batch, (M, N) = scores.shape[:-2], scores.shape[-2:]
-    check_limits(M, N)
-    outputs = torch.ops.otseg.mps_forward_triton(
-        scores.reshape(-1, M, N), float(eps), int(max_iter), float(tol), bool(return_plan)
+    check_limits(*scores.shape[-2:])
+    # The operator takes the batch dims itself: no reshape (and so no
+    # autograd node) around it.
+    score, plan, _f, _g, n_iter = torch.ops.otseg.mps_forward_triton(
+        scores, float(eps), int(max_iter), float(tol), bool(return_plan)
     )
-    return unflatten(outputs, batch, return_plan)
+    return score, plan if return_plan else None, n_iter
