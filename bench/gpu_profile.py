@@ -14,30 +14,20 @@ Needs a CUDA GPU (bench/gpu_check.sh runs it). Prints a markdown table.
 """
 
 import argparse
-import statistics
 import sys
 
 import torch
 
 from otseg import ops
 from otseg.benchmark.generators import CASES, EPS, make_scores
-from otseg.benchmark.measure import copy_bandwidth_gbs
+from otseg.benchmark.measure import copy_bandwidth_gbs, median_ms
 
 
 def _events_ms(fn, repeats=50):
-    """Median ms of fn() between two CUDA events, after 5 warm-up calls."""
-    for _ in range(5):
+    """Median ms of fn() between two CUDA events, after warm-up calls."""
+    for _ in range(4):
         fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, "cuda", repeats=repeats)[0]
 
 
 def _graph_ms(fn, replays=20):

@@ -255,3 +255,45 @@ def rel_err(a, b):
     """max |a - b| / max |b|, in float64."""
     return float((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max())
 
+
+
+BATCH_LAYOUTS = ["4d", "2d", "permuted-4d"]
+
+
+def batch_layout_scores(layout, seed, M=9, N=4):
+    """Scores [..., M, N] with batch dims that merge into a view ("4d"), none
+    ("2d"), or that do not merge ("permuted-4d")."""
+    if layout == "4d":
+        return hard_scores((2, 3, M, N), seed=seed)
+    if layout == "2d":
+        return hard_scores((M, N), seed=seed)
+    return hard_scores((3, 2, M, N), seed=seed).transpose(0, 1)
+
+
+def assert_batch_dims_match_flattened(fwd, bwd, x, seed):
+    """A fused operator pair on scores x [..., M, N] gives, with the batch dims,
+    bitwise what it gives on the flattened problems [P, M, N].
+
+    Args:
+        fwd: x -> (score, plan, f, g, n_iter), the plan requested.
+        bwd: (grad_score, grad_plan, x, f, g) -> grad.
+        x: the scores.
+        seed: of the upstream gradients.
+
+    Returns:
+        (score, plan, f, g, grad_score, grad_plan) of x, for further checks.
+    """
+    M, N = x.shape[-2:]
+    batch, flat = x.shape[:-2], x.reshape(-1, M, N)
+    out, ref = fwd(x), fwd(flat)
+    for got, want, tail in zip(out, ref, [(M,), (M, N), (M,), (N,), ()]):
+        assert got.shape == (*batch, *tail)
+        assert torch.equal(got, want.reshape(got.shape))
+    score, plan, f, g, _ = out
+    gen = torch.Generator().manual_seed(seed)
+    gs = torch.randn(score.shape, generator=gen, dtype=x.dtype).to(x.device)
+    gp = torch.randn(plan.shape, generator=gen, dtype=x.dtype).to(x.device)
+    grad = bwd(gs, gp, x, f, g)
+    want = bwd(gs.reshape(-1, M), gp.reshape(-1, M, N), flat, f.reshape(-1, M), g.reshape(-1, N))
+    assert grad.shape == x.shape and torch.equal(grad, want.reshape(x.shape))
+    return score, plan, f, g, gs, gp

@@ -10,9 +10,12 @@ import torch
 from otseg.ops import mps, sinkhorn
 
 from helpers import (
+    BATCH_LAYOUTS,
     HALF_DTYPES,
     OUTPUTS,
+    assert_batch_dims_match_flattened,
     assert_close_report,
+    batch_layout_scores,
     dtype_id,
     eager_and_compiled,
     extreme_scores,
@@ -198,31 +201,15 @@ def test_opcheck_mps_backward(dtype, grads):
     torch.library.opcheck(torch.ops.otseg.mps_backward.default, (gs, gp, scores, f, g, 0.05))
 
 
-@pytest.mark.parametrize("layout", ["4d", "2d", "permuted-4d"])
+@pytest.mark.parametrize("layout", BATCH_LAYOUTS)
 def test_operators_take_batch_dims_like_the_flattened_problems(layout):
     """The fused operators take scores [..., M, N] (no reshape by the caller):
     outputs carry the batch dims and equal those of the flattened problems,
     also where the batch dims cannot be merged into a view (a permuted batch)."""
-    if layout == "4d":
-        x = hard_scores((2, 3, 9, 4), seed=25)
-    elif layout == "2d":
-        x = hard_scores((9, 4), seed=25)
-    else:
-        x = hard_scores((3, 2, 9, 4), seed=25).transpose(0, 1)
-    batch = x.shape[:-2]
-    flat = x.reshape(-1, 9, 4)
-    out = torch.ops.otseg.mps_forward(x, 0.1, 50, 1e-9, True, True)
-    ref = torch.ops.otseg.mps_forward(flat, 0.1, 50, 1e-9, True, True)
-    for got, want, tail in zip(out, ref, [(9,), (9, 4), (9,), (4,), ()]):
-        assert got.shape == (*batch, *tail)
-        assert torch.equal(got, want.reshape(got.shape))
-    score, plan, f, g, _ = out
-    gen = torch.Generator().manual_seed(7)
-    gs, gp = torch.randn(score.shape, generator=gen, dtype=x.dtype), torch.randn(plan.shape, generator=gen, dtype=x.dtype)
-    grad = torch.ops.otseg.mps_backward(gs, gp, x, f, g, 0.1)
-    want = torch.ops.otseg.mps_backward(gs.reshape(-1, 9), gp.reshape(-1, 9, 4), flat, f.reshape(-1, 9),
-                                        g.reshape(-1, 4), 0.1)
-    assert grad.shape == x.shape and torch.equal(grad, want.reshape(x.shape))
+    x = batch_layout_scores(layout, seed=25)
+    score, plan, f, g, gs, gp = assert_batch_dims_match_flattened(
+        lambda s: torch.ops.otseg.mps_forward(s, 0.1, 50, 1e-9, True, True),
+        lambda *a: torch.ops.otseg.mps_backward(*a, 0.1), x, seed=7)
     torch.library.opcheck(torch.ops.otseg.mps_forward.default, (x, 0.1, 20, 0.0, True, True))
     torch.library.opcheck(torch.ops.otseg.mps_backward.default, (gs, gp, x, f, g, 0.1))
     with pytest.raises(RuntimeError, match="must have shape"):

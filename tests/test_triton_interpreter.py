@@ -30,8 +30,11 @@ from otseg.ops import backends, mps, resolve_backend, sinkhorn
 from otseg.ops.mps import triton as tb
 
 from helpers import (
+    BATCH_LAYOUTS,
     HALF_DTYPES,
+    assert_batch_dims_match_flattened,
     assert_close_report,
+    batch_layout_scores,
     clip_scores,
     dtype_id,
     eager_and_compiled,
@@ -503,32 +506,15 @@ def test_opcheck_forward(device, dtype, return_plan):
     torch.library.opcheck(torch.ops.otseg.mps_forward_triton.default, (x, 0.05, 5, 0.0, return_plan))
 
 
-@pytest.mark.parametrize("layout", ["4d", "2d", "permuted-4d"])
+@pytest.mark.parametrize("layout", BATCH_LAYOUTS)
 def test_operators_take_batch_dims_like_the_flattened_problems(device, layout):
     """The Triton operators take scores [..., M, N] (no reshape around them):
     outputs carry the batch dims and equal those of the flattened problems,
     also where the batch dims cannot be merged into a view."""
-    if layout == "4d":
-        x = hard_scores((2, 3, 9, 4), seed=28)
-    elif layout == "2d":
-        x = hard_scores((9, 4), seed=28)
-    else:
-        x = hard_scores((3, 2, 9, 4), seed=28).transpose(0, 1)
-    x = x.to(device)
-    batch, flat = x.shape[:-2], x.reshape(-1, 9, 4)
-    out = torch.ops.otseg.mps_forward_triton(x, 0.1, 30, 0.0, True)
-    ref = torch.ops.otseg.mps_forward_triton(flat, 0.1, 30, 0.0, True)
-    for got, want, tail in zip(out, ref, [(9,), (9, 4), (9,), (4,), ()]):
-        assert got.shape == (*batch, *tail)
-        assert torch.equal(got, want.reshape(got.shape))
-    score, plan, f, g, _ = out
-    gen = torch.Generator().manual_seed(29)
-    gs = torch.randn(score.shape, generator=gen, dtype=x.dtype).to(device)
-    gp = torch.randn(plan.shape, generator=gen, dtype=x.dtype).to(device)
-    grad = torch.ops.otseg.mps_backward_triton(gs, gp, x, f, g, 0.1)
-    want = torch.ops.otseg.mps_backward_triton(gs.reshape(-1, 9), gp.reshape(-1, 9, 4), flat, f.reshape(-1, 9),
-                                               g.reshape(-1, 4), 0.1)
-    assert grad.shape == x.shape and torch.equal(grad, want.reshape(x.shape))
+    x = batch_layout_scores(layout, seed=28).to(device)
+    score, plan, f, g, gs, gp = assert_batch_dims_match_flattened(
+        lambda s: torch.ops.otseg.mps_forward_triton(s, 0.1, 30, 0.0, True),
+        lambda *a: torch.ops.otseg.mps_backward_triton(*a, 0.1), x, seed=29)
     torch.library.opcheck(torch.ops.otseg.mps_forward_triton.default, (x, 0.1, 5, 0.0, True))
     torch.library.opcheck(torch.ops.otseg.mps_backward_triton.default, (gs, gp, x, f, g, 0.1))
     with pytest.raises(ValueError, match="grad_score must have shape"):

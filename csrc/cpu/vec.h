@@ -209,24 +209,40 @@ struct BlockTranspose {
   static constexpr int W = Vec<T, B>::W;
   using V = typename Vec<T, B>::V;
   using Lanes = std::make_integer_sequence<int, W>;
-  static constexpr int reg(int n, int r) { return (NC * r + n) / W; }
-  static constexpr int pos(int n, int r) { return (NC * r + n) % W; }
 
-  // Rows to columns: column n from the registers R[0..NC-1].
-  template <int n, int... r>
-  static OTSEG_VEC_INLINE V first(V a, V b, std::integer_sequence<int, r...>) {
-    return __builtin_shufflevector(a, b, (reg(n, r) == 1 ? W + pos(n, r) : pos(n, r))...);
+  // Register `out` of a permutation of the NC registers X: its lane i is lane
+  // Map::lane(out, i) of X[Map::reg(out, i)], built by NC - 1 two-source
+  // shuffles.
+  template <class Map, int out, int... i>
+  static OTSEG_VEC_INLINE V first(V a, V b, std::integer_sequence<int, i...>) {
+    return __builtin_shufflevector(a, b, (Map::reg(out, i) == 1 ? W + Map::lane(out, i) : Map::lane(out, i))...);
   }
-  template <int n, int j, int... r>
-  static OTSEG_VEC_INLINE V merge(V acc, V b, std::integer_sequence<int, r...>) {
-    return __builtin_shufflevector(acc, b, (reg(n, r) == j ? W + pos(n, r) : r)...);
+  template <class Map, int out, int j, int... i>
+  static OTSEG_VEC_INLINE V merge(V acc, V b, std::integer_sequence<int, i...>) {
+    return __builtin_shufflevector(acc, b, (Map::reg(out, i) == j ? W + Map::lane(out, i) : i)...);
   }
-  template <int n, int... j>
-  static OTSEG_VEC_INLINE V column(const V* R, std::integer_sequence<int, j...>) {
-    V acc = first<n>(R[0], R[1], Lanes{});
-    ((acc = merge<n, j + 2>(acc, R[j + 2], Lanes{})), ...);
+  template <class Map, int out, int... j>
+  static OTSEG_VEC_INLINE V gather(const V* X, std::integer_sequence<int, j...>) {
+    V acc = first<Map, out>(X[0], X[1], Lanes{});
+    ((acc = merge<Map, out, j + 2>(acc, X[j + 2], Lanes{})), ...);
     return acc;
   }
+  template <class Map, int out>
+  static OTSEG_VEC_INLINE V gather(const V* X) {
+    return gather<Map, out>(X, std::make_integer_sequence<int, NC - 2>{});
+  }
+  // Rows to columns: lane r of column n is element NC * r + n of the rows.
+  struct ToColumns {
+    static constexpr int reg(int n, int r) { return (NC * r + n) / W; }
+    static constexpr int lane(int n, int r) { return (NC * r + n) % W; }
+  };
+  // Columns to rows: lane p of row register k is element W * k + p, which is
+  // column (W * k + p) % NC, lane (W * k + p) / NC.
+  struct ToRows {
+    static constexpr int reg(int k, int p) { return (W * k + p) % NC; }
+    static constexpr int lane(int k, int p) { return (W * k + p) / NC; }
+  };
+
   // W rows, W * NC contiguous values, into NC column vectors.
   static OTSEG_VEC_INLINE void columns(const T* src, V* out) {
     V R[NC];
@@ -235,38 +251,16 @@ struct BlockTranspose {
   }
   template <int... n>
   static OTSEG_VEC_INLINE void fill_columns(const V* R, V* out, std::integer_sequence<int, n...>) {
-    ((out[n] = column<n>(R, std::make_integer_sequence<int, NC - 2>{})), ...);
+    ((out[n] = gather<ToColumns, n>(R)), ...);
   }
   // W rows, W * NC contiguous values, into NC column vectors stored at
   // dst + n * ld.
   static OTSEG_VEC_INLINE void rows_to_columns(const T* src, T* dst, int64_t ld) {
-    V R[NC];
-    for (int k = 0; k < NC; ++k) R[k] = load<V>(src + k * W);
-    store_columns(R, dst, ld, std::make_integer_sequence<int, NC>{});
-  }
-  template <int... n>
-  static OTSEG_VEC_INLINE void store_columns(const V* R, T* dst, int64_t ld, std::integer_sequence<int, n...>) {
-    ((store(dst + n * ld, column<n>(R, std::make_integer_sequence<int, NC - 2>{}))), ...);
+    V C[NC];
+    columns(src, C);
+    for (int n = 0; n < NC; ++n) store(dst + n * ld, C[n]);
   }
 
-  // Columns to rows: output register k, lane p is element W*k + p, which is
-  // column (W*k + p) % NC, lane (W*k + p) / NC.
-  static constexpr int col(int k, int p) { return (W * k + p) % NC; }
-  static constexpr int lane(int k, int p) { return (W * k + p) / NC; }
-  template <int k, int... p>
-  static OTSEG_VEC_INLINE V first_row(V a, V b, std::integer_sequence<int, p...>) {
-    return __builtin_shufflevector(a, b, (col(k, p) == 1 ? W + lane(k, p) : lane(k, p))...);
-  }
-  template <int k, int j, int... p>
-  static OTSEG_VEC_INLINE V merge_row(V acc, V b, std::integer_sequence<int, p...>) {
-    return __builtin_shufflevector(acc, b, (col(k, p) == j ? W + lane(k, p) : p)...);
-  }
-  template <int k, int... j>
-  static OTSEG_VEC_INLINE V row_register(const V* C, std::integer_sequence<int, j...>) {
-    V acc = first_row<k>(C[0], C[1], Lanes{});
-    ((acc = merge_row<k, j + 2>(acc, C[j + 2], Lanes{})), ...);
-    return acc;
-  }
   // NC column vectors (src + n * ld) into W * NC contiguous values.
   static OTSEG_VEC_INLINE void columns_to_rows(const T* src, int64_t ld, T* dst) {
     V C[NC];
@@ -275,7 +269,7 @@ struct BlockTranspose {
   }
   template <int... k>
   static OTSEG_VEC_INLINE void store_rows(const V* C, T* dst, std::integer_sequence<int, k...>) {
-    ((store(dst + k * W, row_register<k>(C, std::make_integer_sequence<int, NC - 2>{}))), ...);
+    ((store(dst + k * W, gather<ToRows, k>(C))), ...);
   }
 };
 #endif

@@ -157,34 +157,26 @@ _auto_choice = {}
 
 
 def _cannot_take(name, x):
-    """Why backend ``name`` cannot solve ``x``, or None."""
+    """Why backend ``name`` cannot solve ``x``, as (exception type, message), or None."""
     max_m, max_n, dtypes = _TAKES[name]
     M, N = x.shape[-2:]
     if max_m is not None and M > max_m:
-        return f"{name} takes M <= {max_m} pixels, got {M}"
+        return ValueError, f"{name} takes M <= {max_m} pixels per problem, got M = {M}"
     if max_n is not None and N > max_n:
-        return f"{name} takes N <= {max_n} prompts, got {N}"
+        return ValueError, f"{name} takes N <= {max_n} prompts, got N = {N}"
     if dtypes is not None and x.dtype not in dtypes:
-        return f"{name} does not take {x.dtype}"
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        return TypeError, f"{name} takes {names}, got {x.dtype}"
     return None
 
 
-def _check_takes(name, x, what):
-    """Raise a clear TypeError/ValueError when backend ``name``, asked for by
-    name, cannot take ``x`` (before any kernel sees it)."""
-    max_m, max_n, dtypes = _TAKES[name]
-    M, N = x.shape[-2:]
-    if dtypes is not None and x.dtype not in dtypes:
-        raise TypeError(
-            f"the {name} backend takes {what} in {', '.join(str(d).replace('torch.', '') for d in dtypes)}, "
-            f"got {x.dtype}; use backend='reference' (or 'cpu' for CPU tensors) for other dtypes"
-        )
-    if max_n is not None and N > max_n:
-        raise ValueError(f"the {name} backend supports N <= {max_n} prompts, got N = {N} (use backend='reference')")
-    if max_m is not None and M > max_m:
-        raise ValueError(
-            f"the {name} backend supports M <= {max_m} pixels per problem, got M = {M} (use backend='reference')"
-        )
+def _check_takes(name, x):
+    """Raise the TypeError/ValueError of ``_cannot_take`` when backend
+    ``name``, asked for by name, cannot take ``x`` (before any kernel sees it)."""
+    why = _cannot_take(name, x)
+    if why is not None:
+        error, message = why
+        raise error(f"backend {message}; use backend='reference' (or 'cpu' for CPU tensors)")
 
 
 def _time_forward(name, x, want_plan):
@@ -212,7 +204,7 @@ def _auto_for(x, want_plan):
     names = [n for n in _AUTO_ORDER.get(device, ()) if _status(n)[0] and device in _status(n)[1]]
     fits = [n for n in names if _cannot_take(n, x) is None]
     if not fits:
-        why = "; ".join(_cannot_take(n, x) for n in names)
+        why = "; ".join(_cannot_take(n, x)[1] for n in names)
         key = (device, why)
         if key not in _warned_fallback:
             _warned_fallback.add(key)
@@ -263,7 +255,7 @@ def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_
         chosen = _auto_for(x, want_plan)
     elif chosen == "cuda":
         # In Python, so that the kernel's own checks are a second line only.
-        _check_takes(chosen, x, name)
+        _check_takes(chosen, x)
     # The fused CPU kernel checks finiteness while it reads the input; the
     # reference and the Triton kernels (which never report to the host) need a
     # separate pass, and so, for now, does the cuda backend: its in-kernel
