@@ -179,6 +179,21 @@ OTSEG_INLINE void store_block(const acc_t* src, int rows, int64_t N, scalar_t* d
   });
 }
 
+// NC column vectors (registers) of one block into `rows` contiguous rows of
+// NC values: register shuffles for a whole block in the compute type, else
+// through `via` ([NC, W]).
+template <int B, int NC, typename acc_t, typename scalar_t>
+OTSEG_INLINE void store_columns(const VecOf<acc_t, B>* cols, int rows, scalar_t* dst, acc_t* via) {
+  constexpr int W = vec::Vec<acc_t, B>::W;
+#ifdef OTSEG_HAVE_SHUFFLES
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (rows == W) return vec::BlockTranspose<acc_t, NC, B>::rows(cols, dst);
+  }
+#endif
+  for (int n = 0; n < NC; ++n) vec::store(via + n * W, cols[n]);
+  columns_to_rows<B, NC>(via, rows, dst);
+}
+
 // The f half-step in the log domain from beta (v = 1): alpha and K with
 // K[n, m] = exp(alpha_m + beta_n - C[m, n]/eps), rows of K summing to mu, and
 // the column sums z = K^T 1 for the g half-step; the summed |change| of the
@@ -244,7 +259,7 @@ OTSEG_INLINE bool log_rows(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, con
 // with the next block's.
 template <int B, int NC, int U, typename scalar_t, typename acc_t>
 OTSEG_INLINE void log_rows_blocks(ForwardWorkspace<acc_t>& w, int64_t M, const scalar_t* S, int64_t sM, int64_t sN,
-                                  int64_t m0, const acc_t* shift, VecOf<acc_t, B>* zreg,
+                                  int64_t m0, const acc_t* shift, bool check_finite, VecOf<acc_t, B>* zreg,
                                   VecOf<acc_t, B>& nonfinite, VecOf<acc_t, B>& total) {
   using V = VecOf<acc_t, B>;
   constexpr int W = vec::Vec<acc_t, B>::W;
@@ -276,7 +291,7 @@ OTSEG_INLINE void log_rows_blocks(ForwardWorkspace<acc_t>& w, int64_t M, const s
   for (int u = 0; u < U; ++u) rmax[u] = vec::splat<V>(-std::numeric_limits<acc_t>::infinity());
   for (int n = 0; n < NC; ++n)
     for (int u = 0; u < U; ++u) {
-      nonfinite += s[u][n] * acc_t(0);
+      if (check_finite) nonfinite += s[u][n] * acc_t(0);
       s[u][n] = s[u][n] * ie + shift[n];
       rmax[u] = vec::vmax(rmax[u], s[u][n]);
     }
@@ -321,8 +336,9 @@ OTSEG_INLINE bool log_rows_n(ForwardWorkspace<acc_t>& w, int64_t M, const scalar
   V nonfinite = {}, total = {};
   int64_t m0 = 0;
   for (; m0 + U * W <= M; m0 += U * W)
-    log_rows_blocks<B, NC, U>(w, M, S, sM, sN, m0, shift, zreg, nonfinite, total);
-  for (; m0 < M; m0 += W) log_rows_blocks<B, NC, 1>(w, M, S, sM, sN, m0, shift, zreg, nonfinite, total);
+    log_rows_blocks<B, NC, U>(w, M, S, sM, sN, m0, shift, check_finite, zreg, nonfinite, total);
+  for (; m0 < M; m0 += W)
+    log_rows_blocks<B, NC, 1>(w, M, S, sM, sN, m0, shift, check_finite, zreg, nonfinite, total);
   for (int n = 0; n < NC; ++n) w.z[n] = vec::hsum<acc_t>(zreg[n]);
   *change = vec::hsum<acc_t>(total);
   return !check_finite || vec::hsum<acc_t>(nonfinite) == acc_t(0);
@@ -439,29 +455,44 @@ OTSEG_INLINE bool sweep(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, acc_t*
       N, [&](auto nc) OTSEG_LAMBDA_INLINE { return sweep_n<B, decltype(nc)::value>(w, M, N, change); });
 }
 
-// Refined score M*N*u_m*sum_n K[n, m] v_n S[m, n], and the plan u_m K[n, m] v_n.
-template <int B, typename scalar_t, typename acc_t>
-OTSEG_INLINE void write_outputs(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, scalar_t* score,
-                                      scalar_t* plan) {
+// Refined score M*N*u_m*sum_n K[n, m] v_n S[m, n], and the plan u_m K[n, m] v_n,
+// for a prompt count NC known at compile time (NC = 0: any N, the plan
+// through the block buffer).
+template <int B, int NC, typename scalar_t, typename acc_t>
+OTSEG_INLINE void write_outputs_n(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N_any, scalar_t* score,
+                                  scalar_t* plan) {
   using V = VecOf<acc_t, B>;
   constexpr int W = vec::Vec<acc_t, B>::W;
+  const int64_t N = NC > 0 ? NC : N_any;
   const int64_t ld = w.ld;
   const acc_t* __restrict K = w.K.data();
   const acc_t* __restrict St = w.St.data();
+  const acc_t* __restrict v = w.v.data();
   acc_t* __restrict blk = w.blk.data();
   const acc_t scale = acc_t(M) * acc_t(N);
   for (int64_t m0 = 0; m0 < M; m0 += W) {
     const int rows = static_cast<int>(std::min<int64_t>(W, M - m0));
     const V um = vec::load<V>(w.u.data() + m0);
     V acc = {};
-    for (int64_t n = 0; n < N; ++n)
-      acc += vec::load<V>(K + n * ld + m0) * vec::load<V>(St + n * ld + m0) * w.v[n];
-    const V sc = scale * um * acc;
-    for (int r = 0; r < rows; ++r) score[m0 + r] = static_cast<scalar_t>(sc[r]);
+    for (int64_t n = 0; n < N; ++n) acc += vec::load<V>(K + n * ld + m0) * vec::load<V>(St + n * ld + m0) * v[n];
+    vec::store_partial(score + m0, scale * um * acc, rows);
     if (plan == nullptr) continue;
-    for (int64_t n = 0; n < N; ++n) vec::store(blk + n * W, um * vec::load<V>(K + n * ld + m0) * w.v[n]);
-    store_block<B>(blk, rows, N, plan + m0 * N);
+    if constexpr (NC > 0) {
+      V p[NC];
+      for (int n = 0; n < NC; ++n) p[n] = um * vec::load<V>(K + n * ld + m0) * v[n];
+      store_columns<B, NC>(p, rows, plan + m0 * NC, blk);
+    } else {
+      for (int64_t n = 0; n < N; ++n) vec::store(blk + n * W, um * vec::load<V>(K + n * ld + m0) * v[n]);
+      store_block<B>(blk, rows, N, plan + m0 * N);
+    }
   }
+}
+
+template <int B, typename scalar_t, typename acc_t>
+OTSEG_INLINE void write_outputs(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N, scalar_t* score, scalar_t* plan) {
+  with_prompt_count(N, [&](auto nc) OTSEG_LAMBDA_INLINE {
+    write_outputs_n<B, decltype(nc)::value>(w, M, N, score, plan);
+  });
 }
 
 // One problem from S to outputs. Returns false (writing nothing) if S holds
@@ -631,7 +662,7 @@ OTSEG_INLINE void load_columns(const scalar_t* src, int64_t sM, int64_t sN, int 
 // scores, T, and every sum in registers (NC (NC - 1) / 2 weight sums: used for
 // NC <= 8), whole blocks of contiguous rows transposed by shuffles straight
 // into registers.
-template <int B, int NC, typename scalar_t, typename acc_t>
+template <int B, int NC, bool kPlanGrad, typename scalar_t, typename acc_t>
 OTSEG_INLINE void backward_sums_n(const scalar_t* dscore, const scalar_t* dplan, int64_t dpM, int64_t dpN,
                                   const scalar_t* S, int64_t sM, int64_t sN, const acc_t* f, const acc_t* g,
                                   int64_t M, acc_t eps, BackwardWorkspace<acc_t>& w) {
@@ -653,8 +684,8 @@ OTSEG_INLINE void backward_sums_n(const scalar_t* dscore, const scalar_t* dplan,
     const V valid = vec::first_lanes<V>(rows);
     V s[NC], t[NC];
     load_columns<B, NC>(S + m0 * sM, sM, sN, rows, T + m0, ld, s);
-    V gp[NC] = {};
-    if (dplan != nullptr) load_columns<B, NC>(dplan + m0 * dpM, dpM, dpN, rows, H + m0, ld, gp);
+    V gp[kPlanGrad ? NC : 1];
+    if constexpr (kPlanGrad) load_columns<B, NC>(dplan + m0 * dpM, dpM, dpN, rows, H + m0, ld, gp);
     const V fe = vec::load_partial<V>(f + m0, rows) * ie;
     const V ds = dscore != nullptr ? vec::load_partial<V>(dscore + m0, rows) * mn : V{};
     V a = {}, r = {};
@@ -662,8 +693,9 @@ OTSEG_INLINE void backward_sums_n(const scalar_t* dscore, const scalar_t* dplan,
       // Padding lanes (S = 0, f = 0) get a finite t that 1/a = 0 keeps out
       // of every sum below; H is 0 there.
       t[n] = vec::exp(fe + s[n] * ie + gshift[n]);
-      V gv = dplan != nullptr ? gp[n] : V{};
-      if (dscore != nullptr) gv += s[n] * ds;
+      // (ds is 0 without a score gradient.)
+      V gv = s[n] * ds;
+      if constexpr (kPlanGrad) gv += gp[n];
       const V h = -(t[n] * gv) * ie;
       vec::store(T + n * ld + m0, t[n]);
       vec::store(H + n * ld + m0, h);
@@ -694,6 +726,50 @@ OTSEG_INLINE void backward_sums_n(const scalar_t* dscore, const scalar_t* dplan,
   }
 }
 
+// Pass 2 of the backward: x = (r - T y)/a; dS = -dC + M N T dS* = T (x + y +
+// M N dS*) - H, written row-major a block at a time; for a prompt count NC
+// known at compile time the block stays in registers (NC = 0: any N, through
+// the block buffer).
+template <int B, int NC, typename scalar_t, typename acc_t>
+OTSEG_INLINE void backward_write_n(const scalar_t* dscore, int64_t M, int64_t N_any, scalar_t* dS,
+                                   BackwardWorkspace<acc_t>& w) {
+  using V = VecOf<acc_t, B>;
+  constexpr int W = vec::Vec<acc_t, B>::W;
+  const int64_t N = NC > 0 ? NC : N_any;
+  const acc_t mn = acc_t(M) * acc_t(N);
+  const int64_t ld = w.ld;
+  const acc_t* __restrict T = w.T.data();
+  const acc_t* __restrict H = w.H.data();
+  acc_t* __restrict blk = w.blk.data();
+  acc_t y[NC > 0 ? NC : 1];
+  if constexpr (NC > 0)
+    for (int n = 0; n < NC; ++n) y[n] = static_cast<acc_t>(w.y[n]);
+  for (int64_t m0 = 0; m0 < M; m0 += W) {
+    const int rows = static_cast<int>(std::min<int64_t>(W, M - m0));
+    V x = vec::load<V>(w.r.data() + m0);
+    if constexpr (NC > 0) {
+      V t[NC];
+      for (int n = 0; n < NC; ++n) {
+        t[n] = vec::load<V>(T + n * ld + m0);
+        x -= t[n] * y[n];
+      }
+      x *= vec::load<V>(w.inv_a.data() + m0);
+      if (dscore != nullptr) x += vec::load_partial<V>(dscore + m0, rows) * mn;
+      for (int n = 0; n < NC; ++n) t[n] = t[n] * (x + y[n]) - vec::load<V>(H + n * ld + m0);
+      store_columns<B, NC>(t, rows, dS + m0 * NC, blk);
+    } else {
+      for (int64_t n = 0; n < N; ++n) x -= vec::load<V>(T + n * ld + m0) * static_cast<acc_t>(w.y[n]);
+      x *= vec::load<V>(w.inv_a.data() + m0);
+      if (dscore != nullptr) x += vec::load_partial<V>(dscore + m0, rows) * mn;
+      for (int64_t n = 0; n < N; ++n) {
+        const acc_t yn = static_cast<acc_t>(w.y[n]);
+        vec::store(blk + n * W, vec::load<V>(T + n * ld + m0) * (x + yn) - vec::load<V>(H + n * ld + m0));
+      }
+      store_block<B>(blk, rows, N, dS + m0 * N);
+    }
+  }
+}
+
 // The implicit gradient of one problem (README.md beside otseg/ops/mps), W
 // pixels at a time on transposed tiles: the sums of pass 1, the N x N
 // Laplacian system solved in double without subtractions
@@ -702,36 +778,20 @@ template <int B, typename scalar_t, typename acc_t>
 OTSEG_INLINE void backward_problem(const scalar_t* dscore, const scalar_t* dplan, int64_t dpM, int64_t dpN,
                                    const scalar_t* S, int64_t sM, int64_t sN, const acc_t* f, const acc_t* g,
                                    int64_t M, int64_t N, acc_t eps, scalar_t* dS, BackwardWorkspace<acc_t>& w) {
-  using V = VecOf<acc_t, B>;
-  constexpr int W = vec::Vec<acc_t, B>::W;
-  const acc_t mn = acc_t(M) * acc_t(N);
-  const int64_t ld = w.ld;
-  const acc_t* __restrict T = w.T.data();
-  const acc_t* __restrict H = w.H.data();
   with_prompt_count(N, [&](auto nc) OTSEG_LAMBDA_INLINE {
     // NC (NC - 1) / 2 weight sums in registers: up to NC = 8.
     constexpr int NC = decltype(nc)::value;
-    if constexpr (NC > 0 && NC <= 8)
-      backward_sums_n<B, NC>(dscore, dplan, dpM, dpN, S, sM, sN, f, g, M, eps, w);
-    else
+    if constexpr (NC > 0 && NC <= 8) {
+      if (dplan != nullptr)
+        backward_sums_n<B, NC, true>(dscore, dplan, dpM, dpN, S, sM, sN, f, g, M, eps, w);
+      else
+        backward_sums_n<B, NC, false>(dscore, dplan, dpM, dpN, S, sM, sN, f, g, M, eps, w);
+    } else {
       backward_sums<B>(dscore, dplan, dpM, dpN, S, sM, sN, f, g, M, N, eps, w);
-  });
-  laplacian_gauge_solve(w.weights.data(), w.rhs.data(), w.y.data(), w.scratch.data(), static_cast<int>(N));
-  // Pass 2: x = (r - T y)/a; dS = -dC + M N T dS* = T (x + y + M N dS*) - H,
-  // written row-major a block at a time.
-  acc_t* __restrict blk = w.blk.data();
-  for (int64_t m0 = 0; m0 < M; m0 += W) {
-    const int rows = static_cast<int>(std::min<int64_t>(W, M - m0));
-    V x = vec::load<V>(w.r.data() + m0);
-    for (int64_t n = 0; n < N; ++n) x -= vec::load<V>(T + n * ld + m0) * static_cast<acc_t>(w.y[n]);
-    x *= vec::load<V>(w.inv_a.data() + m0);
-    if (dscore != nullptr) x += vec::load_partial<V>(dscore + m0, rows) * mn;
-    for (int64_t n = 0; n < N; ++n) {
-      const acc_t yn = static_cast<acc_t>(w.y[n]);
-      vec::store(blk + n * W, vec::load<V>(T + n * ld + m0) * (x + yn) - vec::load<V>(H + n * ld + m0));
     }
-    store_block<B>(blk, rows, N, dS + m0 * N);
-  }
+    laplacian_gauge_solve(w.weights.data(), w.rhs.data(), w.y.data(), w.scratch.data(), static_cast<int>(N));
+    backward_write_n<B, NC>(dscore, M, N, dS, w);
+  });
 }
 
 // Half-precision inputs compute in float; float32 and float64 in their own type.

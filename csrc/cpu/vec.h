@@ -69,6 +69,15 @@ OTSEG_VEC_INLINE V load_partial(const T* p, int rows) {
   return v;
 }
 
+// The first `rows` lanes of v to p, converted to T (the last, partial block,
+// or a narrower output type such as at::Half).
+template <typename V, typename T>
+OTSEG_VEC_INLINE void store_partial(T* p, V v, int rows) {
+  if constexpr (std::is_same_v<lane_t<V>, T>)
+    if (rows == lanes_of<V>) return store(p, v);
+  for (int i = 0; i < rows; ++i) p[i] = static_cast<T>(v[i]);
+}
+
 template <typename V, typename T>
 OTSEG_VEC_INLINE V splat(T s) {
   return V{} + s;
@@ -84,9 +93,12 @@ OTSEG_VEC_INLINE V vmax(V a, V b) {
   return a > b ? a : b;
 }
 
+// |a|: the sign bit cleared (one AND; a compare and select would be two).
 template <typename V>
 OTSEG_VEC_INLINE V vabs(V a) {
-  return a < V{} ? -a : a;
+  using Lanes = Vec<lane_t<V>, sizeof(V)>;
+  using I = typename Lanes::I;
+  return __builtin_bit_cast(V, __builtin_bit_cast(I, a) & std::numeric_limits<typename Lanes::IntLane>::max());
 }
 
 template <typename T, typename V>
@@ -261,11 +273,13 @@ struct BlockTranspose {
     for (int n = 0; n < NC; ++n) store(dst + n * ld, C[n]);
   }
 
+  // NC column vectors (registers) into W * NC contiguous values.
+  static OTSEG_VEC_INLINE void rows(const V* C, T* dst) { store_rows(C, dst, std::make_integer_sequence<int, NC>{}); }
   // NC column vectors (src + n * ld) into W * NC contiguous values.
   static OTSEG_VEC_INLINE void columns_to_rows(const T* src, int64_t ld, T* dst) {
     V C[NC];
     for (int n = 0; n < NC; ++n) C[n] = load<V>(src + n * ld);
-    store_rows(C, dst, std::make_integer_sequence<int, NC>{});
+    rows(C, dst);
   }
   template <int... k>
   static OTSEG_VEC_INLINE void store_rows(const V* C, T* dst, std::integer_sequence<int, k...>) {
