@@ -88,6 +88,31 @@ int64_t tile_ld(int64_t M) {
   return ((M + W - 1) / W) * W + W;
 }
 
+// Software prefetch (into L2) of the next problem's scores, a few cache lines
+// per block of pixels while this problem iterates. A large batch does not fit
+// in the caches, so each problem's first pass would wait on memory: the
+// hardware prefetcher follows the reads within a problem but does not run
+// ahead into the next one. Forward only: coco clip (21 MB of scores, 1
+// thread) 1.49 -> 1.25 ns per element; in the backward it gained nothing
+// measurable on coco and cost ~6% on voc. Only problems stored as one
+// contiguous range (contiguous rows) are prefetched.
+class Prefetch {
+ public:
+  // Cover `bytes` from `base` (nullptr: nothing) in about `blocks` calls of step().
+  void reset(const void* base, int64_t bytes, int64_t blocks) {
+    p_ = static_cast<const char*>(base);
+    left_ = base == nullptr ? 0 : (bytes + 63) / 64;
+    per_block_ = blocks > 0 ? (left_ + blocks - 1) / blocks : left_;
+  }
+  OTSEG_INLINE void step() {
+    for (int64_t i = 0; i < per_block_ && left_ > 0; ++i, --left_, p_ += 64) __builtin_prefetch(p_, 0, 2);
+  }
+
+ private:
+  const char* p_ = nullptr;
+  int64_t left_ = 0, per_block_ = 0;
+};
+
 template <typename acc_t>
 struct ForwardWorkspace {
   static constexpr int W = kMaxLanes<acc_t>;
@@ -104,6 +129,7 @@ struct ForwardWorkspace {
   // the column products K^T u.
   std::vector<acc_t> beta, v, z;
   acc_t inv_eps = 1;
+  Prefetch next;  // the next problem's scores
 
   ForwardWorkspace(int64_t M, int64_t N)
       : ld(tile_ld<acc_t>(M)), St(ld * N), K(ld * N), alpha(ld), u(ld), f_prev(ld), f_new(ld), zacc(N * W),
@@ -426,6 +452,7 @@ OTSEG_INLINE bool sweep_n(ForwardWorkspace<acc_t>& w, int64_t M, int64_t N_any, 
     const V valid = vec::first_lanes<V>(static_cast<int>(std::min<int64_t>(W, M - m0)));
     // 1 in the padding lanes, where K v = 0: u = mu there, masked to 0 after.
     const V pad = acc_t(1) - valid;
+    w.next.step();
     V kv = vec::load<V>(K + m0) * v[0];
     for (int64_t n = 1; n < N; ++n) kv += vec::load<V>(K + n * ld + m0) * v[n];
     const V u_all = mu / (kv + pad);
@@ -473,6 +500,7 @@ OTSEG_INLINE void write_outputs_n(ForwardWorkspace<acc_t>& w, int64_t M, int64_t
   for (int64_t m0 = 0; m0 < M; m0 += W) {
     const int rows = static_cast<int>(std::min<int64_t>(W, M - m0));
     const V um = vec::load<V>(w.u.data() + m0);
+    w.next.step();
     V acc = {};
     for (int64_t n = 0; n < N; ++n) acc += vec::load<V>(K + n * ld + m0) * vec::load<V>(St + n * ld + m0) * v[n];
     vec::store_partial(score + m0, scale * um * acc, rows);
@@ -835,11 +863,21 @@ struct BackwardArgs {
 template <int B, typename scalar_t, typename acc_t>
 OTSEG_INLINE bool forward_chunk(const ForwardArgs<scalar_t, acc_t>& a) {
   ForwardWorkspace<acc_t> w(a.M, a.N);
+  constexpr int W = vec::Vec<acc_t, B>::W;
+  const bool rows_contiguous = a.sN == 1 && a.sM == a.N;
   bool ok = true;
-  for (int64_t p = a.next->fetch_add(1); p < a.P; p = a.next->fetch_add(1))
+  // The next problem is taken when this one starts, so that its scores can
+  // be prefetched while this one computes (over its first sweep).
+  int64_t p = a.next->fetch_add(1);
+  while (p < a.P) {
+    const int64_t q = a.next->fetch_add(1);
+    w.next.reset(q < a.P && rows_contiguous ? a.S + q * a.sP : nullptr, a.M * a.N * int64_t(sizeof(scalar_t)),
+                 (a.M + W - 1) / W);
     ok &= forward_problem<B>(a.S + p * a.sP, a.sM, a.sN, a.M, a.N, a.eps, a.max_iter, a.tol, a.check_finite,
                              a.score + p * a.M, a.plan ? a.plan + p * a.M * a.N : nullptr, a.f + p * a.M,
                              a.g + p * a.N, a.n_iter + p, w);
+    p = q;
+  }
   return ok;
 }
 

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -210,11 +211,109 @@ OTSEG_VEC_INLINE V log(V x) {
 // [M, N] layout of the inputs and outputs) and NC vectors of W lanes, one per
 // column (the transposed tiles), with register shuffles instead of 2*W*NC
 // scalar loads and stores. Column n, lane r is element NC*r + n of the
-// block: register (NC*r + n) / W, lane (NC*r + n) % W. Each column is
-// gathered from the NC registers by NC - 1 two-source shuffles, each taking
-// the lanes that come from one more register (and the same the other way).
+// block: register (NC*r + n) / W, lane (NC*r + n) % W. For NC a power of two
+// no larger than W, log2(NC) butterfly stages (Butterfly below: NC log2(NC)
+// shuffles in all); otherwise each column is gathered from the NC registers
+// by NC - 1 two-source shuffles, each taking the lanes that come from one
+// more register (and the same the other way): NC (NC - 1) shuffles.
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 #define OTSEG_HAVE_SHUFFLES 1
+
+// The transposition for NC = 2^c <= W = 2^w as a network on element
+// positions (register k, lane l) <-> bit string k * W + l: stage s exchanges
+// register bit s with one lane bit between the registers k and k ^ 2^s (NC
+// two-source shuffles), and the last stage also puts the lanes in their
+// final order. The layouts after each stage and the shuffle indices are
+// worked out at compile time; a layout the pairs cannot reach fails to
+// compile (static_assert).
+template <typename T, int NC, int B>
+struct Butterfly {
+  static constexpr int W = Vec<T, B>::W, E = NC * W;
+  static constexpr int log2(int x) {
+    int k = 0;
+    while ((1 << k) < x) ++k;
+    return k;
+  }
+  static constexpr int c = log2(NC), w = log2(W);
+  static constexpr bool applies = NC >= 2 && (1 << c) == NC && NC <= W;
+  using V = typename Vec<T, B>::V;
+  // Which element (row-major index NC * r + n) each position holds.
+  using Layout = std::array<int, E>;
+
+  static constexpr Layout rows_layout() {
+    Layout L{};
+    for (int p = 0; p < E; ++p) L[p] = p;
+    return L;
+  }
+  static constexpr Layout columns_layout() {  // position n * W + r holds NC * r + n
+    Layout L{};
+    for (int p = 0; p < E; ++p) L[p] = (p % W) * NC + p / W;
+    return L;
+  }
+  static constexpr int swap_bits(int p, int i, int j) {
+    return ((p >> i) & 1) == ((p >> j) & 1) ? p : p ^ ((1 << i) | (1 << j));
+  }
+  // Layouts before stage 0, ..., after stage c - 1 (= the target). Rows to
+  // columns pairs register bit s with lane bit s, columns to rows with lane
+  // bit s + w - c.
+  template <bool kToColumns>
+  static constexpr std::array<Layout, c + 1> layouts() {
+    std::array<Layout, c + 1> L{};
+    if (!applies) return L;  // not used
+    L[0] = kToColumns ? rows_layout() : columns_layout();
+    const int offset = kToColumns ? 0 : w - c;
+    for (int s = 0; s < c; ++s)
+      for (int p = 0; p < E; ++p)
+        L[s + 1][p] = s + 1 == c ? (kToColumns ? columns_layout() : rows_layout())[p]
+                                 : L[s][swap_bits(p, w + s, s + offset)];
+    return L;
+  }
+  static constexpr auto kToColumnsLayouts = layouts<true>();
+  static constexpr auto kToRowsLayouts = layouts<false>();
+
+  // Index into the pair (register k with bit s clear, with bit s set) of the
+  // element that stage s puts at lane l of register k; -1 if it is in
+  // neither register of the pair.
+  template <bool kToColumns>
+  static constexpr int source(int s, int k, int l) {
+    const auto& L = kToColumns ? kToColumnsLayouts : kToRowsLayouts;
+    const int e = L[s + 1][k * W + l], k0 = k & ~(1 << s), k1 = k | (1 << s);
+    for (int j = 0; j < W; ++j) {
+      if (L[s][k0 * W + j] == e) return j;
+      if (L[s][k1 * W + j] == e) return W + j;
+    }
+    return -1;
+  }
+  template <bool kToColumns>
+  static constexpr bool reachable() {
+    for (int s = 0; s < c; ++s)
+      for (int k = 0; k < NC; ++k)
+        for (int l = 0; l < W; ++l)
+          if (source<kToColumns>(s, k, l) < 0) return false;
+    return true;
+  }
+
+  template <bool kToColumns, int s, int k, int... l>
+  static OTSEG_VEC_INLINE V shuffle(const V* X, std::integer_sequence<int, l...>) {
+    return __builtin_shufflevector(X[k & ~(1 << s)], X[k | (1 << s)], source<kToColumns>(s, k, l)...);
+  }
+  template <bool kToColumns, int s, int... k>
+  static OTSEG_VEC_INLINE void stage(V* X, std::integer_sequence<int, k...>) {
+    const V Y[NC] = {shuffle<kToColumns, s, k>(X, std::make_integer_sequence<int, W>{})...};
+    for (int i = 0; i < NC; ++i) X[i] = Y[i];
+  }
+  template <bool kToColumns, int... s>
+  static OTSEG_VEC_INLINE void stages(V* X, std::integer_sequence<int, s...>) {
+    (stage<kToColumns, s>(X, std::make_integer_sequence<int, NC>{}), ...);
+  }
+  // X: NC registers of W rows in, NC columns out (kToColumns), or back.
+  template <bool kToColumns>
+  static OTSEG_VEC_INLINE void transpose(V* X) {
+    static_assert(reachable<kToColumns>(), "a butterfly stage cannot reach the target layout");
+    stages<kToColumns>(X, std::make_integer_sequence<int, c>{});
+  }
+};
+
 template <typename T, int NC, int B>
 struct BlockTranspose {
   static_assert(NC >= 2, "one column needs no transposition");
@@ -259,7 +358,12 @@ struct BlockTranspose {
   static OTSEG_VEC_INLINE void columns(const T* src, V* out) {
     V R[NC];
     for (int k = 0; k < NC; ++k) R[k] = load<V>(src + k * W);
-    fill_columns(R, out, std::make_integer_sequence<int, NC>{});
+    if constexpr (Butterfly<T, NC, B>::applies) {
+      Butterfly<T, NC, B>::template transpose<true>(R);
+      for (int k = 0; k < NC; ++k) out[k] = R[k];
+    } else {
+      fill_columns(R, out, std::make_integer_sequence<int, NC>{});
+    }
   }
   template <int... n>
   static OTSEG_VEC_INLINE void fill_columns(const V* R, V* out, std::integer_sequence<int, n...>) {
@@ -274,7 +378,16 @@ struct BlockTranspose {
   }
 
   // NC column vectors (registers) into W * NC contiguous values.
-  static OTSEG_VEC_INLINE void rows(const V* C, T* dst) { store_rows(C, dst, std::make_integer_sequence<int, NC>{}); }
+  static OTSEG_VEC_INLINE void rows(const V* C, T* dst) {
+    if constexpr (Butterfly<T, NC, B>::applies) {
+      V X[NC];
+      for (int k = 0; k < NC; ++k) X[k] = C[k];
+      Butterfly<T, NC, B>::template transpose<false>(X);
+      for (int k = 0; k < NC; ++k) store(dst + k * W, X[k]);
+    } else {
+      store_rows(C, dst, std::make_integer_sequence<int, NC>{});
+    }
+  }
   // NC column vectors (src + n * ld) into W * NC contiguous values.
   static OTSEG_VEC_INLINE void columns_to_rows(const T* src, int64_t ld, T* dst) {
     V C[NC];
