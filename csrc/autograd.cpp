@@ -50,6 +50,9 @@ class MPSFunction : public torch::autograd::Function<MPSFunction> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["return_plan"] = return_plan;
     ctx->mark_non_differentiable({f, g, n_iter});
+    // Outputs without a gradient (the plan unless used, f, g, n_iter) reach
+    // backward() undefined, not as zeros the size of f (a fill per call).
+    ctx->set_materialize_grads(false);
     return {score, plan, f, g, n_iter};
   }
 
