@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 # Scalings outside [e^-30, e^30] are absorbed into the log potentials (the CPU
-# kernel's bound, csrc/cpu/mps_cpu.cpp): with rebuilt kernel entries <= 1,
+# kernel's bound, csrc/cpu/mps_cpu_kernels.h): with rebuilt kernel entries <= 1,
 # u * K * v cannot overflow, and an entry that underflowed carries a plan mass
 # below e^(60-87) relative to the marginals.
 _SAFE_LO = tl.constexpr(9.357622968840175e-14)  # e^-30

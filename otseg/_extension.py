@@ -22,5 +22,5 @@ else:
 available = _C is not None
 with_cuda = bool(getattr(_C, "with_cuda", 0)) if available else False
 # The instruction set of the CPU kernels here: "AVX-512", "AVX2", "SSE2" or
-# "baseline" (csrc/cpu/mps_cpu.cpp; OTSEG_CPU_ISA=avx2|baseline narrows it).
+# "baseline" (csrc/cpu/mps_cpu.h; OTSEG_CPU_ISA=avx2|baseline narrows it).
 cpu_isa = getattr(_C, "cpu_isa", None) if available else None

@@ -1,4 +1,4 @@
-"""The fused CPU kernel (backend "cpu", csrc/cpu/mps_cpu.cpp) against the
+"""The fused CPU kernel (backend "cpu", csrc/cpu/) against the
 float64 reference: forward values, plans, iteration counts, dtypes, strides,
 per-problem independence, robustness, input checks and output coverage.
 

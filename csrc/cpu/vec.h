@@ -3,7 +3,7 @@
 // Vec<T, B>::V holds B bytes of T, and the kernels are templates on B: they
 // are compiled once per instruction set with that set's register width
 // (B = 64 for AVX-512, 32 for AVX2, 16 for the x86-64 baseline; see
-// mps_cpu.cpp), so every value is one register and accumulators stay in
+// mps_cpu.h), so every value is one register and accumulators stay in
 // registers, which the auto-vectoriser would not arrange. (A vector wider
 // than the target's registers is lowered through the stack by GCC: five
 // times slower on AVX2 when B = 64 was used for every target.)

@@ -4,7 +4,7 @@ Backends (see ``backends()``):
 
 - ``reference``: the published algorithm in plain PyTorch (``naive.py``),
   any device; the correctness reference and the speed baseline.
-- ``cpu``: fused C++ kernel (``csrc/cpu/mps_cpu.cpp``), CPU tensors.
+- ``cpu``: fused C++ kernel (``csrc/cpu/``), CPU tensors.
 - ``cuda``: fused CUDA kernel (``csrc/cuda/``), CUDA tensors.
 - ``triton``: fused Triton kernel (``kernels/``), CUDA tensors; also CPU
   tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported
