@@ -86,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
   OTSEG_CHECK_PARAMS(eps, max_iter, tol);
   TORCH_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor");
   const int64_t P = pr.P, M = pr.M, N = pr.N;
+  const int64_t threads = std::min<int64_t>(P, at::get_num_threads());
   const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto score = at::empty(pr.sizes({M}), scores.options());
   auto plan = return_plan ? at::empty(pr.sizes({M, N}), scores.options()) : at::empty({0}, scores.options());
@@ -107,8 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
     int32_t* it_p = n_iter.mutable_data_ptr<int32_t>();
     const ForwardArgs<scalar_t, acc_t> args{S, sP, sM, sN, M, N, static_cast<acc_t>(eps), max_iter,
                                              static_cast<acc_t>(tol), check_finite, score_p, plan_p, f_p, g_p, it_p,
-                                             P, &next};
-    at::parallel_for(0, std::min<int64_t>(P, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+                                             P, threads, &next};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       if (!run_forward(args)) nonfinite = true;
     });
   });
@@ -122,6 +123,7 @@ at::Tensor mps_backward_cpu(const std::optional<at::Tensor>& grad_score,
   const Problems pr = problems_of(scores);
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
   const int64_t P = pr.P, M = pr.M, N = pr.N;
+  const int64_t threads = std::min<int64_t>(P, at::get_num_threads());
   const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   OTSEG_CHECK_SIZES(f, pr.sizes({M}));
   OTSEG_CHECK_SIZES(g, pr.sizes({N}));
@@ -146,8 +148,8 @@ at::Tensor mps_backward_cpu(const std::optional<at::Tensor>& grad_score,
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
     const int64_t sP = pr.flat.stride(0), sM = pr.flat.stride(1), sN = pr.flat.stride(2);
     const BackwardArgs<scalar_t, acc_t> args{ds_p, dp_p, dpP, dpM, dpN, S, sP, sM, sN, M, N, f_p, g_p,
-                                              static_cast<acc_t>(eps), out, P, &next};
-    at::parallel_for(0, std::min<int64_t>(P, at::get_num_threads()), 1,
+                                              static_cast<acc_t>(eps), out, P, threads, &next};
+    at::parallel_for(0, threads, 1,
                      [&](int64_t, int64_t) { run_backward(args); });
   });
   return grad;

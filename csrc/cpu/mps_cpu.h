@@ -40,7 +40,7 @@ struct ForwardArgs {
   scalar_t* plan;  // nullptr: no plan
   acc_t *f, *g;
   int32_t* n_iter;
-  int64_t P;
+  int64_t P, threads;          // problems, threads of the parallel region
   std::atomic<int64_t>* next;  // the next problem nobody has taken
 };
 
@@ -53,7 +53,7 @@ struct BackwardArgs {
   const acc_t *f, *g;
   acc_t eps;
   scalar_t* out;
-  int64_t P;
+  int64_t P, threads;          // problems, threads of the parallel region
   std::atomic<int64_t>* next;  // the next problem nobody has taken
 };
 

@@ -831,6 +831,16 @@ OTSEG_INLINE void backward_problem(const scalar_t* dscore, const scalar_t* dplan
   });
 }
 
+// With `prefetch`, the problem after the one a thread starts is taken at
+// once, so that its scores can be prefetched while this one computes; only
+// while more problems are left than there are threads, so that near the end
+// of a batch (or in a batch of about as many problems as threads) no thread
+// waits for a problem another one holds. Returns the problem taken, or -1.
+inline int64_t take_next_early(std::atomic<int64_t>* next, int64_t P, int64_t threads, bool prefetch) {
+  if (!prefetch || P - next->load(std::memory_order_relaxed) <= threads) return -1;
+  return next->fetch_add(1);
+}
+
 // One thread's share of the problems, with vectors of B bytes: each thread
 // takes the next untaken problem until none is left, so a thread that starts
 // late (woken from sleep) or runs slower leaves its share to the others
@@ -843,16 +853,14 @@ OTSEG_INLINE bool forward_chunk(const ForwardArgs<scalar_t, acc_t>& a) {
   const int64_t bytes = a.M * a.N * int64_t(sizeof(scalar_t));
   const bool prefetch = a.sN == 1 && a.sM == a.N && a.P * bytes > kPrefetchScoresAbove;
   bool ok = true;
-  // The next problem is taken when this one starts, so that its scores can
-  // be prefetched while this one computes (over its first sweep).
   int64_t p = a.next->fetch_add(1);
   while (p < a.P) {
-    const int64_t q = a.next->fetch_add(1);
-    w.next.reset(prefetch && q < a.P ? a.S + q * a.sP : nullptr, bytes, (a.M + W - 1) / W);
+    const int64_t q = take_next_early(a.next, a.P, a.threads, prefetch);
+    w.next.reset(q >= 0 && q < a.P ? a.S + q * a.sP : nullptr, bytes, (a.M + W - 1) / W);
     ok &= forward_problem<B>(a.S + p * a.sP, a.sM, a.sN, a.M, a.N, a.eps, a.max_iter, a.tol, a.check_finite,
                              a.score + p * a.M, a.plan ? a.plan + p * a.M * a.N : nullptr, a.f + p * a.M,
                              a.g + p * a.N, a.n_iter + p, w);
-    p = q;
+    p = q >= 0 ? q : a.next->fetch_add(1);
   }
   return ok;
 }
@@ -867,13 +875,13 @@ OTSEG_INLINE void backward_chunk(const BackwardArgs<scalar_t, acc_t>& a) {
   const bool prefetch_scores = a.sN == 1 && a.sM == a.N && a.P * bytes > kPrefetchScoresAbove;
   int64_t p = a.next->fetch_add(1);
   while (p < a.P) {
-    const int64_t q = a.next->fetch_add(1);
+    const int64_t q = take_next_early(a.next, a.P, a.threads, prefetch_scores);
     w.out.reset(a.out + p * a.M * a.N, bytes, blocks);
-    w.next.reset(prefetch_scores && q < a.P ? a.S + q * a.sP : nullptr, bytes, 2 * blocks);
+    w.next.reset(q >= 0 && q < a.P ? a.S + q * a.sP : nullptr, bytes, 2 * blocks);
     backward_problem<B>(a.dscore ? a.dscore + p * a.M : nullptr, a.dplan ? a.dplan + p * a.dpP : nullptr, a.dpM,
                         a.dpN, a.S + p * a.sP, a.sM, a.sN, a.f + p * a.M, a.g + p * a.N, a.M, a.N, a.eps,
                         a.out + p * a.M * a.N, w);
-    p = q;
+    p = q >= 0 ? q : a.next->fetch_add(1);
   }
 }
 
