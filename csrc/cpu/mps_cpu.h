@@ -75,8 +75,21 @@ bool forward_baseline(const ForwardArgs<scalar_t, acc_t>& a);
 template <typename scalar_t, typename acc_t>
 void backward_baseline(const BackwardArgs<scalar_t, acc_t>& a);
 
-// The explicit instantiations of one instruction set's entry points, in its
-// translation unit, for every input type the operators dispatch on.
+// One instruction set's entry points (B-byte vectors, compiled with
+// `target`), defined and instantiated in its translation unit for every input
+// type the operators dispatch on; forward_chunk and backward_chunk are the
+// kernels' (mps_cpu_kernels.h).
+#define OTSEG_CPU_DEFINE_ENTRY_POINTS(isa, target, B)                    \
+  template <typename scalar_t, typename acc_t>                           \
+  target bool forward_##isa(const ForwardArgs<scalar_t, acc_t>& a) {     \
+    return forward_chunk<B>(a);                                          \
+  }                                                                      \
+  template <typename scalar_t, typename acc_t>                           \
+  target void backward_##isa(const BackwardArgs<scalar_t, acc_t>& a) {   \
+    backward_chunk<B>(a);                                                \
+  }                                                                      \
+  OTSEG_CPU_ENTRY_POINTS(isa)
+
 #define OTSEG_CPU_ENTRY_POINTS_FOR(isa, scalar_t)                                          \
   template bool forward_##isa(const ForwardArgs<scalar_t, acc_type_t<scalar_t>>& a); \
   template void backward_##isa(const BackwardArgs<scalar_t, acc_type_t<scalar_t>>& a);

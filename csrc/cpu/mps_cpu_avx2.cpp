@@ -5,15 +5,7 @@
 namespace otseg {
 namespace cpu {
 
-template <typename scalar_t, typename acc_t>
-OTSEG_TARGET("arch=x86-64-v3") bool forward_avx2(const ForwardArgs<scalar_t, acc_t>& a) {
-  return forward_chunk<32>(a);
-}
-template <typename scalar_t, typename acc_t>
-OTSEG_TARGET("arch=x86-64-v3") void backward_avx2(const BackwardArgs<scalar_t, acc_t>& a) {
-  backward_chunk<32>(a);
-}
-OTSEG_CPU_ENTRY_POINTS(avx2)
+OTSEG_CPU_DEFINE_ENTRY_POINTS(avx2, OTSEG_TARGET("arch=x86-64-v3"), 32)
 
 }  // namespace cpu
 }  // namespace otseg

@@ -5,15 +5,7 @@
 namespace otseg {
 namespace cpu {
 
-template <typename scalar_t, typename acc_t>
-OTSEG_TARGET("arch=x86-64-v4") bool forward_avx512(const ForwardArgs<scalar_t, acc_t>& a) {
-  return forward_chunk<64>(a);
-}
-template <typename scalar_t, typename acc_t>
-OTSEG_TARGET("arch=x86-64-v4") void backward_avx512(const BackwardArgs<scalar_t, acc_t>& a) {
-  backward_chunk<64>(a);
-}
-OTSEG_CPU_ENTRY_POINTS(avx512)
+OTSEG_CPU_DEFINE_ENTRY_POINTS(avx512, OTSEG_TARGET("arch=x86-64-v4"), 64)
 
 }  // namespace cpu
 }  // namespace otseg

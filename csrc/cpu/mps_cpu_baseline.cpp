@@ -16,15 +16,7 @@ constexpr int kBaselineBytes = 32;
 constexpr int kBaselineBytes = 16;  // SSE2, NEON
 #endif
 
-template <typename scalar_t, typename acc_t>
-bool forward_baseline(const ForwardArgs<scalar_t, acc_t>& a) {
-  return forward_chunk<kBaselineBytes>(a);
-}
-template <typename scalar_t, typename acc_t>
-void backward_baseline(const BackwardArgs<scalar_t, acc_t>& a) {
-  backward_chunk<kBaselineBytes>(a);
-}
-OTSEG_CPU_ENTRY_POINTS(baseline)
+OTSEG_CPU_DEFINE_ENTRY_POINTS(baseline, , kBaselineBytes)
 
 }  // namespace cpu
 }  // namespace otseg

@@ -186,23 +186,14 @@ OTSEG_INLINE void columns_to_rows(const acc_t* __restrict src, int rows,
     for (int n = 0; n < NC; ++n) dst[r * NC + n] = static_cast<scalar_t>(src[n * W + r]);
 }
 
+// A block [N, W] (lane stride 1) into `rows` contiguous rows of N values, for
+// the prompt counts without specialised code (the others go through
+// store_columns from registers).
 template <int B, typename acc_t, typename scalar_t>
 OTSEG_INLINE void store_block(const acc_t* src, int rows, int64_t N, scalar_t* dst) {
   constexpr int W = vec::Vec<acc_t, B>::W;
-  with_prompt_count(N, [&](auto nc) OTSEG_LAMBDA_INLINE {
-    constexpr int NC = decltype(nc)::value;
-    if constexpr (NC == 0) {
-      for (int r = 0; r < rows; ++r)
-        for (int64_t n = 0; n < N; ++n) dst[r * N + n] = static_cast<scalar_t>(src[n * W + r]);
-    } else {
-#ifdef OTSEG_HAVE_SHUFFLES
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        if (rows == W) return vec::BlockTranspose<acc_t, NC, B>::columns_to_rows(src, W, dst);
-      }
-#endif
-      columns_to_rows<B, NC>(src, rows, dst);
-    }
-  });
+  for (int r = 0; r < rows; ++r)
+    for (int64_t n = 0; n < N; ++n) dst[r * N + n] = static_cast<scalar_t>(src[n * W + r]);
 }
 
 // NC column vectors (registers) of one block into `rows` contiguous rows of

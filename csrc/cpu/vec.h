@@ -413,12 +413,6 @@ struct BlockTranspose {
       store_rows(C, dst, std::make_integer_sequence<int, NC>{});
     }
   }
-  // NC column vectors (src + n * ld) into W * NC contiguous values.
-  static OTSEG_VEC_INLINE void columns_to_rows(const T* src, int64_t ld, T* dst) {
-    V C[NC];
-    for (int n = 0; n < NC; ++n) C[n] = load<V>(src + n * ld);
-    rows(C, dst);
-  }
   template <int... k>
   static OTSEG_VEC_INLINE void store_rows(const V* C, T* dst, std::integer_sequence<int, k...>) {
     ((store(dst + k * W, gather<ToRows, k>(C))), ...);
