@@ -21,6 +21,18 @@ TORCH_LIBRARY(otseg, m) {
   m.def(
       "mps_backward(Tensor? grad_score, Tensor? grad_plan, Tensor scores, Tensor f, Tensor g, "
       "float eps) -> Tensor");
+  // The per-mask sums behind the segmentation losses (SPEC section 3) of
+  // logits [B, K, h, w] upsampled bilinearly (align_corners=False) to the
+  // labels' [B, H, W], without forming the upsampled logits: [4, B, K] =
+  // focal sum, sum p y, sum p, sum y over the labelled pixels of each mask,
+  // p = sigmoid(logit), y = (label == k); labels equal to ignore_index count
+  // for no class; alpha < 0 means no focal weighting.
+  m.def("mask_stats(Tensor logits, Tensor labels, float alpha, float gamma, int ignore_index) -> Tensor");
+  // Its gradient with respect to the logits [B, K, h, w], for the upstream
+  // gradient [4, B, K] of the sums (that of sum y is ignored).
+  m.def(
+      "mask_stats_backward(Tensor grad_stats, Tensor logits, Tensor labels, float alpha, float gamma, "
+      "int ignore_index) -> Tensor");
 }
 
 namespace otseg {

@@ -43,11 +43,13 @@ def test_otseg_bench_model_quick_prints_the_table():
         assert word in out, word
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
             for line in out.splitlines() if line.startswith("| ") and "backend" not in line}
-    assert set(rows) == {"reference", "cpu", model_bench.STUB}
-    assert rows["reference"][1] == "reference" and rows["cpu"][1] == "cpu"
-    assert rows["reference"][3] == "1.00x" and float(rows["cpu"][2]) > 0
+    stubs = [f"{model_bench.STUB} (reference loss)", f"{model_bench.STUB} (cpu loss)"]
+    assert set(rows) == {"reference", "cpu", *stubs}
+    assert rows["reference"][1:3] == ["reference", "reference"] and rows["cpu"][1:3] == ["cpu", "cpu"]
+    assert [rows[s][2] for s in stubs] == ["reference", "cpu"]
+    assert rows["reference"][4] == "1.00x" and float(rows["cpu"][3]) > 0
     # Four Sinkhorn calls per step (3 decoder layers, the MPS path), each ran >= 1 iteration.
-    iters = rows["cpu"][7].split()
+    iters = rows["cpu"][8].split()
     assert len(iters) == 4 and all(float(i.split("/")[0]) >= 1 for i in iters)
     assert "[otseg bench] model:" in proc.stderr
 

@@ -1,8 +1,12 @@
 """OTSeg losses against a direct float64 formula: focal (alpha 0.25, gamma 2)
 and dice per (image, class) mask, ignored pixels left out, the sum divided by
-the (image, present class) pairs."""
+the (image, present class) pairs. Every test runs with both loss backends:
+the PyTorch one ("reference") and the fused kernel ("cpu", compared with the
+reference case by case in test_fused_loss.py)."""
 
+import functools
 import math
+import sys
 
 import pytest
 import torch
@@ -11,6 +15,17 @@ import otseg.model.losses as losses
 from otseg.model import mask_statistics, otseg_loss, remap_labels, segmentation_loss
 
 from helpers import assert_close_report
+
+LOSS_BACKENDS = ("reference", "cpu")
+
+
+@pytest.fixture(autouse=True, params=LOSS_BACKENDS)
+def backend(request, monkeypatch):
+    """Runs each test with the loss functions of this module bound to one backend."""
+    module = sys.modules[__name__]
+    for name in ("segmentation_loss", "mask_statistics", "otseg_loss"):
+        monkeypatch.setattr(module, name, functools.partial(getattr(losses, name), backend=request.param))
+    return request.param
 
 
 def problem(B=2, K=4, H=5, W=6, seed=0, ignore=True, scale=3.0):
@@ -54,9 +69,10 @@ def hand_loss(logits, labels, focal_weight=100.0, dice_weight=1.0, alpha=0.25, g
 
 
 @pytest.mark.parametrize("ignore", [True, False], ids=["with-ignored", "no-ignored"])
-def test_loss_matches_hand_formula(ignore):
+def test_loss_matches_hand_formula(ignore, backend):
     logits, labels = problem(ignore=ignore)
     got = segmentation_loss(logits, labels)
+    assert got.backend == backend
     total, focal, dice, present = hand_loss(logits, labels)
     assert int(got.num_masks) == present
     assert abs(float(got.focal) - focal) < 1e-12 * max(1, abs(focal))
@@ -153,3 +169,4 @@ def test_bad_labels_raise_clear_errors():
 def test_remap_labels_to_a_class_subset():
     labels = torch.tensor([[[0, 1, 2], [3, 255, 1]]])
     assert remap_labels(labels, [1, 3]).tolist() == [[[255, 0, 255], [1, 255, 0]]]
+

@@ -180,7 +180,10 @@ def test_three_adamw_steps_same_losses_and_parameters(backend):
             labels = torch.randint(0, 5, (2, 16, 20), generator=torch.Generator().manual_seed(step))
             labels[:, :2] = 255
             opt.zero_grad()
-            loss = model.loss(model(x), labels).total
+            out = model(x, upsample=False)  # token grid: the loss upsamples (fused with the cpu backend)
+            result = model.loss(out, labels)
+            assert result.backend == ("reference" if name == "reference" else "cpu")
+            loss = result.total
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
@@ -205,8 +208,8 @@ def _compiled_head_step(compile_backend):
     g, p, t, grid, labels = head_inputs(dtype=torch.float32)
 
     def step(g, p):
-        out = head(g, p, t, grid, labels.shape[-2:])
-        return otseg_loss(out, labels).total, out.dec, out.mps
+        out = head(g, p, t, grid)  # token grid; the (fused) loss upsamples to the labels
+        return otseg_loss(out, labels, backend="cpu").total, out.dec, out.mps
 
     results = {}
     for name, fn in (("eager", step), ("compiled", torch.compile(step, fullgraph=True, backend=compile_backend))):
@@ -246,6 +249,20 @@ def test_model_shapes_and_what_trains():
     assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.parameters() if p.requires_grad}
     # A class subset (e.g. the seen classes while training inductively).
     assert model(images(), classes=[0, 2]).dec.shape == (2, 2, 16, 20)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_loss_of_token_grid_logits_equals_loss_of_upsampled_ones(backend):
+    cpu_backend_or_skip(backend)
+    model = make_model(backend).eval().double()
+    x = images(dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 16, 20), generator=torch.Generator().manual_seed(3))
+    labels[:, :3] = 255
+    small, full = model(x, upsample=False), model(x)
+    assert small.dec.shape[-2:] != full.dec.shape[-2:] and full.dec.shape[-2:] == labels.shape[-2:]
+    a, b = model.loss(small, labels), model.loss(full, labels)
+    assert a.backend == b.backend == backend
+    assert_close_report(a.total, b.total, rtol=1e-12, atol=0)
 
 
 def test_model_predict_modes_and_seen_bias():

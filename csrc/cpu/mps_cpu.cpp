@@ -17,14 +17,7 @@
 #include "mps_cpu.h"
 
 namespace otseg {
-namespace {
-
-using cpu::acc_type_t;
-using cpu::BackwardArgs;
-using cpu::ForwardArgs;
-
-enum class Isa { avx512, avx2, baseline };
-
+namespace cpu {
 // The widest instruction set this CPU supports, or a narrower one named by the
 // environment variable OTSEG_CPU_ISA ("avx2" or "baseline"; read once), so
 // that every entry point can be tested on one machine.
@@ -51,6 +44,15 @@ Isa cpu_isa() {
   return Isa::baseline;
 #endif
 }
+}  // namespace cpu
+
+namespace {
+
+using cpu::acc_type_t;
+using cpu::BackwardArgs;
+using cpu::cpu_isa;
+using cpu::ForwardArgs;
+using cpu::Isa;
 
 template <typename scalar_t, typename acc_t>
 bool run_forward(const ForwardArgs<scalar_t, acc_t>& a) {

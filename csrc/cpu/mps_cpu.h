@@ -24,6 +24,11 @@
 namespace otseg {
 namespace cpu {
 
+// The instruction set whose entry points run: the widest this CPU supports,
+// or a narrower one named by OTSEG_CPU_ISA (mps_cpu.cpp).
+enum class Isa { avx512, avx2, baseline };
+Isa cpu_isa();
+
 // Half-precision inputs compute in float; float32 and float64 in their own type.
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

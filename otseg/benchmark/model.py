@@ -4,7 +4,11 @@ otseg backend against the reference, measured in the same run.
 The step is what training does after the image encoder: relation descriptor,
 the 3-layer MPSA decoder, the MPS path, upsampling to the label size, focal +
 dice losses on both paths, backward, and an AdamW step over the head's
-parameters. Sizes are SPEC's COCO-Stuff ones (B=4, K=171, N=8, M=1024 = 32x32
+parameters. The head's logits stay on the token grid and the loss upsamples
+them (``otseg.model.losses``): the backend's fused loss where it has one (the
+``cpu`` backend: ``otseg.ops.mask_stats``, which never forms the upsampled
+logits), else PyTorch (the reference, and the ``cuda`` and ``triton``
+backends, which have no loss kernel). Sizes are SPEC's COCO-Stuff ones (B=4, K=171, N=8, M=1024 = 32x32
 tokens, D=512, 512 x 512 labels); every Sinkhorn runs with eps 0.05, tol 1e-6,
 at most 100 iterations.
 
@@ -17,9 +21,11 @@ timed with ``otseg.ops.mps`` replaced by a stand-in that costs almost nothing
 (the uniform plan ``T = 1/(M N)`` and ``S* = sum_n S``, gradients passed
 through), so that everything else (projections, einsums, FFNs, upsampling,
 losses, their backward, AdamW) stays: ``Sinkhorn ms = step - stand-in step``,
-the op's forward, backward and dispatch. The three variants are timed in
-turns (one step each per round) so that drift on a shared machine hits them
-alike, and the speedups and differences are taken round by round.
+the op's forward, backward and dispatch, with one stand-in step per loss
+implementation (each backend is paired with the one that runs its loss). The
+variants are timed in turns (one step each per round) so that drift on a
+shared machine hits them alike, and the speedups and differences are taken
+round by round.
 """
 
 import contextlib
@@ -34,6 +40,7 @@ from .. import ops
 from ..data import load_text_embeddings
 from ..model.head import OTSegHead
 from ..model.losses import otseg_loss
+from ..ops.mask_stats import loss_backend
 from ..nn.mpsa import sinkhorn_modules
 from ..ops.mps import BACKEND_NAMES
 from . import report
@@ -88,11 +95,21 @@ def make_inputs(B, dataset, grid, image, seed=0, device="cpu"):
     return {k: v.to(device) for k, v in dict(g=g, patches=patches, text=text, labels=labels).items()}
 
 
-class _Trainer:
-    """One head, its optimizer and its training step."""
+def _stub_name(loss):
+    return f"{STUB} ({loss} loss)"
 
-    def __init__(self, backend, inputs, grid, image, ffn_dim, seed, device):
-        self.name = self.backend = backend
+
+class _Trainer:
+    """One head, its optimizer and its training step.
+
+    ``backend`` is an otseg backend, or STUB for the Sinkhorn stand-in with
+    the loss implementation ``loss`` ("cpu" or "reference").
+    """
+
+    def __init__(self, backend, inputs, grid, ffn_dim, seed, device, loss=None):
+        self.backend = backend
+        self.loss_backend = loss if backend == STUB else loss_backend(backend, device)
+        self.name = _stub_name(self.loss_backend) if backend == STUB else backend
         torch.manual_seed(seed)
         D = inputs["text"].shape[-1]
         self.head = OTSegHead(D, NUM_LAYERS, ffn_dim, DROPOUT, EPS, MAX_ITER, TOL,
@@ -100,7 +117,7 @@ class _Trainer:
         for m in sinkhorn_modules(self.head):
             m.record_info = True
         self.opt = torch.optim.AdamW(self.head.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-        self.inputs, self.grid, self.image = inputs, (grid, grid), (image, image)
+        self.inputs, self.grid = inputs, (grid, grid)
         self.times = []
         self.loss = None
 
@@ -108,8 +125,8 @@ class _Trainer:
         x = self.inputs
         with mock.patch.object(ops, "mps", _no_sinkhorn) if self.backend == STUB else contextlib.nullcontext():
             self.opt.zero_grad(set_to_none=True)
-            out = self.head(x["g"], x["patches"], x["text"], self.grid, self.image)
-            loss = otseg_loss(out, x["labels"]).total
+            out = self.head(x["g"], x["patches"], x["text"], self.grid)  # token grid: the loss upsamples
+            loss = otseg_loss(out, x["labels"], backend=self.loss_backend).total
             loss.backward()
             self.opt.step()
         self.loss = loss.detach()
@@ -132,14 +149,14 @@ def _fmt_ms(v):
 
 
 def format_table(rows):
-    """The printed table: one row per backend, the stand-in last."""
-    header = ("backend", "ran", "ms/step", "speedup", "Sinkhorn ms", "Sinkhorn share", "loss",
+    """The printed table: one row per backend, the stand-ins last."""
+    header = ("backend", "ran", "loss ran", "ms/step", "speedup", "Sinkhorn ms", "Sinkhorn share", "loss",
               "iters mean/max (dec1 dec2 dec3 mps)")
     lines = [header]
     for r in rows:
-        stub = r["backend"] == STUB
+        stub = r["ran"] == "-"
         lines.append((
-            r["backend"], r["ran"], _fmt_ms(r["ms"]),
+            r["backend"], r["ran"], r["loss_ran"], _fmt_ms(r["ms"]),
             "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
             "-" if stub else _fmt_ms(r["sinkhorn_ms"]),
             "-" if stub else f"{100 * r['sinkhorn_share']:.1f}%",
@@ -197,8 +214,10 @@ def run(quick=False, device="cpu", backends=None, repeats=None, seed=0):
     shape = (f"B={size['B']} K={K} N={N} M={M} ({size['grid']}x{size['grid']}) D={D}, "
              f"labels {size['image']}x{size['image']}")
     _log(f"model: {shape}; {repeats} timed steps per variant after one warm-up")
-    trainers = [_Trainer(n, inputs, size["grid"], size["image"], size["ffn_dim"], seed, device)
-                for n in names + [STUB]]
+    trainers = [_Trainer(n, inputs, size["grid"], size["ffn_dim"], seed, device) for n in names]
+    losses = list(dict.fromkeys(tr.loss_backend for tr in trainers))
+    trainers += [_Trainer(STUB, inputs, size["grid"], size["ffn_dim"], seed, device, loss)
+                 for loss in losses]
     for tr in trainers:
         t0 = time.perf_counter()
         tr.step()
@@ -214,11 +233,12 @@ def run(quick=False, device="cpu", backends=None, repeats=None, seed=0):
     times = {tr.name: tr.times for tr in trainers}
     rows = []
     for tr in trainers:
-        stub = tr.name == STUB
+        stub = tr.backend == STUB
         infos = None if stub else tr.infos()
-        paired = list(zip(times["reference"], tr.times, times[STUB]))
+        paired = list(zip(times["reference"], tr.times, times[_stub_name(tr.loss_backend)]))
         rows.append(dict(
             backend=tr.name, ran="-" if stub else "/".join(dict.fromkeys(i.backend for i in infos)),
+            loss_ran=tr.loss_backend,
             ms=statistics.median(tr.times),
             speedup=None if stub else statistics.median(r / t for r, t, _ in paired),
             sinkhorn_ms=None if stub else statistics.median(t - s for _, t, s in paired),
@@ -228,16 +248,19 @@ def run(quick=False, device="cpu", backends=None, repeats=None, seed=0):
             times_ms=tr.times,
         ))
     print(f"otseg bench --model: one training step of the OTSeg head (relation descriptor, {NUM_LAYERS} MPSA "
-          f"decoder layers, MPS path, focal+dice on both paths, backward, AdamW); {shape}; eps {EPS}, tol {TOL}, "
+          f"decoder layers, MPS path, upsampling + focal + dice on both paths, backward, AdamW); {shape}; eps {EPS}, "
+          f"tol {TOL}, "
           f"max_iter {MAX_ITER}; {env['machine']['name']}, {env['machine']['torch_threads']} torch threads")
     print(format_table(rows))
     print(f"ms/step: median of {repeats} steps after one warm-up; the variants run in turns, one step each per "
           f"round. speedup: reference step / this step; Sinkhorn ms: this step - the '{STUB}' step of the same "
-          "round, where otseg.ops.mps is replaced by the uniform plan (S* = sum_n S, gradients passed through) and "
-          "everything else runs as before; share: Sinkhorn ms / this step; all three are medians over the rounds "
+          "round with the same loss implementation, where otseg.ops.mps is replaced by the uniform plan (S* = sum_n "
+          "S, gradients passed through) and everything else runs as before; share: Sinkhorn ms / this step; all three are medians over the rounds "
           "(differences of noisy times: a few % of a step either way, negative when the op costs less than the "
           "noise). iters: per Sinkhorn call of the last step, mean/max over its B*K problems (the reference stops "
-          "each call's batch together). ran: the backend otseg.ops reported. loss: of the last step (dropout on). "
+          "each call's batch together). ran: the backend otseg.ops reported; loss ran: the loss implementation (cpu: "
+          "fused upsampling + focal + dice, otseg.ops.mask_stats; reference: F.interpolate and PyTorch). loss: of the "
+          "last step (dropout on). "
           f"Total {time.perf_counter() - t_start:.0f} s.")
     if busy:
         print(f"WARNING: {busy}")

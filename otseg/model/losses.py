@@ -16,16 +16,22 @@ dice is smoothed by 1 and uses plain sums, not the squares of the paper's
 eq. 21). Unlike the published code, which makes ignored pixels negatives of
 every class, ignored pixels here take no part in either loss.
 
-The per-mask sums run in one autograd Function that keeps only the logits and
-the labels for its backward: at 512 x 512 labels and 171 classes the logits
-alone are 700 MB per path, and the elementwise graph autograd would keep is
-several times that.
+Logits on the token grid are upsampled bilinearly to the labels' size inside
+the loss. With the fused loss (backend ``"cpu"``, or ``"auto"`` on CPU
+tensors; ``otseg.ops.mask_stats``) the upsampled logits are never formed: at
+512 x 512 labels and 171 classes they are 700 MB per path for a batch of 4.
+The PyTorch path (backend ``"reference"``, and every backend on CUDA tensors)
+upsamples with ``F.interpolate`` and runs the per-mask sums in one autograd
+Function that keeps only the logits and the labels for its backward (the
+elementwise graph autograd would keep is several times the logits).
 """
 
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from ..ops import mask_stats as _fused
 
 __all__ = ["SegLosses", "mask_statistics", "segmentation_loss", "otseg_loss", "remap_labels"]
 
@@ -37,12 +43,14 @@ class SegLosses(NamedTuple):
         focal: the focal loss (before its weight), summed over the paths.
         dice: the dice loss (before its weight), summed over the paths.
         num_masks: (image, present class) pairs the losses are divided by.
+        backend: the loss implementation that ran: "cpu" (fused) or "reference" (PyTorch).
     """
 
     total: torch.Tensor
     focal: torch.Tensor
     dice: torch.Tensor
     num_masks: torch.Tensor
+    backend: str = "reference"
 
 
 # Elements handled at once by the loss Function: a few MB per temporary, so a
@@ -165,62 +173,79 @@ def _check_labels(logits, labels, ignore_index):
                              f"found {value}")
 
 
-def mask_statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255):
+def mask_statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, backend="auto"):
     """Per-mask sums behind the losses, differentiable in ``logits``.
 
     Args:
-        logits: [B, K, H, W] mask logits (compute in float32, or float64 for float64).
+        logits: [B, K, h, w] mask logits, upsampled bilinearly
+            (``align_corners=False``) to the labels' size when it differs
+            (compute in float32, or float64 for float64).
         labels: [B, H, W] integer class indices in [0, K), or ``ignore_index``.
         alpha: focal weight of positives (None: no weighting). Default 0.25.
         gamma: focal exponent. Default 2.
         ignore_index: label of pixels that belong to no class. Default 255.
+        backend: "auto" (the fused kernel where there is one, default),
+            "reference" (PyTorch), "cpu" (the fused kernel, CPU tensors), or a
+            Sinkhorn backend without a loss kernel ("cuda", "triton": PyTorch);
+            ``otseg.ops.mask_stats.loss_backend``.
 
     Returns:
         [4, B, K]: focal sum, ``sum p y``, ``sum p``, ``sum y`` over the valid
-        pixels of each mask.
+        pixels of each (upsampled) mask.
     """
+    return _statistics(logits, labels, alpha, gamma, ignore_index, backend)[0]
+
+
+def _statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, backend="auto"):
+    """(mask_statistics, the loss backend that ran)."""
     _check_labels(logits, labels, ignore_index)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     alpha = None if alpha is None or alpha < 0 else float(alpha)
-    return _MaskStatistics.apply(logits, labels, alpha, float(gamma), int(ignore_index))
+    name = _fused.loss_backend(backend, logits.device)
+    if name == "cpu":
+        return _fused.mask_stats(logits, labels, alpha, gamma, ignore_index), name
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return _MaskStatistics.apply(logits, labels, alpha, float(gamma), int(ignore_index)), name
 
 
 def segmentation_loss(logits, labels, focal_weight=100.0, dice_weight=1.0, alpha=0.25, gamma=2.0,
-                      ignore_index=255):
+                      ignore_index=255, backend="auto"):
     """Focal + dice loss of one path, normalised by the (image, present class) pairs.
 
     Args:
-        logits: [B, K, H, W] mask logits; upsampled bilinearly to the labels'
-            size when it differs.
+        logits: [B, K, h, w] mask logits; upsampled bilinearly to the labels'
+            size when it differs (pass the token-grid logits: with the fused
+            loss the upsampled ones are never formed).
         labels: [B, H, W] class indices in [0, K) or ``ignore_index``.
         focal_weight: weight of the focal loss. Default 100.
         dice_weight: weight of the dice loss. Default 1.
         alpha, gamma: focal parameters. Default 0.25, 2.
         ignore_index: label of unlabelled (or, in the inductive setting,
             unseen) pixels. Default 255.
+        backend: implementation of the sums (``mask_statistics``). Default "auto".
 
     Returns:
-        SegLosses(total, focal, dice, num_masks).
+        SegLosses(total, focal, dice, num_masks, backend).
     """
-    if logits.dim() == 4 and labels.dim() == 3 and logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    focal_sum, inter, prob_sum, target_sum = mask_statistics(logits, labels, alpha, gamma, ignore_index)
+    stats, name = _statistics(logits, labels, alpha, gamma, ignore_index, backend)
+    focal_sum, inter, prob_sum, target_sum = stats
     valid_pixels = (labels != ignore_index).sum((-2, -1)).clamp(min=1)
     num_masks = (target_sum > 0).sum().clamp(min=1)
     focal = (focal_sum / valid_pixels.unsqueeze(1)).sum() / num_masks
     dice = (1 - (2 * inter + 1) / (prob_sum + target_sum + 1)).sum() / num_masks
-    return SegLosses(focal_weight * focal + dice_weight * dice, focal, dice, num_masks)
+    return SegLosses(focal_weight * focal + dice_weight * dice, focal, dice, num_masks, name)
 
 
 def otseg_loss(outputs, labels, **kwargs):
     """The OTSeg loss: ``segmentation_loss`` of the decoder path plus that of the MPS path.
 
     Args:
-        outputs: (decoder logits, MPS logits), each [B, K, H, W] (an OTSeg
-            or head output).
+        outputs: (decoder logits, MPS logits), each [B, K, h, w] (an OTSeg
+            or head output; token-grid logits are upsampled inside).
         labels: [B, H, W].
-        kwargs: weights and focal parameters of ``segmentation_loss``.
+        kwargs: weights, focal parameters and backend of ``segmentation_loss``.
 
     Returns:
         SegLosses with the totals of both paths (focal and dice summed over
@@ -229,7 +254,7 @@ def otseg_loss(outputs, labels, **kwargs):
     dec, mps = outputs[0], outputs[1]
     a = segmentation_loss(dec, labels, **kwargs)
     b = segmentation_loss(mps, labels, **kwargs)
-    return SegLosses(a.total + b.total, a.focal + b.focal, a.dice + b.dice, a.num_masks)
+    return SegLosses(a.total + b.total, a.focal + b.focal, a.dice + b.dice, a.num_masks, a.backend)
 
 
 def remap_labels(labels, classes, ignore_index=255):

@@ -1,8 +1,8 @@
 """The OTSeg model (SPEC section 3): image encoder, text embeddings and head.
 
     >>> model = OTSeg.from_config("voc20")              # CLIP VPT encoder, shipped text embeddings
-    >>> out = model(images)                              # HeadOutput(dec, mps), [B, K, H, W] logits
-    >>> loss = model.loss(out, labels).total
+    >>> out = model(images, upsample=False)              # HeadOutput(dec, mps), [B, K, h, w] token-grid logits
+    >>> loss = model.loss(out, labels).total             # upsampled to the labels inside (fused on CPU)
     >>> labels = model.predict(images)                   # OTSeg+ argmax [B, H, W]
 
 The encoder (``otseg.model.clip.VPTImageEncoder``) is imported only when
@@ -177,35 +177,42 @@ class OTSeg(nn.Module):
         prompts and their LayerNorm), the relation descriptor and the decoder."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, images, classes=None):
+    def forward(self, images, classes=None, upsample=True):
         """
         Args:
             images: [B, 3, H, W] RGB 0-255 (the encoder normalises).
             classes: indices of the classes to score (e.g. the seen classes
                 while training inductively); None: all K.
+            upsample: True (default): logits at the input size; False: on
+                the token grid [B, K', h, w], for training: ``loss``
+                upsamples them to the labels itself, and the fused loss of
+                the CPU backend never forms the upsampled logits.
 
         Returns:
-            HeadOutput(dec, mps): logits [B, K', H, W] at the input size.
+            HeadOutput(dec, mps): logits [B, K', H, W] at the input size (or [B, K', h, w]).
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
         g, patches, grid = self.encoder(images)
         text = self.text if classes is None else self.text[torch.as_tensor(classes, device=self.text.device)]
-        return self.head(g, patches, text.to(patches.dtype), grid, images.shape[-2:])
+        return self.head(g, patches, text.to(patches.dtype), grid, images.shape[-2:] if upsample else None)
 
     def loss(self, outputs, labels):
-        """Focal + dice on both paths (``losses.otseg_loss`` with the config's weights).
+        """Focal + dice on both paths (``losses.otseg_loss`` with the config's
+        weights and backend: the fused loss on CPU tensors unless the backend
+        is "reference").
 
         Args:
-            outputs: HeadOutput of ``forward``.
+            outputs: HeadOutput of ``forward``, at the input size or (better
+                for training) on the token grid (``upsample=False``).
             labels: [B, H, W] indices into the scored classes, or ignore_index.
 
         Returns:
-            SegLosses(total, focal, dice, num_masks).
+            SegLosses(total, focal, dice, num_masks, backend).
         """
         c = self.config
         return otseg_loss(outputs, labels, focal_weight=c.focal_weight, dice_weight=c.dice_weight,
-                          alpha=c.focal_alpha, gamma=c.focal_gamma, ignore_index=c.ignore_index)
+                          alpha=c.focal_alpha, gamma=c.focal_gamma, ignore_index=c.ignore_index, backend=c.backend)
 
     def _window_probabilities(self, images, mode):
         out = self(images)
