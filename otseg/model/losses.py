@@ -53,16 +53,19 @@ class SegLosses(NamedTuple):
     backend: str = "reference"
 
 
-# Elements handled at once by the loss Function: a few MB per temporary, so a
-# chunk's dozen elementwise passes run in cache rather than from memory (2-3x
-# faster on CPU than whole-tensor passes at 512 x 512 labels).
+# Elements handled at once by the loss Function on the CPU: a few MB per
+# temporary, so a chunk's dozen elementwise passes run in cache rather than
+# from memory (2-3x faster on CPU than whole-tensor passes at 512 x 512
+# labels). On a GPU each pass is a kernel launch, so there an image is one chunk.
 _CHUNK_ELEMENTS = 1 << 20
 
 
-def _chunks(B, K, P):
-    """(b, k0, k1): rows of one image, about _CHUNK_ELEMENTS elements each (one
-    chunk per image under torch.compile, which fuses the passes itself)."""
-    rows = K if torch.compiler.is_compiling() else max(1, min(K, _CHUNK_ELEMENTS // max(1, P)))
+def _chunks(B, K, P, device):
+    """(b, k0, k1): rows of one image, about _CHUNK_ELEMENTS elements each on
+    the CPU (one chunk per image on other devices and under torch.compile,
+    which fuses the passes itself)."""
+    whole = torch.compiler.is_compiling() or device.type != "cpu"
+    rows = K if whole else max(1, min(K, _CHUNK_ELEMENTS // max(1, P)))
     return [(b, k, min(K, k + rows)) for b in range(B) for k in range(0, K, rows)]
 
 
@@ -115,7 +118,7 @@ class _MaskStatistics(torch.autograd.Function):
         valid = labels.reshape(B, H * W) != ignore_index
         weight = valid.to(x.dtype)
         neg, prob = x.new_empty(B, K), x.new_empty(B, K)
-        for b, k0, k1 in _chunks(B, K, H * W):
+        for b, k0, k1 in _chunks(B, K, H * W, x.device):
             s, focal = _focal_terms(x[b, k0:k1], gamma)
             prob[b, k0:k1] = s @ weight[b]
             neg[b, k0:k1] = focal @ weight[b]
@@ -143,7 +146,7 @@ class _MaskStatistics(torch.autograd.Function):
         weight = valid.to(x.dtype)
         g_focal, g_inter, g_prob = grad_stats[0], grad_stats[1], grad_stats[2]
         grad = torch.empty_like(x)
-        for b, k0, k1 in _chunks(B, K, H * W):
+        for b, k0, k1 in _chunks(B, K, H * W, x.device):
             d, _, s = _focal_term_grads(x[b, k0:k1], gamma)
             # d = a_neg g_focal d_neg + g_prob s (1 - s), in place.
             d.mul_(a_neg * g_focal[b, k0:k1, None]).addcmul_(torch.addcmul(s, s, s, value=-1), g_prob[b, k0:k1, None])
