@@ -8,9 +8,9 @@ parameters. The head's logits stay on the token grid and the loss upsamples
 them (``otseg.model.losses``): the backend's fused loss where it has one (the
 ``cpu`` backend: ``otseg.ops.mask_stats``, which never forms the upsampled
 logits), else PyTorch (the reference, and the ``cuda`` and ``triton``
-backends, which have no loss kernel). Sizes are SPEC's COCO-Stuff ones (B=4, K=171, N=8, M=1024 = 32x32
-tokens, D=512, 512 x 512 labels); every Sinkhorn runs with eps 0.05, tol 1e-6,
-at most 100 iterations.
+backends, which have no loss kernel). Sizes are SPEC's COCO-Stuff ones (B=4,
+K=171, N=8, M=1024 = 32x32 tokens, D=512, 512 x 512 labels); every Sinkhorn
+runs with eps 0.05, tol 1e-6, at most 100 iterations.
 
 Inputs (seeded): the shipped COCO-Stuff text embeddings, random normalised
 global embeddings and patch tokens, and a label map with a few classes per
