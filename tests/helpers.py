@@ -256,7 +256,6 @@ def rel_err(a, b):
     return float((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max())
 
 
-
 BATCH_LAYOUTS = ["4d", "2d", "permuted-4d"]
 
 

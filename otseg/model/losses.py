@@ -158,7 +158,8 @@ class _MaskStatistics(torch.autograd.Function):
         return grad.view_as(logits), None, None, None, None
 
 
-def _check_labels(logits, labels, ignore_index):
+def _check_labels(logits, labels, ignore_index, values=True):
+    """Shapes and dtype; with ``values``, also that every label is a class or ignore_index."""
     if logits.dim() != 4:
         raise ValueError(f"logits must have shape [B, K, H, W], got shape {tuple(logits.shape)}")
     if labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
@@ -167,7 +168,7 @@ def _check_labels(logits, labels, ignore_index):
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
     # A data-dependent check: skipped under torch.compile, where it would break the graph.
-    if not torch.compiler.is_compiling() and labels.numel() > 0:
+    if values and not torch.compiler.is_compiling() and labels.numel() > 0:
         K = logits.shape[1]
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= K))
         if bool(bad.any()):
@@ -201,11 +202,13 @@ def mask_statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, bac
 
 def _statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, backend="auto"):
     """(mask_statistics, the loss backend that ran)."""
-    _check_labels(logits, labels, ignore_index)
+    name = _fused.loss_backend(backend, logits.device)
+    # The fused kernel checks the label values itself, with the same message,
+    # while it converts them (no separate pass here).
+    _check_labels(logits, labels, ignore_index, values=name != "cpu")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     alpha = None if alpha is None or alpha < 0 else float(alpha)
-    name = _fused.loss_backend(backend, logits.device)
     if name == "cpu":
         return _fused.mask_stats(logits, labels, alpha, gamma, ignore_index), name
     if logits.shape[-2:] != labels.shape[-2:]:

@@ -23,12 +23,14 @@ import warnings
 import torch
 
 from .. import _extension
+from .mps import BACKEND_NAMES
 
 __all__ = ["mask_stats", "loss_backend", "LOSS_BACKENDS"]
 
 # Loss backends with a fused kernel, and the devices they run on.
 LOSS_BACKENDS = {"cpu": ("cpu",)}
-_SINKHORN_ONLY = ("cuda", "triton")  # Sinkhorn backends with no loss kernel
+# Sinkhorn backends with no loss kernel: "cuda", "triton".
+_SINKHORN_ONLY = tuple(n for n in BACKEND_NAMES if n != "reference" and n not in LOSS_BACKENDS)
 _warned = set()
 
 
@@ -55,8 +57,8 @@ def loss_backend(backend, device):
             warnings.warn(f"otseg: backend {backend!r} has no fused loss kernel; the segmentation loss runs in "
                           "PyTorch (reference)", RuntimeWarning, stacklevel=3)
         return "reference"
-    if backend not in LOSS_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'reference', 'cpu', 'cuda' or 'triton'")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(BACKEND_NAMES)}")
     if not _extension.available:
         raise ValueError(f"backend {backend!r} is unavailable here: {_extension.error}")
     if device.type not in LOSS_BACKENDS[backend]:
