@@ -109,13 +109,26 @@ def test_fused_errors_are_clear():
     assert (losses.mask_statistics(logits, labels[:, :0], backend="cpu") == 0).all()
 
 
-def test_sinkhorn_backends_without_a_loss_kernel_run_the_pytorch_loss():
+def test_loss_backend_resolution():
+    """The loss follows the model's backend: the C++ kernel for CPU tensors,
+    the Triton one for CUDA tensors, PyTorch with a warning where no fused
+    kernel can run here."""
     from otseg.ops import mask_stats as fused
 
     assert fused.loss_backend("auto", "cpu") == "cpu"
-    assert fused.loss_backend("auto", "cuda") == "reference"
-    fused._warned.discard("triton")
-    with pytest.warns(RuntimeWarning, match="has no fused loss kernel"):
-        assert fused.loss_backend("triton", "cpu") == "reference"
+    assert fused.loss_backend("reference", "cpu") == "reference"
     with pytest.raises(ValueError, match="runs on cpu tensors, got a cuda tensor"):
         fused.loss_backend("cpu", "cuda")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'; choose 'auto' or one of reference, cpu"):
+        fused.loss_backend("gpu", "cpu")
+    for name in ("auto", "cuda", "triton"):
+        if fused._triton.available:
+            assert fused.loss_backend(name, "cuda") == "triton"
+        else:  # this machine: no GPU, Triton's kernels not loaded
+            fused._warned.discard((name, "cuda"))
+            with pytest.warns(RuntimeWarning, match="no fused loss kernel for cuda tensors here"):
+                assert fused.loss_backend(name, "cuda") == "reference"
+    if not fused._triton.interpreted:
+        fused._warned.discard(("triton", "cpu"))
+        with pytest.warns(RuntimeWarning, match="no fused loss kernel for cpu tensors"):
+            assert fused.loss_backend("triton", "cpu") == "reference"

@@ -545,3 +545,114 @@ def test_torch_compile_fullgraph_matches_eager(device):
     for a, b, what in zip(results["compiled"], results["eager"], ("score", "plan", "grad")):
         # Inductor may fuse the surrounding arithmetic differently.
         assert_close_report(a.cpu(), b.cpu(), atol=1e-6 * max(1.0, float(b.abs().max())), what=what)
+
+
+# ------------------------------------- the fused loss (kernels/mask_stats.py)
+
+
+def loss_problem(B, K, h, w, H, W, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    logits = (4 * torch.randn(B, K, h, w, generator=g, dtype=torch.float64)).to(dtype)
+    labels = torch.randint(0, K, (B, H, W), generator=g)
+    labels[torch.rand(B, H, W, generator=g) < 0.2] = 255
+    grad_stats = torch.randn(4, B, K, generator=g, dtype=torch.float64)
+    return logits, labels, grad_stats
+
+
+def loss_stats_and_grad(logits, labels, grad_stats, backend, device, **kw):
+    from otseg.model.losses import mask_statistics
+
+    x = logits.to(device).requires_grad_()
+    stats = mask_statistics(x, labels.to(device), backend=backend, **kw)
+    (grad,) = torch.autograd.grad(stats, x, grad_stats.to(device, logits.dtype))
+    return stats.detach().cpu().double(), grad.cpu().double()
+
+
+LOSS_CASES = [(2, 3, 4, 5, 17, 23), (1, 5, 7, 3, 7, 3), (2, 4, 9, 8, 5, 6), (1, 2, 1, 1, 3, 33), (1, 3, 8, 8, 64, 64)]
+
+
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (None, 0.0), (0.4, 1.5)])
+@pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_loss_kernels_match_reference(device, case, alpha, gamma):
+    """Forward sums and gradient of the upsampled logits against the float64
+    PyTorch path (F.interpolate, then the sums), float64 and float32."""
+    logits, labels, grad_stats = loss_problem(*case)
+    want, want_grad = loss_stats_and_grad(logits, labels, grad_stats, "reference", "cpu", alpha=alpha, gamma=gamma)
+    for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 2e-5)):
+        got, grad = loss_stats_and_grad(logits.to(dtype), labels, grad_stats, "triton", device, alpha=alpha,
+                                        gamma=gamma)
+        assert_close_report(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+        assert_close_report(grad, want_grad, rtol=tol, atol=tol * float(want_grad.abs().max()))
+
+
+def test_loss_kernels_take_strides_and_label_types(device):
+    logits, labels, grad_stats = loss_problem(2, 6, 5, 7, 19, 12, seed=3)
+    strided = logits.transpose(2, 3).contiguous().transpose(2, 3)[:, ::2]
+    labels = torch.where(labels >= 3, 255, labels)
+    want, want_grad = loss_stats_and_grad(strided, labels, grad_stats[:, :, :3], "reference", "cpu")
+    for lab in (labels, labels.int()):
+        got, grad = loss_stats_and_grad(strided.to(device), lab, grad_stats[:, :, :3], "triton", device)
+        assert_close_report(got, want, rtol=1e-11, atol=1e-11)
+        assert_close_report(grad, want_grad, rtol=1e-11, atol=1e-11 * float(want_grad.abs().max()))
+
+
+def test_loss_through_the_model_functions_and_opcheck(device):
+    from otseg.model.losses import otseg_loss, segmentation_loss
+
+    logits, labels, _ = loss_problem(2, 3, 3, 4, 7, 5, seed=4)
+    x, lab = logits.to(device), labels.to(device)
+    got = otseg_loss((x, x.flip(1)), lab, backend="triton")
+    want = otseg_loss((logits, logits.flip(1)), labels, backend="reference")
+    assert got.backend == "triton" and want.backend == "reference"
+    assert_close_report(got.total.cpu(), want.total, rtol=1e-12, atol=0)
+    xg = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: segmentation_loss(t, lab, backend="triton").total, (xg,))
+    torch.library.opcheck(torch.ops.otseg.mask_stats_triton.default, (xg, lab, 0.25, 2.0, 255))
+
+
+def test_loss_kernel_limits(device):
+    from otseg.model.losses import segmentation_loss
+    from otseg.ops import mask_stats as fused
+
+    x = torch.zeros(1, 2, 128, 128, device=device)  # a grid past the kernels' register tiles
+    labels = torch.zeros(1, 128, 128, dtype=torch.long, device=device)
+    assert "128" in fused.triton_takes(x, labels)
+    with pytest.raises(ValueError, match="does not take"):
+        torch.ops.otseg.mask_stats_triton(x, labels, 0.25, 2.0, 255)
+    with pytest.warns(RuntimeWarning, match="does not take"):
+        out = segmentation_loss(x, labels, backend="triton")
+    assert out.backend == "reference"
+    with pytest.raises(TypeError, match="float32 or float64"):
+        torch.ops.otseg.mask_stats_triton(x[:, :, :4, :4].half(), labels, 0.25, 2.0, 255)
+
+
+@pytest.mark.slow
+def test_loss_kernels_compile_for_sm90():
+    """The loss kernels through Triton's whole CUDA pipeline (to a cubin for
+    sm_90) without a GPU, at the model's shape (32 x 32 tokens to 512 x 512)."""
+    if INTERPRET:
+        pytest.skip("the interpreter process holds interpreted kernels")
+    if not kernels.available:
+        pytest.skip(f"triton is unavailable: {kernels.error}")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    from otseg.kernels.mask_stats import _mask_stats_bwd_kernel, _mask_stats_fwd_kernel
+
+    for acc in ("fp32", "fp64"):
+        for kernel, consts in ((_mask_stats_fwd_kernel, {}),
+                               (_mask_stats_bwd_kernel, {"BLOCK_H_IN": 32, "BLOCK_W_IN": 32})):
+            consts = dict(consts, GAMMA2=True, BLOCK_W=512)
+            sig = {}
+            for name in kernel.arg_names:
+                if name in consts:
+                    sig[name] = "constexpr"
+                elif name in ("LAB", "Y0", "Y1", "X0", "X1"):
+                    sig[name] = "*i32"
+                elif name in ("X", "LY", "LX", "GS", "OUT"):
+                    sig[name] = f"*{acc}"
+                else:
+                    sig[name] = "fp32" if name in ("alpha_pos", "alpha_neg", "gamma") else "i32"
+            src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+            compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+            assert compiled.asm["cubin"], f"{kernel.__name__} {acc}: no cubin"

@@ -5,10 +5,10 @@ The step is what training does after the image encoder: relation descriptor,
 the 3-layer MPSA decoder, the MPS path, upsampling to the label size, focal +
 dice losses on both paths, backward, and an AdamW step over the head's
 parameters. The head's logits stay on the token grid and the loss upsamples
-them (``otseg.model.losses``): the backend's fused loss where it has one (the
-``cpu`` backend: ``otseg.ops.mask_stats``, which never forms the upsampled
-logits), else PyTorch (the reference, and the ``cuda`` and ``triton``
-backends, which have no loss kernel). Sizes are SPEC's COCO-Stuff ones (B=4,
+them (``otseg.model.losses``): the backend's fused loss
+(``otseg.ops.mask_stats``, which never forms the upsampled logits: C++ for
+the ``cpu`` backend, Triton for ``cuda`` and ``triton``), PyTorch for the
+reference. Sizes are SPEC's COCO-Stuff ones (B=4,
 K=171, N=8, M=1024 = 32x32 tokens, D=512, 512 x 512 labels); every Sinkhorn
 runs with eps 0.05, tol 1e-6, at most 100 iterations.
 
@@ -103,7 +103,7 @@ class _Trainer:
     """One head, its optimizer and its training step.
 
     ``backend`` is an otseg backend, or STUB for the Sinkhorn stand-in with
-    the loss implementation ``loss`` ("cpu" or "reference").
+    the loss implementation ``loss`` ("cpu", "triton" or "reference").
     """
 
     def __init__(self, backend, inputs, grid, ffn_dim, seed, device, loss=None):
@@ -258,8 +258,8 @@ def run(quick=False, device="cpu", backends=None, repeats=None, seed=0):
           "S, gradients passed through) and everything else runs as before; share: Sinkhorn ms / this step; all three are medians over the rounds "
           "(differences of noisy times: a few % of a step either way, negative when the op costs less than the "
           "noise). iters: per Sinkhorn call of the last step, mean/max over its B*K problems (the reference stops "
-          "each call's batch together). ran: the backend otseg.ops reported; loss ran: the loss implementation (cpu: "
-          "fused upsampling + focal + dice, otseg.ops.mask_stats; reference: F.interpolate and PyTorch). loss: of the "
+          "each call's batch together). ran: the backend otseg.ops reported; loss ran: the loss implementation (cpu, "
+          "triton: fused upsampling + focal + dice, otseg.ops.mask_stats; reference: F.interpolate and PyTorch). loss: of the "
           "last step (dropout on). "
           f"Total {time.perf_counter() - t_start:.0f} s.")
     if busy:

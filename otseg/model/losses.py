@@ -17,11 +17,11 @@ eq. 21). Unlike the published code, which makes ignored pixels negatives of
 every class, ignored pixels here take no part in either loss.
 
 Logits on the token grid are upsampled bilinearly to the labels' size inside
-the loss. With the fused loss (backend ``"cpu"``, or ``"auto"`` on CPU
-tensors; ``otseg.ops.mask_stats``) the upsampled logits are never formed: at
-512 x 512 labels and 171 classes they are 700 MB per path for a batch of 4.
-The PyTorch path (backend ``"reference"``, and every backend on CUDA tensors)
-upsamples with ``F.interpolate`` and runs the per-mask sums in one autograd
+the loss. With the fused loss (``otseg.ops.mask_stats``: backend ``"cpu"``
+on CPU tensors, ``"cuda"`` and ``"triton"`` on CUDA tensors, ``"auto"`` on
+either) the upsampled logits are never formed: at 512 x 512 labels and 171
+classes they are 700 MB per path for a batch of 4. The PyTorch path (backend
+``"reference"``, or where no fused kernel can run) upsamples with ``F.interpolate`` and runs the per-mask sums in one autograd
 Function that keeps only the logits and the labels for its backward (the
 elementwise graph autograd would keep is several times the logits).
 """
@@ -43,7 +43,7 @@ class SegLosses(NamedTuple):
         focal: the focal loss (before its weight), summed over the paths.
         dice: the dice loss (before its weight), summed over the paths.
         num_masks: (image, present class) pairs the losses are divided by.
-        backend: the loss implementation that ran: "cpu" (fused) or "reference" (PyTorch).
+        backend: the loss implementation that ran: "cpu" or "triton" (fused), or "reference" (PyTorch).
     """
 
     total: torch.Tensor
@@ -188,9 +188,9 @@ def mask_statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, bac
         alpha: focal weight of positives (None: no weighting). Default 0.25.
         gamma: focal exponent. Default 2.
         ignore_index: label of pixels that belong to no class. Default 255.
-        backend: "auto" (the fused kernel where there is one, default),
-            "reference" (PyTorch), "cpu" (the fused kernel, CPU tensors), or a
-            Sinkhorn backend without a loss kernel ("cuda", "triton": PyTorch);
+        backend: a model backend name: "auto" (default), "cpu", "cuda",
+            "triton" (the fused kernel for the logits' device: C++ on CPU
+            tensors, Triton on CUDA tensors) or "reference" (PyTorch);
             ``otseg.ops.mask_stats.loss_backend``.
 
     Returns:
@@ -203,14 +203,20 @@ def mask_statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, bac
 def _statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, backend="auto"):
     """(mask_statistics, the loss backend that ran)."""
     name = _fused.loss_backend(backend, logits.device)
-    # The fused kernel checks the label values itself, with the same message,
+    # The C++ kernel checks the label values itself, with the same message,
     # while it converts them (no separate pass here).
     _check_labels(logits, labels, ignore_index, values=name != "cpu")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     alpha = None if alpha is None or alpha < 0 else float(alpha)
-    if name == "cpu":
-        return _fused.mask_stats(logits, labels, alpha, gamma, ignore_index), name
+    if name == "triton":
+        why = _fused.triton_takes(logits, labels)
+        if why is not None:
+            _fused.warn_once(("triton-shape", why), f"otseg: the Triton loss kernel does not take {why}; the "
+                                                    "segmentation loss runs in PyTorch (reference)")
+            name = "reference"
+    if name != "reference":
+        return _fused.mask_stats(logits, labels, alpha, gamma, ignore_index, backend=name), name
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     return _MaskStatistics.apply(logits, labels, alpha, float(gamma), int(ignore_index)), name

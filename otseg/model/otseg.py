@@ -2,7 +2,7 @@
 
     >>> model = OTSeg.from_config("voc20")              # CLIP VPT encoder, shipped text embeddings
     >>> out = model(images, upsample=False)              # HeadOutput(dec, mps), [B, K, h, w] token-grid logits
-    >>> loss = model.loss(out, labels).total             # upsampled to the labels inside (fused on CPU)
+    >>> loss = model.loss(out, labels).total             # upsampled to the labels inside (fused)
     >>> labels = model.predict(images)                   # OTSeg+ argmax [B, H, W]
 
 The encoder (``otseg.model.clip.VPTImageEncoder``) is imported only when
@@ -185,8 +185,8 @@ class OTSeg(nn.Module):
                 while training inductively); None: all K.
             upsample: True (default): logits at the input size; False: on
                 the token grid [B, K', h, w], for training: ``loss``
-                upsamples them to the labels itself, and the fused loss of
-                the CPU backend never forms the upsampled logits.
+                upsamples them to the labels itself, and the fused loss
+                never forms the upsampled logits.
 
         Returns:
             HeadOutput(dec, mps): logits [B, K', H, W] at the input size (or [B, K', h, w]).
@@ -199,8 +199,8 @@ class OTSeg(nn.Module):
 
     def loss(self, outputs, labels):
         """Focal + dice on both paths (``losses.otseg_loss`` with the config's
-        weights and backend: the fused loss on CPU tensors unless the backend
-        is "reference").
+        weights and backend: the fused loss, C++ on CPU tensors and Triton on
+        CUDA tensors, unless the backend is "reference").
 
         Args:
             outputs: HeadOutput of ``forward``, at the input size or (better
