@@ -17,7 +17,9 @@ against its labels in the same pass; the upsampled logits never exist.
   (the transpose of the row blend) in an [h, w] register tile, written once
   per program as a partial ([S, P, h, w], summed by the launcher).
 
-Labels come compact: the class index, or -1 for ignored pixels.
+Labels come compact: the class index, or -1 for ignored pixels. PARAMS holds
+(alpha_pos, alpha_neg, gamma) in the compute dtype (Triton would pass Python
+floats as float32).
 """
 
 import triton
@@ -64,7 +66,7 @@ def _upsampled_row(X, Y0, Y1, LY, i, x0, x1, lx, cmask, w):
 def _mask_stats_fwd_kernel(
     X, LAB, Y0, Y1, LY, X0, X1, LX, OUT,
     K, h, w, H, W, P, rows_per,
-    alpha_pos, alpha_neg, gamma,
+    PARAMS,
     GAMMA2: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     p = tl.program_id(0)
@@ -77,6 +79,9 @@ def _mask_stats_fwd_kernel(
     x0 = tl.load(X0 + cols, mask=cmask, other=0)
     x1 = tl.load(X1 + cols, mask=cmask, other=0)
     lx = tl.load(LX + cols, mask=cmask, other=0.0)
+    alpha_pos = tl.load(PARAMS)
+    alpha_neg = tl.load(PARAMS + 1)
+    gamma = tl.load(PARAMS + 2)
     xp = X + p.to(tl.int64) * h * w
     acc_f = tl.zeros([BLOCK_W], dtype=lx.dtype)
     acc_i = tl.zeros([BLOCK_W], dtype=lx.dtype)
@@ -107,7 +112,7 @@ def _mask_stats_fwd_kernel(
 def _mask_stats_bwd_kernel(
     X, LAB, Y0, Y1, LY, X0, X1, LX, GS, OUT,
     K, h, w, H, W, P, rows_per,
-    alpha_pos, alpha_neg, gamma,
+    PARAMS,
     GAMMA2: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H_IN: tl.constexpr, BLOCK_W_IN: tl.constexpr,
 ):
     p = tl.program_id(0)
@@ -119,6 +124,9 @@ def _mask_stats_bwd_kernel(
     x0 = tl.load(X0 + cols, mask=cmask, other=0)
     x1 = tl.load(X1 + cols, mask=cmask, other=0)
     lx = tl.load(LX + cols, mask=cmask, other=0.0)
+    alpha_pos = tl.load(PARAMS)
+    alpha_neg = tl.load(PARAMS + 1)
+    gamma = tl.load(PARAMS + 2)
     # wx[j, c]: the weight of input column j in output column c.
     jj = tl.arange(0, BLOCK_W_IN)
     wx = tl.where(jj[:, None] == x0[None, :], 1.0 - lx[None, :], 0.0) + tl.where(jj[:, None] == x1[None, :],

@@ -472,7 +472,8 @@ def test_narrower_instruction_sets_in_own_process(isa):
     env = dict(os.environ, OTSEG_CPU_ISA=isa)
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow",
-           os.path.join(here, "test_cpu_kernel.py"), os.path.join(here, "test_cpu_autograd.py")]
+           os.path.join(here, "test_cpu_kernel.py"), os.path.join(here, "test_cpu_autograd.py"),
+           os.path.join(here, "test_fused_loss.py")]
     check = [sys.executable, "-c", "from otseg import _extension; print(_extension.cpu_isa)"]
     ran = subprocess.run(check, cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert ran.stdout.strip() == {"avx2": "AVX2", "baseline": "SSE2"}[isa], ran.stdout + ran.stderr

@@ -16,6 +16,8 @@ FUSED_CASES = [
     (2, 4, 9, 8, 5, 6),      # downsampling
     (1, 2, 1, 1, 3, 33),     # one token; rows longer than a vector, not a multiple of one
     (3, 7, 8, 8, 128, 128),  # 16x, as the model (32 -> 512)
+    (2, 1, 3, 2, 1, 9),      # one class; one output row
+    (1, 2, 4, 1, 6, 1),      # one input and one output column
 ]
 
 
@@ -75,6 +77,44 @@ def test_fused_gradcheck_and_opcheck():
     assert torch.autograd.gradcheck(lambda t: losses.mask_statistics(t, labels, backend="cpu")[:3], (x,))
     assert torch.autograd.gradcheck(lambda t: losses.segmentation_loss(t, labels, backend="cpu").total, (x,))
     torch.library.opcheck(torch.ops.otseg.mask_stats.default, (x, labels, 0.25, 2.0, 255))
+    grad_stats = torch.randn(4, 2, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.otseg.mask_stats_backward.default, (grad_stats, logits, labels, 0.25, 2.0, 255))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_extreme_and_non_finite_logits_as_the_reference(dtype):
+    """Logits of +-1e4 give the reference's sums and gradients; a NaN logit
+    makes its masks' sums NaN, as in PyTorch (not hidden by a clamp)."""
+    logits, labels = fused_problem(2, 3, 4, 5, 9, 11, seed=5)
+    logits = logits.sign() * 1e4
+    logits[0, 0] = torch.linspace(-100, 100, 20, dtype=torch.float64).view(4, 5)
+    grad_stats = torch.randn(4, 2, 3, dtype=torch.float64)
+    want, want_grad = reference_stats_and_grad(logits, labels, 0.25, 2.0, grad_stats)
+    x = logits.to(dtype).requires_grad_()
+    got = losses.mask_statistics(x, labels, backend="cpu")
+    (grad,) = torch.autograd.grad(got, x, grad_stats.to(dtype))
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    assert_close_report(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+    assert_close_report(grad.double(), want_grad, rtol=tol, atol=tol * float(want_grad.abs().max()))
+    nan = logits.to(dtype).clone()
+    nan[1, 2, 1, 3] = float("nan")
+    got = losses.mask_statistics(nan, labels, backend="cpu")
+    want = losses.mask_statistics(nan, labels, backend="reference")
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan()[:, 1, 2].any()
+
+
+def test_more_classes_than_the_cpu_kernel_takes_runs_the_reference():
+    from otseg.ops import mask_stats as fused
+
+    K = fused._CPU_MAX_K + 1
+    logits = torch.randn(1, K, 1, 1, dtype=torch.float64)
+    labels = torch.tensor([[[K - 1, 255]]])
+    fused._warned.clear()
+    with pytest.warns(RuntimeWarning, match="does not take more than 32766 classes"):
+        out = losses.segmentation_loss(logits, labels)
+    assert out.backend == "reference"
+    assert_close_report(out.total, losses.segmentation_loss(logits, labels, backend="reference").total, rtol=1e-14,
+                        atol=0)
 
 
 def test_fused_loss_compiles():

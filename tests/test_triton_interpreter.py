@@ -590,7 +590,7 @@ def test_loss_kernels_take_strides_and_label_types(device):
     strided = logits.transpose(2, 3).contiguous().transpose(2, 3)[:, ::2]
     labels = torch.where(labels >= 3, 255, labels)
     want, want_grad = loss_stats_and_grad(strided, labels, grad_stats[:, :, :3], "reference", "cpu")
-    for lab in (labels, labels.int()):
+    for lab in (labels, labels.int(), labels.to(torch.uint8)):
         got, grad = loss_stats_and_grad(strided.to(device), lab, grad_stats[:, :, :3], "triton", device)
         assert_close_report(got, want, rtol=1e-11, atol=1e-11)
         assert_close_report(grad, want_grad, rtol=1e-11, atol=1e-11 * float(want_grad.abs().max()))
@@ -608,6 +608,8 @@ def test_loss_through_the_model_functions_and_opcheck(device):
     xg = x.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda t: segmentation_loss(t, lab, backend="triton").total, (xg,))
     torch.library.opcheck(torch.ops.otseg.mask_stats_triton.default, (xg, lab, 0.25, 2.0, 255))
+    gs = torch.randn(4, 2, 3, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.otseg.mask_stats_backward_triton.default, (gs, x, lab, 0.4, 1.5, 255))
 
 
 def test_loss_kernel_limits(device):
@@ -616,7 +618,7 @@ def test_loss_kernel_limits(device):
 
     x = torch.zeros(1, 2, 128, 128, device=device)  # a grid past the kernels' register tiles
     labels = torch.zeros(1, 128, 128, dtype=torch.long, device=device)
-    assert "128" in fused.triton_takes(x, labels)
+    assert "128" in fused.fused_takes("triton", x, labels)
     with pytest.raises(ValueError, match="does not take"):
         torch.ops.otseg.mask_stats_triton(x, labels, 0.25, 2.0, 255)
     with pytest.warns(RuntimeWarning, match="does not take"):
@@ -624,6 +626,8 @@ def test_loss_kernel_limits(device):
     assert out.backend == "reference"
     with pytest.raises(TypeError, match="float32 or float64"):
         torch.ops.otseg.mask_stats_triton(x[:, :, :4, :4].half(), labels, 0.25, 2.0, 255)
+    with pytest.raises(ValueError, match="empty grid"):
+        torch.ops.otseg.mask_stats_triton(x[:, :, :0], labels, 0.25, 2.0, 255)
 
 
 @pytest.mark.slow
@@ -639,20 +643,20 @@ def test_loss_kernels_compile_for_sm90():
 
     from otseg.kernels.mask_stats import _mask_stats_bwd_kernel, _mask_stats_fwd_kernel
 
-    for acc in ("fp32", "fp64"):
+    for acc, gamma2 in (("fp32", True), ("fp32", False), ("fp64", True)):
         for kernel, consts in ((_mask_stats_fwd_kernel, {}),
                                (_mask_stats_bwd_kernel, {"BLOCK_H_IN": 32, "BLOCK_W_IN": 32})):
-            consts = dict(consts, GAMMA2=True, BLOCK_W=512)
+            consts = dict(consts, GAMMA2=gamma2, BLOCK_W=512)
             sig = {}
             for name in kernel.arg_names:
                 if name in consts:
                     sig[name] = "constexpr"
                 elif name in ("LAB", "Y0", "Y1", "X0", "X1"):
                     sig[name] = "*i32"
-                elif name in ("X", "LY", "LX", "GS", "OUT"):
+                elif name in ("X", "LY", "LX", "GS", "OUT", "PARAMS"):
                     sig[name] = f"*{acc}"
                 else:
-                    sig[name] = "fp32" if name in ("alpha_pos", "alpha_neg", "gamma") else "i32"
+                    sig[name] = "i32"
             src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
             compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
             assert compiled.asm["cubin"], f"{kernel.__name__} {acc}: no cubin"

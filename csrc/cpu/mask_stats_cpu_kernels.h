@@ -20,8 +20,6 @@
 #include "mask_stats_cpu.h"
 #include "vec.h"
 
-#define OTSEG_INLINE inline __attribute__((always_inline))
-
 namespace otseg {
 namespace cpu {
 namespace {
@@ -53,8 +51,8 @@ struct FocalTerms {
     const I pos = v >= V{};
     s = __builtin_bit_cast(V, (__builtin_bit_cast(I, r) & pos) | (__builtin_bit_cast(I, er) & ~pos));
     q = __builtin_bit_cast(V, (__builtin_bit_cast(I, er) & pos) | (__builtin_bit_cast(I, r) & ~pos));
-    sp = vec::vmax(v, V{}) + l;
-    sn = vec::vmax(-v, V{}) + l;
+    sp = vec::vmax(V{}, v) + l;  // v second: a NaN logit gives NaN sums, as in PyTorch
+    sn = vec::vmax(V{}, -v) + l;
     if constexpr (kGamma2) {
       sg = s * s;
       qg = q * q;
@@ -68,7 +66,7 @@ struct FocalTerms {
 // Mask p's logits interpolated along the columns: R[y, c] for the h input
 // rows and the Wp output columns (0 past W).
 template <typename acc_t>
-OTSEG_INLINE void interpolate_columns(const MaskStatsArgs<acc_t>& a, const acc_t* x, acc_t* R) {
+OTSEG_VEC_INLINE void interpolate_columns(const MaskStatsArgs<acc_t>& a, const acc_t* x, acc_t* R) {
   for (int64_t y = 0; y < a.h; ++y) {
     const acc_t* row = x + y * a.w;
     acc_t* out = R + y * a.Wp;
@@ -79,7 +77,7 @@ OTSEG_INLINE void interpolate_columns(const MaskStatsArgs<acc_t>& a, const acc_t
 
 // The transpose of interpolate_columns: gx[y, x0[c]] += (1 - lx[c]) G[y, c], ...
 template <typename acc_t>
-OTSEG_INLINE void interpolate_columns_transposed(const MaskStatsArgs<acc_t>& a, const acc_t* G, acc_t* gx) {
+OTSEG_VEC_INLINE void interpolate_columns_transposed(const MaskStatsArgs<acc_t>& a, const acc_t* G, acc_t* gx) {
   std::fill(gx, gx + a.h * a.w, acc_t(0));
   for (int64_t y = 0; y < a.h; ++y) {
     const acc_t* row = G + y * a.Wp;
@@ -94,7 +92,7 @@ OTSEG_INLINE void interpolate_columns_transposed(const MaskStatsArgs<acc_t>& a, 
 // One mask: its four sums (forward) or the gradient of its logits (backward).
 // buf holds h * Wp values (2 h Wp for the backward).
 template <int B, bool kBackward, bool kGamma2, typename acc_t>
-OTSEG_INLINE void mask_stats_one(const MaskStatsArgs<acc_t>& a, int64_t p, acc_t* buf) {
+OTSEG_VEC_INLINE void mask_stats_one(const MaskStatsArgs<acc_t>& a, int64_t p, acc_t* buf) {
   using Lanes = MaskLanes<acc_t, B>;
   using V = typename Lanes::V;
   using I = typename Lanes::I;
@@ -165,7 +163,7 @@ OTSEG_INLINE void mask_stats_one(const MaskStatsArgs<acc_t>& a, int64_t p, acc_t
 }
 
 template <int B, bool kBackward, typename acc_t>
-OTSEG_INLINE void mask_stats_chunk(const MaskStatsArgs<acc_t>& a) {
+OTSEG_VEC_INLINE void mask_stats_chunk(const MaskStatsArgs<acc_t>& a) {
   std::vector<acc_t> buf((kBackward ? 2 : 1) * a.h * a.Wp);
   const bool gamma2 = a.gamma == acc_t(2);
   for (int64_t p = a.begin; p < a.end; ++p) {

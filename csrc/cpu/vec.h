@@ -84,6 +84,9 @@ OTSEG_VEC_INLINE V splat(T s) {
   return V{} + s;
 }
 
+// a < b ? a : b and a > b ? a : b (vminps / vmaxps): where either lane is
+// NaN they return b's, so pass the value that may be NaN second for NaN to
+// come through.
 template <typename V>
 OTSEG_VEC_INLINE V vmin(V a, V b) {
   return a < b ? a : b;
@@ -147,8 +150,8 @@ OTSEG_VEC_INLINE V first_lanes(int rows) {
 template <bool kNonPositive = false, typename V>
 OTSEG_VEC_INLINE V exp_float(V x) {
   using I = typename Vec<float, sizeof(V)>::I;
-  V xc = vmax(x, splat<V>(-87.0f));
-  if constexpr (!kNonPositive) xc = vmin(xc, splat<V>(88.0f));
+  V xc = vmax(splat<V>(-87.0f), x);  // NaN stays NaN
+  if constexpr (!kNonPositive) xc = vmin(splat<V>(88.0f), xc);
   // Round x / ln 2 to the nearest integer n with the 1.5*2^23 trick; adding
   // 127 in the same constant leaves n + 127 (in [1, 254]) in the low
   // mantissa bits of t, so the bits of 2^n are those bits shifted into the

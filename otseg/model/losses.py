@@ -158,8 +158,8 @@ class _MaskStatistics(torch.autograd.Function):
         return grad.view_as(logits), None, None, None, None
 
 
-def _check_labels(logits, labels, ignore_index, values=True):
-    """Shapes and dtype; with ``values``, also that every label is a class or ignore_index."""
+def _check_labels(logits, labels):
+    """Shapes and dtype (the values: ``_check_label_values``)."""
     if logits.dim() != 4:
         raise ValueError(f"logits must have shape [B, K, H, W], got shape {tuple(logits.shape)}")
     if labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
@@ -167,8 +167,12 @@ def _check_labels(logits, labels, ignore_index, values=True):
                          f"[B, K, H, W] = {tuple(logits.shape)}), got shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
+
+
+def _check_label_values(logits, labels, ignore_index):
+    """Every label is a class index in [0, K) or ignore_index."""
     # A data-dependent check: skipped under torch.compile, where it would break the graph.
-    if values and not torch.compiler.is_compiling() and labels.numel() > 0:
+    if not torch.compiler.is_compiling() and labels.numel() > 0:
         K = logits.shape[1]
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= K))
         if bool(bad.any()):
@@ -203,18 +207,20 @@ def mask_statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, bac
 def _statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, backend="auto"):
     """(mask_statistics, the loss backend that ran)."""
     name = _fused.loss_backend(backend, logits.device)
-    # The C++ kernel checks the label values itself, with the same message,
-    # while it converts them (no separate pass here).
-    _check_labels(logits, labels, ignore_index, values=name != "cpu")
+    _check_labels(logits, labels)
+    if name != "reference":
+        why = _fused.fused_takes(name, logits, labels)
+        if why is not None:
+            _fused.warn_once((name, why), f"otseg: the {name} loss kernel does not take {why}; the "
+                                          "segmentation loss runs in PyTorch (reference)")
+            name = "reference"
+    if name != "cpu":
+        # The C++ kernel checks the label values itself, with the same message,
+        # while it converts them (no separate pass there).
+        _check_label_values(logits, labels, ignore_index)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     alpha = None if alpha is None or alpha < 0 else float(alpha)
-    if name == "triton":
-        why = _fused.triton_takes(logits, labels)
-        if why is not None:
-            _fused.warn_once(("triton-shape", why), f"otseg: the Triton loss kernel does not take {why}; the "
-                                                    "segmentation loss runs in PyTorch (reference)")
-            name = "reference"
     if name != "reference":
         return _fused.mask_stats(logits, labels, alpha, gamma, ignore_index, backend=name), name
     if logits.shape[-2:] != labels.shape[-2:]:

@@ -31,10 +31,8 @@ from .. import _extension
 from .mps import BACKEND_NAMES
 from .mps import triton as _triton
 
-__all__ = ["mask_stats", "loss_backend", "triton_takes", "LOSS_BACKENDS"]
+__all__ = ["mask_stats", "loss_backend", "fused_takes"]
 
-# Loss backends with a fused kernel, and the devices they run on.
-LOSS_BACKENDS = {"cpu": ("cpu",), "triton": ("cuda",)}
 _warned = set()
 
 
@@ -114,9 +112,16 @@ def _pow2(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def triton_takes(logits, labels):
-    """Why the Triton loss kernel cannot take these logits [B, K, h, w] and
-    labels [B, H, W], or None."""
+# The C++ kernel keeps labels as int16, -1 for ignored pixels.
+_CPU_MAX_K = 32766
+
+
+def fused_takes(backend, logits, labels):
+    """Why the fused loss kernel of ``backend`` ("cpu" or "triton") cannot take
+    these logits [B, K, h, w] and labels [B, H, W], or None."""
+    if backend == "cpu":
+        K = logits.shape[1]
+        return None if K <= _CPU_MAX_K else f"more than {_CPU_MAX_K} classes (got K = {K})"
     h, w = logits.shape[-2:]
     W = labels.shape[-1]
     if _pow2(W) > _MAX_W:
@@ -153,13 +158,17 @@ def _check_triton_args(logits, labels, alpha, gamma):
     if logits.dim() != 4 or labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"logits must have shape [B, K, h, w] and labels [B, H, W], got {tuple(logits.shape)} "
                          f"and {tuple(labels.shape)}")
+    if logits.shape[0] * logits.shape[1] * labels.shape[1] * labels.shape[2] and 0 in logits.shape[2:]:
+        raise ValueError(f"logits have an empty grid {tuple(logits.shape)} for labels of size {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"logits and labels must be on the same device, got {logits.device} and {labels.device}")
     if logits.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"mask_stats_triton takes float32 or float64 logits, got {logits.dtype}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
     if not gamma >= 0 or gamma == float("inf"):
         raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
-    why = triton_takes(logits, labels)
+    why = fused_takes("triton", logits, labels)
     if why is not None:
         raise ValueError(f"the Triton loss kernel does not take {why}; use backend='reference'")
     if logits.device.type != "cuda" and not (_triton.interpreted or logits.device.type == "meta"):
@@ -176,13 +185,16 @@ def _launch(kernel, logits, labels, alpha, gamma, ignore_index, grad_stats=None)
     H, W = labels.shape[-2:]
     P = B * K
     x = logits.contiguous()
-    lab = torch.where(labels == ignore_index, -1, labels).to(torch.int32).contiguous()
+    lab = labels.to(torch.int32)  # before the -1: uint8 labels would wrap it to 255
+    lab = torch.where(labels == ignore_index, -1, lab).contiguous()
     y0, y1, ly = _axis(h, H, x.dtype, x.device)
     x0, x1, lx = _axis(w, W, x.dtype, x.device)
     # Splits of the output rows, so that a small batch of masks still fills the GPU.
     rows_per = -(-H // max(1, min(H // 8, -(-1024 // P))))
     S = -(-H // rows_per)
     weighted = alpha >= 0
+    params = torch.tensor([alpha if weighted else 1.0, 1.0 - alpha if weighted else 1.0, gamma], dtype=x.dtype,
+                          device=x.device)
     args = [x, lab, y0, y1, ly, x0, x1, lx]
     if grad_stats is None:
         out = x.new_empty(4, S, P)
@@ -193,8 +205,7 @@ def _launch(kernel, logits, labels, alpha, gamma, ignore_index, grad_stats=None)
         consts = dict(BLOCK_H_IN=_pow2(h), BLOCK_W_IN=_pow2(w))
     block_w = max(16, _pow2(W))
     wrap_triton(kernel)[(P, S)](
-        *args, out, K, h, w, H, W, P, rows_per,
-        alpha if weighted else 1.0, 1.0 - alpha if weighted else 1.0, gamma,
+        *args, out, K, h, w, H, W, P, rows_per, params,
         GAMMA2=gamma == 2.0, BLOCK_W=block_w, **consts, num_warps=4 if block_w <= 256 else 8,
     )
     return out
