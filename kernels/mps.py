@@ -1,9 +1,12 @@
 """Triton kernels of the fused Multi-Prompts Sinkhorn (backend "triton").
 
 One program solves one (b, k) problem from start to finish: its [M, N] tile of
-scores is loaded once into a [BLOCK_M, BLOCK_N] register block, every
-iteration and the per-problem stopping test run on that block, and nothing is
-read back on the host. The scheme (scaling domain with log-domain absorption)
+scores is loaded once into registers, every iteration and the per-problem
+stopping test run there, and nothing is read back on the host. In the forward
+each thread holds whole pixel rows (a [NG, BLOCK_M, VEC] tile, prompt
+n = g * VEC + j, with the VEC prompts of a group read as one vector when the
+scores are contiguous), so the per-pixel sums over prompts of every iteration
+stay in the thread and only the sums over pixels cross threads. The scheme (scaling domain with log-domain absorption)
 and the implicit backward are derived in ``otseg/ops/mps/README.md``; the
 launchers and the autograd glue are in ``otseg/ops/mps/triton.py``.
 
@@ -27,6 +30,17 @@ _SAFE_HI = tl.constexpr(1.0686474581524463e13)  # e^30
 
 
 @triton.jit
+def _row_sum(x):
+    """[NG, BM, VEC] -> [BM]: a sum over one pixel's prompts (in one thread)."""
+    return tl.sum(tl.sum(x, axis=2), axis=0)
+
+
+@triton.jit
+def _row_max(x):
+    return tl.max(tl.max(x, axis=2), axis=0)
+
+
+@triton.jit(do_not_specialize=["stride_sm", "stride_sn"])
 def _mps_fwd_kernel(
     S, SCORE, PLAN, F, G, NITER,
     stride_sp, stride_sm, stride_sn,
@@ -34,24 +48,38 @@ def _mps_fwd_kernel(
     eps_hi, eps_lo, tol_hi, tol_lo,
     HAS_PLAN: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    NG: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     ACC = F.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask = mask_m[:, None] & mask_n[None, :]
-
-    s_ptrs = (S + pid * stride_sp + offs_m.to(tl.int64)[:, None] * stride_sm
-              + offs_n.to(tl.int64)[None, :] * stride_sn)
-    # Padding reads as S = -inf: every exponential of it is 0, so the loop
-    # needs no [BM, BN] mask (which would hold a register per element).
-    s = tl.load(s_ptrs, mask=mask, other=float("-inf")).to(ACC)  # [BM, BN]
+    offs_g = tl.arange(0, NG)
+    offs_j = tl.arange(0, VEC)
+    mask_m = offs_m < M  # [BM]
+    # Prompt n = g * VEC + j; with VEC > 1, N is a multiple of VEC, so the
+    # mask is constant along j (vector loads).
+    mask_c = tl.broadcast_to(offs_g[:, None] < N // VEC, [NG, VEC])  # [NG, VEC]
+    mask = mask_m[None, :, None] & mask_c[:, None, :]  # [NG, BM, VEC]
+    # The tile is read as [NG * BM, VEC] rows r = g * BM + m and reshaped to
+    # [NG, BM, VEC]: with the vector dim the only contiguous one, Triton (3.6
+    # and 3.8 alike) lays the rows r over the threads, so that each thread
+    # holds all the prompts of its pixels and row reductions need no
+    # communication.
+    r_g = tl.arange(0, NG * BLOCK_M) // BLOCK_M
+    r_m = tl.arange(0, NG * BLOCK_M) % BLOCK_M
+    mask_r = (r_m < M)[:, None] & (r_g < N // VEC)[:, None]  # [NG * BM, 1]
+    if VEC > 1:
+        # Contiguous [P, M, N] scores: each group of VEC prompts is an
+        # aligned vector.
+        base = tl.multiple_of((pid * M + r_m) * N + r_g * VEC, [VEC])  # [NG * BM]
+        s_ptrs = S + base[:, None] + offs_j[None, :]
+    else:
+        s_ptrs = (S + pid * stride_sp + r_m.to(tl.int64)[:, None] * stride_sm
+                  + (r_g * VEC).to(tl.int64)[:, None] * stride_sn + offs_j[None, :])
+    s = tl.reshape(tl.load(s_ptrs, mask=mask_r, other=float("-inf")).to(ACC), [NG, BLOCK_M, VEC])
 
     one = tl.full([], 1.0, ACC)
-    # M and N may arrive as compile-time 1; multiplying keeps both cases typed.
     m_f = one * M
     n_f = one * N
     eps = one * eps_hi + one * eps_lo
@@ -62,80 +90,78 @@ def _mps_fwd_kernel(
     log_mu = -tl.log(m_f)
     log_nu = -tl.log(n_f)
 
-    # True potentials: f = eps (alpha + log u), g = eps (beta + log v); the
-    # kernel matrix K = exp(alpha + beta - C/eps) is built at the first
-    # iteration (K = 0 gives K v = 0, which sends the f half-step to the log
-    # domain). A product K v or K^T u that is not > 0 (underflow, NaN) does too.
     alpha = tl.zeros([BLOCK_M], ACC)
     log_u = tl.zeros([BLOCK_M], ACC)
     u = tl.full([BLOCK_M], 1.0, ACC)
-    beta = tl.zeros([BLOCK_N], ACC)
-    v = tl.full([BLOCK_N], 1.0, ACC)
-    k_mat = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    # The previous f/eps as alpha_prev + log_u_prev: while alpha is unchanged
-    # the change is the difference of the log scalings alone (no cancellation
-    # against a large alpha).
+    beta = tl.zeros([NG, VEC], ACC)
+    v = tl.full([NG, VEC], 1.0, ACC)
+    k_mat = tl.zeros([NG, BLOCK_M, VEC], ACC)
     alpha_prev = tl.zeros([BLOCK_M], ACC)
     log_u_prev = tl.zeros([BLOCK_M], ACC)
     err = tl.full([], float("inf"), ACC)
     it = 0
-    # Stop when err < tol (a NaN err keeps going, as in the reference) or
-    # after max_iter iterations.
     while (it < max_iter) & ((err >= tol) | (err != err)):
-        # f half-step in the scaling domain: u = mu / (K v).
-        kv = tl.sum(k_mat * v[None, :], axis=1)  # [BM]
+        # f half-step in the scaling domain, u = mu / (K v), and at once the
+        # column products K^T u of the g half-step: one pass, two reductions.
+        kv = _row_sum(k_mat * v[:, None, :])  # [BM]
         kv_pos = kv > 0
         u = mu / tl.where(mask_m & kv_pos, kv, 1.0)
         bad_u = mask_m & (~kv_pos | (u < _SAFE_LO) | (u > _SAFE_HI))
-        if tl.sum(bad_u.to(tl.int32), axis=0) > 0:
-            # Absorb v into beta and redo the f half-step in the log domain,
-            # rebuilding K with rows summing to mu.
-            beta = tl.where(mask_n, beta + tl.log(v), 0.0)
-            z = s * inv_eps + (beta - inv_eps)[None, :]  # [BM, BN]
-            z_max = tl.where(mask_m, tl.max(z, axis=1), 0.0)
-            e = tl.exp(z - z_max[:, None])
-            e_sum = tl.where(mask_m, tl.sum(e, axis=1), 1.0)
-            alpha = tl.where(mask_m, log_mu - z_max - tl.log(e_sum), 0.0)
-            k_mat = e * (mu / e_sum)[:, None]
-            u = tl.full([BLOCK_M], 1.0, ACC)
-            v = tl.full([BLOCK_N], 1.0, ACC)
         log_u = tl.log(u)
         change = tl.where(mask_m, tl.abs((alpha - alpha_prev) + (log_u - log_u_prev)), 0.0)
-        err = eps * tl.sum(change, axis=0) / m_f
+        # A scaling out of range makes the sum inf (a NaN input makes it NaN).
+        total = tl.sum(tl.where(bad_u, float("inf"), change), axis=0)
+        ktu = tl.sum(k_mat * u[None, :, None], axis=1)  # [NG, VEC]
+        if (total >= float("inf")) | (total != total):
+            # Absorb v into beta and redo the f half-step in the log domain,
+            # rebuilding K with rows summing to mu (u = v = 1).
+            beta = tl.where(mask_c, beta + tl.log(v), 0.0)
+            z = s * inv_eps + (beta - inv_eps)[:, None, :]
+            z_max = tl.where(mask_m, _row_max(z), 0.0)
+            e = tl.exp(z - z_max[None, :, None])
+            e_sum = tl.where(mask_m, _row_sum(e), 1.0)
+            alpha = tl.where(mask_m, log_mu - z_max - tl.log(e_sum), 0.0)
+            k_mat = e * (mu / e_sum)[None, :, None]
+            u = tl.full([BLOCK_M], 1.0, ACC)
+            v = tl.full([NG, VEC], 1.0, ACC)
+            log_u = tl.zeros([BLOCK_M], ACC)
+            total = tl.sum(tl.where(mask_m, tl.abs((alpha - alpha_prev) - log_u_prev), 0.0), axis=0)
+            ktu = tl.sum(k_mat, axis=1)
+        err = eps * total / m_f
         alpha_prev = alpha
         log_u_prev = log_u
 
-        # g half-step in the scaling domain: v = nu / (K^T u).
-        ktu = tl.sum(k_mat * u[:, None], axis=0)  # [BN]
+        # g half-step: v = nu / (K^T u).
         ktu_pos = ktu > 0
-        v = nu / tl.where(mask_n & ktu_pos, ktu, 1.0)
-        bad_v = mask_n & (~ktu_pos | (v < _SAFE_LO) | (v > _SAFE_HI))
-        if tl.sum(bad_v.to(tl.int32), axis=0) > 0:
+        v = nu / tl.where(mask_c & ktu_pos, ktu, 1.0)
+        bad_v = mask_c & (~ktu_pos | (v < _SAFE_LO) | (v > _SAFE_HI))
+        if tl.max(tl.max(bad_v.to(tl.int32), axis=1), axis=0) > 0:
             # Absorb u into alpha and redo the g half-step in the log domain,
-            # rebuilding K with columns summing to nu. The -1/eps of -C/eps
-            # cancels inside the column max and reappears in beta.
+            # rebuilding K with columns summing to nu.
             alpha = tl.where(mask_m, alpha + log_u, 0.0)
-            w = s * inv_eps + alpha[:, None]  # [BM, BN]
-            w_max = tl.where(mask_n, tl.max(w, axis=0), 0.0)
-            e = tl.exp(w - w_max[None, :])
-            e_sum = tl.where(mask_n, tl.sum(e, axis=0), 1.0)
-            beta = tl.where(mask_n, log_nu + inv_eps - w_max - tl.log(e_sum), 0.0)
-            k_mat = e * (nu / e_sum)[None, :]
+            w = s * inv_eps + alpha[None, :, None]
+            w_max = tl.where(mask_c, tl.max(w, axis=1), 0.0)
+            e = tl.exp(w - w_max[:, None, :])
+            e_sum = tl.where(mask_c, tl.sum(e, axis=1), 1.0)
+            beta = tl.where(mask_c, log_nu + inv_eps - w_max - tl.log(e_sum), 0.0)
+            k_mat = e * (nu / e_sum)[:, None, :]
             alpha_prev = alpha
             log_u_prev = tl.zeros([BLOCK_M], ACC)
             u = tl.full([BLOCK_M], 1.0, ACC)
-            v = tl.full([BLOCK_N], 1.0, ACC)
+            v = tl.full([NG, VEC], 1.0, ACC)
         it += 1
 
     tl.store(NITER + pid, it)
     tl.store(F + pid * M + offs_m, eps * (alpha_prev + log_u_prev), mask=mask_m)
-    tl.store(G + pid * N + offs_n, eps * (beta + tl.log(v)), mask=mask_n)
-    plan = u[:, None] * k_mat * v[None, :]  # [BM, BN]
-    score = (m_f * n_f) * tl.sum(plan * tl.where(mask, s, 0.0), axis=1)  # [BM]
+    c_offs = offs_g[:, None] * VEC + offs_j[None, :]
+    tl.store(G + pid * N + c_offs, eps * (beta + tl.log(v)), mask=mask_c)
+    plan = u[None, :, None] * k_mat * v[:, None, :]
+    score = (m_f * n_f) * _row_sum(plan * tl.where(mask, s, 0.0))
     tl.store(SCORE + pid * M + offs_m, score.to(SCORE.dtype.element_ty), mask=mask_m)
     if HAS_PLAN:
-        p_ptrs = PLAN + pid * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(p_ptrs, plan.to(PLAN.dtype.element_ty), mask=mask)
+        p_base = tl.multiple_of((pid * M + r_m) * N + r_g * VEC, [VEC])
+        tl.store(PLAN + p_base[:, None] + offs_j[None, :],
+                 tl.reshape(plan, [NG * BLOCK_M, VEC]).to(PLAN.dtype.element_ty), mask=mask_r)
 
 
 @triton.jit

@@ -164,15 +164,37 @@ def test_kernels_compile_for_sm90():
         return sig
 
     target = GPUTarget("cuda", 90, 32)
-    cases = [("fp32", "fp32", 1024, 8, 16, {}), ("bf16", "fp32", 1024, 8, 16, {}),
-             ("fp64", "fp64", 16, 2, 1, {"M": 1, "N": 1, "stride_sn": 1})]
-    for dtype, acc, bm, bn, warps, ones in cases:
-        for kernel, flags in ((_mps_fwd_kernel, {"HAS_PLAN": True}),
-                              (_mps_bwd_kernel, {"HAS_DSCORE": True, "HAS_DPLAN": True})):
-            consts = dict(flags, BLOCK_M=bm, BLOCK_N=bn, **ones)
-            src = ASTSource(fn=kernel, signature=signature(kernel, dtype, acc, consts), constexprs=consts)
-            compiled = triton_compile(src, target=target, options={"num_warps": warps})
-            assert compiled.asm["cubin"], f"{kernel.__name__} {dtype}: no cubin"
+
+    def compile_kernel(kernel, dtype, acc, consts, warps):
+        # Aligned pointers and a batch stride divisible by 16, as Triton's
+        # launcher specialises them for torch's allocations.
+        aligned = [n for n in kernel.arg_names if n not in consts and (n.isupper() and n not in ("M", "N")
+                                                                         or n == "stride_sp")]
+        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        src = ASTSource(fn=kernel, signature=signature(kernel, dtype, acc, consts), constexprs=consts, attrs=attrs)
+        compiled = triton_compile(src, target=target, options={"num_warps": warps})
+        assert compiled.asm["cubin"], f"{kernel.__name__} {dtype}: no cubin"
+        return compiled
+
+    # Forward: (dtype, compute type, BLOCK_M, NG, VEC, warps, compile-time ones).
+    for dtype, acc, bm, ng, vec, warps, ones in [
+        ("fp32", "fp32", 1024, 2, 4, 8, {}),  # contiguous, N = 8: vector loads
+        ("fp32", "fp32", 1024, 8, 1, 8, {}),  # any strides
+        ("bf16", "fp32", 1024, 4, 2, 8, {}),
+        ("fp64", "fp64", 1024, 4, 2, 16, {}),
+        ("fp64", "fp64", 16, 2, 1, 1, {"M": 1, "N": 1, "stride_sn": 1}),
+    ]:
+        compiled = compile_kernel(_mps_fwd_kernel, dtype, acc, dict(HAS_PLAN=True, BLOCK_M=bm, NG=ng, VEC=vec, **ones),
+                                  warps)
+        if vec > 1:
+            # Each thread holds whole pixel rows (all N prompts): the row
+            # reductions of every iteration stay in registers.
+            assert f"sizePerThread = [1, 1, {vec}], threadsPerWarp = [1, 32, 1]" in compiled.asm["ttgir"], (
+                f"forward {dtype} VEC={vec}: prompts spread over threads")
+    for dtype, acc, bm, bn, warps, ones in [("fp32", "fp32", 1024, 8, 16, {}), ("bf16", "fp32", 1024, 8, 16, {}),
+                                            ("fp64", "fp64", 16, 2, 1, {"M": 1, "N": 1, "stride_sn": 1})]:
+        compile_kernel(_mps_bwd_kernel, dtype, acc, dict(HAS_DSCORE=True, HAS_DPLAN=True, BLOCK_M=bm, BLOCK_N=bn,
+                                                         **ones), warps)
 
 
 # ------------------------------------------------------------ dispatch, checks

@@ -109,16 +109,34 @@ def _split(x):
 
 
 @functools.lru_cache(maxsize=64)
-def _blocks(M, N):
+def _blocks(M, N, wide=False):
+    """(BLOCK_M, BLOCK_N, warps of the forward, warps of the backward) for
+    [M, N] problems; ``wide``: float64 compute."""
     M, N = int(M), int(N)
     block_m = max(16, triton.next_power_of_2(M))
     block_n = max(2, triton.next_power_of_2(N))
-    # The whole tile stays in registers, 16 elements per thread and tile (1024 x 8
-    # in 16 warps: about 128 registers a thread for sm_90, next to no spills);
-    # 4096 x 16 in 32 warps spills a few KB a thread.
-    num_warps = min(32, max(1, (block_m * block_n) // 512))
-    return block_m, block_n, num_warps
+    # Forward: threads along the pixels, each holding whole rows: its tiles of
+    # scores and kernel entries, 32 values each (16 in float64). 1024 x 8
+    # float32 in 8 warps: 186-206 registers a thread for sm_90 (triton 3.8,
+    # 3.6), no spills; 4096 x 16 in 32 warps holds 64 a thread and spills.
+    per_thread = 512 if wide else 1024
+    fwd_warps = min(32, max(1, block_m // 32), max(1, (block_m * block_n) // per_thread))
+    # Backward: 16 elements per thread and tile (1024 x 8 in 16 warps).
+    bwd_warps = min(32, max(1, (block_m * block_n) // 512))
+    return block_m, block_n, fwd_warps, bwd_warps
 
+
+def _vector_width(x, N):
+    """Prompts per vector load of the forward: 4 (or 2) when ``x`` [P, M, N]
+    is contiguous, N is a multiple and the data is aligned to it; else 1
+    (any strides, scalar loads). The vector width never exceeds 16 bytes."""
+    if N < 2 or not x.is_contiguous():
+        return 1
+    for vec in (4, 2):
+        width = vec * x.element_size()
+        if N % vec == 0 and width <= 16 and x.data_ptr() % width == 0:
+            return vec
+    return 1
 
 
 def _check_scores(scores):
@@ -149,7 +167,8 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter):
     P, M, N = scores.shape
     if P == 0:
         return
-    block_m, block_n, num_warps = _blocks(M, N)
+    block_m, block_n, num_warps, _ = _blocks(M, N, f.dtype == torch.float64)
+    vec = _vector_width(scores, N)
     eps_hi, eps_lo = _split(float(eps))
     tol_hi, tol_lo = _split(float(tol))
     # n_iter is int32; a larger budget would never finish anyway.
@@ -161,7 +180,7 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter):
         scores.stride(0), scores.stride(1), scores.stride(2),
         M, N, max_iter,
         eps_hi, eps_lo, tol_hi, tol_lo,
-        HAS_PLAN=plan is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_PLAN=plan is not None, BLOCK_M=block_m, NG=block_n // vec, VEC=vec,
         num_warps=num_warps,
     )
 
@@ -177,7 +196,7 @@ def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad):
     P, M, N = scores.shape
     if P == 0:
         return
-    block_m, block_n, num_warps = _blocks(M, N)
+    block_m, block_n, _, num_warps = _blocks(M, N)
     eps_hi, eps_lo = _split(float(eps))
     # Absent upstream gradients are never read; any input stands in.
     ds = grad_score if grad_score is not None else scores
