@@ -165,6 +165,26 @@ def _mps_fwd_kernel(
 
 
 @triton.jit
+def _group_rows(NG: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Group g and pixel m of the rows r = g * BLOCK_M + m of a [NG * BLOCK_M,
+    VEC] read of a tile (see the forward)."""
+    r = tl.arange(0, NG * BLOCK_M)
+    return r // BLOCK_M, r % BLOCK_M
+
+
+@triton.jit
+def _to_rows(x, NG: tl.constexpr, BLOCK_M: tl.constexpr, VEC: tl.constexpr):
+    """[NG * BLOCK_M, VEC] rows r = g * BLOCK_M + m -> [BLOCK_M, NG * VEC]."""
+    return tl.reshape(tl.permute(tl.reshape(x, [NG, BLOCK_M, VEC]), (1, 0, 2)), [BLOCK_M, NG * VEC])
+
+
+@triton.jit
+def _from_rows(x, NG: tl.constexpr, BLOCK_M: tl.constexpr, VEC: tl.constexpr):
+    """The inverse of ``_to_rows``."""
+    return tl.reshape(tl.permute(tl.reshape(x, [BLOCK_M, NG, VEC]), (1, 0, 2)), [NG * BLOCK_M, VEC])
+
+
+@triton.jit(do_not_specialize=["stride_sm", "stride_sn", "stride_dpm", "stride_dpn"])
 def _mps_bwd_kernel(
     S, F, G, DSCORE, DPLAN, DS,
     stride_sp, stride_sm, stride_sn,
@@ -175,25 +195,37 @@ def _mps_bwd_kernel(
     HAS_DSCORE: tl.constexpr,
     HAS_DPLAN: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    NG: tl.constexpr,
+    VEC: tl.constexpr,
 ):
+    # Tiles [BLOCK_M, BLOCK_N] with whole pixel rows in each thread, read and
+    # written as [NG * BLOCK_M, VEC] vectors as in the forward (VEC > 1: the
+    # scores are contiguous and N is a multiple of VEC).
+    BLOCK_N: tl.constexpr = NG * VEC
     ACC = F.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, VEC)
     mask_m = offs_m < M
     mask_n = offs_n < N
     mask = mask_m[:, None] & mask_n[None, :]
-    offs_m64 = offs_m.to(tl.int64)
-    offs_n64 = offs_n.to(tl.int64)
+    r_g, r_m = _group_rows(NG, BLOCK_M)
+    mask_r = (r_m < M)[:, None] & (r_g < N // VEC)[:, None]  # [NG * BM, 1]
+    r_n64 = (r_g * VEC).to(tl.int64)[:, None] + offs_j[None, :]  # [NG * BM, VEC]: the prompt
+    r_m64 = r_m.to(tl.int64)[:, None]
+    if VEC > 1:
+        base = tl.multiple_of((pid * M + r_m) * N + r_g * VEC, [VEC])  # [NG * BM]
+        s_ptrs = S + base[:, None] + offs_j[None, :]
+    else:
+        s_ptrs = S + pid * stride_sp + r_m64 * stride_sm + r_n64 * stride_sn
 
     one = tl.full([], 1.0, ACC)
     mn = (one * M) * N
     eps = one * eps_hi + one * eps_lo
     inv_eps = one / eps
 
-    s = tl.load(S + pid * stride_sp + offs_m64[:, None] * stride_sm + offs_n64[None, :] * stride_sn,
-                mask=mask, other=0.0).to(ACC)  # [BM, BN]
+    s = _to_rows(tl.load(s_ptrs, mask=mask_r, other=0.0).to(ACC), NG, BLOCK_M, VEC)  # [BM, BN]
     f = tl.load(F + pid * M + offs_m, mask=mask_m, other=0.0).to(ACC)  # [BM]
     g = tl.load(G + pid * N + offs_n, mask=mask_n, other=0.0).to(ACC)  # [BN]
     t = tl.where(mask, tl.exp((f[:, None] + g[None, :] - 1.0 + s) * inv_eps), 0.0)  # [BM, BN]
@@ -201,10 +233,11 @@ def _mps_bwd_kernel(
     # G = dplan + M N S dS*  (the upstream gradient of the plan).
     grad_t = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     if HAS_DPLAN:
-        grad_t += tl.load(DPLAN + pid * stride_dpp + offs_m64[:, None] * stride_dpm
-                          + offs_n64[None, :] * stride_dpn, mask=mask, other=0.0).to(ACC)
+        dp = tl.load(DPLAN + pid * stride_dpp + r_m64 * stride_dpm + r_n64 * stride_dpn, mask=mask_r, other=0.0)
+        grad_t += _to_rows(dp.to(ACC), NG, BLOCK_M, VEC)
     if HAS_DSCORE:
-        ds = mn * tl.load(DSCORE + pid * stride_dsp + offs_m64 * stride_dsm, mask=mask_m, other=0.0).to(ACC)
+        ds = mn * tl.load(DSCORE + pid * stride_dsp + offs_m.to(tl.int64) * stride_dsm, mask=mask_m,
+                          other=0.0).to(ACC)
         grad_t += s * ds[:, None]
     h = -(t * grad_t) * inv_eps  # [BM, BN]
     a = tl.sum(t, axis=1)  # [BM]
@@ -260,5 +293,6 @@ def _mps_bwd_kernel(
     grad_s = t * (x[:, None] + y[None, :]) - h
     if HAS_DSCORE:
         grad_s += t * ds[:, None]
-    out = DS + pid * M * N + offs_m64[:, None] * N + offs_n[None, :]
-    tl.store(out, grad_s.to(DS.dtype.element_ty), mask=mask)
+    out = tl.multiple_of((pid * M + r_m) * N + r_g * VEC, [VEC])  # DS is contiguous
+    tl.store(DS + out[:, None] + offs_j[None, :], _from_rows(grad_s.to(DS.dtype.element_ty), NG, BLOCK_M, VEC),
+             mask=mask_r)

@@ -191,9 +191,14 @@ def test_kernels_compile_for_sm90():
             # reductions of every iteration stay in registers.
             assert f"sizePerThread = [1, 1, {vec}], threadsPerWarp = [1, 32, 1]" in compiled.asm["ttgir"], (
                 f"forward {dtype} VEC={vec}: prompts spread over threads")
-    for dtype, acc, bm, bn, warps, ones in [("fp32", "fp32", 1024, 8, 16, {}), ("bf16", "fp32", 1024, 8, 16, {}),
-                                            ("fp64", "fp64", 16, 2, 1, {"M": 1, "N": 1, "stride_sn": 1})]:
-        compile_kernel(_mps_bwd_kernel, dtype, acc, dict(HAS_DSCORE=True, HAS_DPLAN=True, BLOCK_M=bm, BLOCK_N=bn,
+    # Backward: (dtype, compute type, BLOCK_M, NG, VEC, warps, compile-time ones).
+    for dtype, acc, bm, ng, vec, warps, ones in [
+        ("fp32", "fp32", 1024, 2, 4, 16, {}),
+        ("fp32", "fp32", 1024, 8, 1, 16, {}),
+        ("bf16", "fp32", 1024, 4, 2, 16, {}),
+        ("fp64", "fp64", 16, 2, 1, 1, {"M": 1, "N": 1, "stride_sn": 1}),
+    ]:
+        compile_kernel(_mps_bwd_kernel, dtype, acc, dict(HAS_DSCORE=True, HAS_DPLAN=True, BLOCK_M=bm, NG=ng, VEC=vec,
                                                          **ones), warps)
 
 

@@ -196,7 +196,8 @@ def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad):
     P, M, N = scores.shape
     if P == 0:
         return
-    block_m, block_n, _, num_warps = _blocks(M, N)
+    block_m, block_n, _, num_warps = _blocks(M, N, f.dtype == torch.float64)
+    vec = _vector_width(scores, N)
     eps_hi, eps_lo = _split(float(eps))
     # Absent upstream gradients are never read; any input stands in.
     ds = grad_score if grad_score is not None else scores
@@ -211,7 +212,7 @@ def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad):
         M, N,
         eps_hi, eps_lo,
         HAS_DSCORE=grad_score is not None, HAS_DPLAN=grad_plan is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_M=block_m, NG=block_n // vec, VEC=vec,
         num_warps=num_warps,
     )
 
