@@ -8,7 +8,12 @@ adds per call (Python, dispatch, allocation, launches); the graph time is
 what a kernel change can improve, and its GB/s is set against the
 device-to-device copy bandwidth measured here.
 
-    python bench/gpu_profile.py [--cases voc coco coco16] [--out FILE]
+Then, for the triton backend, the same graph times of its raw launches with
+each warp count in ``--warps`` (the launchers' ``num_warps``), on the largest
+case: which launch configuration this GPU prefers (``_blocks`` in
+otseg/ops/mps/triton.py picks one without measuring).
+
+    python bench/gpu_profile.py [--cases voc coco coco16] [--warps 4 8 16] [--out FILE]
 
 Needs a CUDA GPU (bench/gpu_check.sh runs it). Prints a markdown table.
 """
@@ -55,10 +60,47 @@ def _ops(backend):
     return fwd, bwd
 
 
+def _warp_sweep(case_name, generators, warps, copy):
+    """Graph times (us) of the triton backend's raw launches per warp count."""
+    from otseg.ops.mps import triton as tb
+
+    case = CASES[case_name]
+    block_m, block_n, fwd_default, bwd_default = tb._blocks(case.M, case.N)
+    lines = [
+        f"triton launches on {case_name} [M={case.M}, N={case.N}] by warp count (defaults: forward "
+        f"{fwd_default}, backward {bwd_default}); graph times in us, GB/s of the forward as above.",
+        "",
+        "| scores | warps | fwd graph | fwd GB/s (% copy) | bwd graph |",
+        "|---|---|---|---|---|",
+    ]
+    for gen in generators:
+        scores = make_scores(case, gen, 0, "cuda").reshape(-1, case.M, case.N).contiguous()
+        P = scores.shape[0]
+        nbytes = scores.numel() * 4 + P * case.M * 4
+        score, f = scores.new_empty(P, case.M), scores.new_empty(P, case.M)
+        g, n_iter = scores.new_empty(P, case.N), torch.empty(P, dtype=torch.int32, device="cuda")
+        ds = torch.randn(P, case.M, device="cuda")
+        grad = torch.empty_like(scores)
+        for w in warps:
+            try:
+                fwd = lambda: tb.launch_forward(scores, EPS, 100, 1e-6, score, None, f, g, n_iter, num_warps=w)  # noqa: E731
+                fg = _graph_ms(fwd) * 1e3
+                bwd = lambda: tb.launch_backward(ds, None, scores, f, g, EPS, grad, num_warps=w)  # noqa: E731
+                bg = _graph_ms(bwd) * 1e3
+            except Exception as exc:  # noqa: BLE001  (report and go on)
+                lines.append(f"| {gen} | {w} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]} | | |")
+                continue
+            gbs = nbytes / (fg * 1e-6) / 1e9
+            lines.append(f"| {gen} | {w} | {fg:.1f} | {gbs:.0f} ({gbs / copy:.0%}) | {bg:.1f} |")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=["voc", "coco", "coco16"])
     parser.add_argument("--generators", nargs="+", default=["clip", "hard"])
+    parser.add_argument("--warps", nargs="*", type=int, default=[4, 8, 16],
+                        help="warp counts of the triton sweep (none: no sweep)")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -94,6 +136,8 @@ def main(argv=None):
                 gbs = nbytes / (fg * 1e-6) / 1e9
                 lines.append(f"| {case_name} | {gen} | {backend} | {fe:.1f} | {fg:.1f} | {fe - fg:.1f} | "
                              f"{gbs:.0f} ({gbs / copy:.0%}) | {be:.1f} | {bg:.1f} |")
+    if args.warps and "triton" in backends:
+        lines += ["", *_warp_sweep(args.cases[-1], args.generators, args.warps, copy)]
     text = "\n".join(lines)
     print(text)
     if args.out:

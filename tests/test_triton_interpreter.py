@@ -202,6 +202,26 @@ def test_kernels_compile_for_sm90():
                                                          **ones), warps)
 
 
+def test_sass_statistics_script_reads_the_forward_iteration():
+    """bench/triton_sass.py (static SASS statistics without a GPU) finds the
+    forward's loop and counts one iteration's instructions."""
+    if INTERPRET:
+        pytest.skip("the interpreter process holds interpreted kernels")
+    if not kernels.available:
+        pytest.skip(f"triton is unavailable: {kernels.error}")
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "triton_sass.py")
+    out = subprocess.run([sys.executable, script, "--M", "256", "--N", "6"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.stdout.splitlines()
+            if line.startswith("| forward") or line.startswith("| backward")}
+    assert set(rows) == {"forward", "backward"}, out.stdout
+    per_thread, per_program = rows["forward"][7].split("/")
+    # 256 x 8 (N = 6, VEC = 2) in 2 warps.
+    assert 100 < int(per_thread) < 2000 and int(per_program) == int(per_thread) * int(rows["forward"][2])
+    assert "VEC=2" in out.stdout
+
+
 # ------------------------------------------------------------ dispatch, checks
 
 

@@ -60,7 +60,6 @@ if available and not (torch.cuda.is_available() or interpreter_requested()):
 
 if available:
     try:
-        import triton
         from torch.library import wrap_triton
 
         from ...kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
@@ -113,8 +112,8 @@ def _blocks(M, N, wide=False):
     """(BLOCK_M, BLOCK_N, warps of the forward, warps of the backward) for
     [M, N] problems; ``wide``: float64 compute."""
     M, N = int(M), int(N)
-    block_m = max(16, triton.next_power_of_2(M))
-    block_n = max(2, triton.next_power_of_2(N))
+    block_m = max(16, 1 << (M - 1).bit_length())
+    block_n = max(2, 1 << (N - 1).bit_length())
     # Forward: threads along the pixels, each holding whole rows: its tiles of
     # scores and kernel entries, 32 values each (16 in float64). 1024 x 8
     # float32 in 8 warps: 186-206 registers a thread for sm_90 (triton 3.8,
@@ -154,7 +153,7 @@ def _flat(x, *tail):
     return x.reshape(-1, *tail)
 
 
-def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter):
+def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_warps=None):
     """Run ``_mps_fwd_kernel`` into given outputs (``plan`` may be None).
 
     Args:
@@ -163,11 +162,14 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter):
         f: [P, M], g: [P, N] contiguous in the compute type; n_iter: [P] int32.
         The outputs are used as pointers: any shape with those contiguous
         layouts will do (e.g. [..., M] for score).
+        num_warps: overrides the launch's warp count (bench/gpu_profile.py
+            compares them); None: the one ``_blocks`` picks.
     """
     P, M, N = scores.shape
     if P == 0:
         return
-    block_m, block_n, num_warps, _ = _blocks(M, N, f.dtype == torch.float64)
+    block_m, block_n, default_warps, _ = _blocks(M, N, f.dtype == torch.float64)
+    num_warps = num_warps or default_warps
     vec = _vector_width(scores, N)
     eps_hi, eps_lo = _split(float(eps))
     tol_hi, tol_lo = _split(float(tol))
@@ -185,18 +187,20 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter):
     )
 
 
-def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad):
+def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad, num_warps=None):
     """Run ``_mps_bwd_kernel`` into ``grad`` [P, M, N] (contiguous; used as a
     pointer, so any shape with that layout will do).
 
     Args:
         grad_score: [P, M] or None; grad_plan: [P, M, N] or None (any strides).
         scores: [P, M, N], any strides; f: [P, M], g: [P, N] contiguous.
+        num_warps: as in ``launch_forward``.
     """
     P, M, N = scores.shape
     if P == 0:
         return
-    block_m, block_n, _, num_warps = _blocks(M, N, f.dtype == torch.float64)
+    block_m, block_n, _, default_warps = _blocks(M, N, f.dtype == torch.float64)
+    num_warps = num_warps or default_warps
     vec = _vector_width(scores, N)
     eps_hi, eps_lo = _split(float(eps))
     # Absent upstream gradients are never read; any input stands in.
