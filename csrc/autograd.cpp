@@ -1,12 +1,16 @@
-// Autograd of otseg::mps_forward, for every device that has a kernel.
+// Autograd of the fused MPS forwards, for every device that has a kernel:
+// otseg::mps_forward (the cpu and cuda backends) and otseg::mps_triton, the
+// differentiable entry of the triton backend, whose forward and backward are
+// the Triton operators otseg::mps_forward_triton / mps_backward_triton
+// (registered from Python, otseg/ops/mps/triton.py).
 //
 // Registered in C++ rather than with torch.library.register_autograd: the
 // Python route costs about 90 us of interpreter work per forward + backward
 // (measured on a 2-core CPU machine: 134 us against 48 us for a plain torch
 // op), more than the whole backward kernel of a small batch. The backward is
-// the implicit gradient op otseg::mps_backward; the fake kernels stay in
-// otseg/ops/mps/fused.py, and so does the autograd of mps_backward itself,
-// which refuses double backward.
+// the implicit gradient op; the fake kernels stay in Python
+// (otseg/ops/mps/fused.py, triton.py), and so does the autograd of
+// mps_backward itself, which refuses double backward.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -21,30 +25,54 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-ForwardOutputs call_forward(const at::Tensor& scores, double eps, int64_t max_iter, double tol, bool return_plan,
-                            bool check_finite) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("otseg::mps_forward", "")
-          .typed<ForwardOutputs(const at::Tensor&, double, int64_t, double, bool, bool)>();
-  return op.call(scores, eps, max_iter, tol, return_plan, check_finite);
-}
+// The forward and backward operators of the cpu and cuda backends.
+struct FusedOps {
+  static ForwardOutputs forward(const at::Tensor& scores, double eps, int64_t max_iter, double tol,
+                                bool return_plan, bool check_finite) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("otseg::mps_forward", "")
+            .typed<ForwardOutputs(const at::Tensor&, double, int64_t, double, bool, bool)>();
+    return op.call(scores, eps, max_iter, tol, return_plan, check_finite);
+  }
+  static at::Tensor backward(const std::optional<at::Tensor>& grad_score, const std::optional<at::Tensor>& grad_plan,
+                             const at::Tensor& scores, const at::Tensor& f, const at::Tensor& g, double eps) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("otseg::mps_backward", "")
+                               .typed<at::Tensor(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+    return op.call(grad_score, grad_plan, scores, f, g, eps);
+  }
+};
 
-at::Tensor call_backward(const std::optional<at::Tensor>& grad_score, const std::optional<at::Tensor>& grad_plan,
-                         const at::Tensor& scores, const at::Tensor& f, const at::Tensor& g, double eps) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("otseg::mps_backward", "")
-                             .typed<at::Tensor(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                               const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(grad_score, grad_plan, scores, f, g, eps);
-}
+// The Triton operators (no finiteness check: the triton backend checks in a
+// separate pass). They are defined when otseg.ops.mps.triton is imported, so
+// they are looked up at the first call, never at load time.
+struct TritonOps {
+  static ForwardOutputs forward(const at::Tensor& scores, double eps, int64_t max_iter, double tol,
+                                bool return_plan, bool /*check_finite*/) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("otseg::mps_forward_triton", "")
+                               .typed<ForwardOutputs(const at::Tensor&, double, int64_t, double, bool)>();
+    return op.call(scores, eps, max_iter, tol, return_plan);
+  }
+  static at::Tensor backward(const std::optional<at::Tensor>& grad_score, const std::optional<at::Tensor>& grad_plan,
+                             const at::Tensor& scores, const at::Tensor& f, const at::Tensor& g, double eps) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("otseg::mps_backward_triton", "")
+                               .typed<at::Tensor(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+    return op.call(grad_score, grad_plan, scores, f, g, eps);
+  }
+};
 
-class MPSFunction : public torch::autograd::Function<MPSFunction> {
+template <class Ops>
+class MPSFunction : public torch::autograd::Function<MPSFunction<Ops>> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& scores, double eps, int64_t max_iter,
                                double tol, bool return_plan, bool check_finite) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [score, plan, f, g, n_iter] = call_forward(scores, eps, max_iter, tol, return_plan, check_finite);
+    auto [score, plan, f, g, n_iter] = Ops::forward(scores, eps, max_iter, tol, return_plan, check_finite);
     // The backward needs the scores and the final potentials, never the plan.
     ctx->save_for_backward({scores, f, g});
     ctx->saved_data["eps"] = eps;
@@ -67,10 +95,10 @@ class MPSFunction : public torch::autograd::Function<MPSFunction> {
     if (at::GradMode::is_enabled()) {
       // create_graph: through mps_backward's own autograd, so that
       // differentiating this gradient raises a clear error.
-      grad = call_backward(grad_score, grad_plan, saved[0], saved[1], saved[2], eps);
+      grad = Ops::backward(grad_score, grad_plan, saved[0], saved[1], saved[2], eps);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      grad = call_backward(grad_score, grad_plan, saved[0], saved[1], saved[2], eps);
+      grad = Ops::backward(grad_score, grad_plan, saved[0], saved[1], saved[2], eps);
     }
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -78,12 +106,32 @@ class MPSFunction : public torch::autograd::Function<MPSFunction> {
 
 ForwardOutputs mps_forward_autograd(const at::Tensor& scores, double eps, int64_t max_iter, double tol,
                                     bool return_plan, bool check_finite) {
-  auto out = MPSFunction::apply(scores, eps, max_iter, tol, return_plan, check_finite);
+  auto out = MPSFunction<FusedOps>::apply(scores, eps, max_iter, tol, return_plan, check_finite);
   return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+ForwardOutputs mps_triton_autograd(const at::Tensor& scores, double eps, int64_t max_iter, double tol,
+                                   bool return_plan) {
+  auto out = MPSFunction<TritonOps>::apply(scores, eps, max_iter, tol, return_plan, false);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+// Below autograd (inference mode): the Triton forward itself. CPU tensors
+// reach it only under Triton's interpreter; the fake kernel is registered from
+// Python.
+ForwardOutputs mps_triton_forward(const at::Tensor& scores, double eps, int64_t max_iter, double tol,
+                                  bool return_plan) {
+  return TritonOps::forward(scores, eps, max_iter, tol, return_plan, false);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(otseg, Autograd, m) { m.impl("mps_forward", &mps_forward_autograd); }
+TORCH_LIBRARY_IMPL(otseg, Autograd, m) {
+  m.impl("mps_forward", &mps_forward_autograd);
+  m.impl("mps_triton", &mps_triton_autograd);
+}
+
+TORCH_LIBRARY_IMPL(otseg, CUDA, m) { m.impl("mps_triton", &mps_triton_forward); }
+TORCH_LIBRARY_IMPL(otseg, CPU, m) { m.impl("mps_triton", &mps_triton_forward); }
 
 }  // namespace otseg

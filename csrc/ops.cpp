@@ -21,6 +21,12 @@ TORCH_LIBRARY(otseg, m) {
   m.def(
       "mps_backward(Tensor? grad_score, Tensor? grad_plan, Tensor scores, Tensor f, Tensor g, "
       "float eps) -> Tensor");
+  // The triton backend's differentiable forward: mps_forward_triton (a Triton
+  // operator registered from Python, otseg/ops/mps/triton.py) with its
+  // implicit backward mps_backward_triton, glued in C++ (csrc/autograd.cpp).
+  m.def(
+      "mps_triton(Tensor scores, float eps, int max_iter, float tol, bool return_plan) -> "
+      "(Tensor score, Tensor plan, Tensor f, Tensor g, Tensor n_iter)");
   // The per-mask sums behind the segmentation losses (SPEC section 3) of
   // logits [B, K, h, w] upsampled bilinearly (align_corners=False) to the
   // labels' [B, H, W], without forming the upsampled logits: [4, B, K] =

@@ -42,6 +42,14 @@ def test_gradcheck_float64_converged(output):
     assert torch.autograd.gradcheck(lambda t: run_output(output, t, "cpu", **CONVERGED), (x,), atol=1e-6, rtol=1e-4)
 
 
+def test_double_backward_raises_a_clear_error():
+    x = hard_scores((2, 9, 4), seed=2).requires_grad_()
+    score = mps(x, eps=0.1, max_iter=50, tol=0.0, **CPU)
+    (g,) = torch.autograd.grad(score.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives .* not implemented"):
+        g.sum().backward()
+
+
 @pytest.mark.parametrize("M,N", sizes((1, 4), (5, 1), (3, 2), (2, 9)))
 def test_gradcheck_float64_edge_sizes(M, N):
     x = hard_scores((2, M, N), seed=2).requires_grad_()

@@ -551,6 +551,22 @@ def test_fixed_iteration_gradient_is_the_implicit_one(device):
 def test_opcheck_forward(device, dtype, return_plan):
     x = hard_scores((3, 7, 4), seed=25, dtype=dtype).to(device).requires_grad_(dtype != torch.bfloat16)
     torch.library.opcheck(torch.ops.otseg.mps_forward_triton.default, (x, 0.05, 5, 0.0, return_plan))
+    # The backend's entry, the same operator with its autograd in C++.
+    torch.library.opcheck(torch.ops.otseg.mps_triton.default, (x, 0.05, 5, 0.0, return_plan))
+
+
+def test_entry_has_its_autograd_in_cpp_and_refuses_double_backward(device):
+    assert tb._entry is torch.ops.otseg.mps_triton, "the C++ autograd glue is not used"
+    x = hard_scores((2, 9, 4), seed=26, dtype=torch.float32).to(device).requires_grad_()
+    score = mps(x, eps=0.1, max_iter=50, tol=0.0, **TRI)
+    assert type(score.grad_fn).__name__ == "CppFunction"
+    (g,) = torch.autograd.grad(score.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives .* not implemented"):
+        g.sum().backward()
+    # Below autograd (inference mode) the entry runs the Triton forward itself.
+    with torch.inference_mode():
+        inf = mps(x.detach(), eps=0.1, max_iter=50, tol=0.0, **TRI)
+    assert torch.equal(inf, score.detach())
 
 
 @pytest.mark.parametrize("layout", BATCH_LAYOUTS)

@@ -57,6 +57,18 @@ def autograd_pair(backward_op):
     return setup_context, backward
 
 
+def no_double_backward(ctx, *grads):
+    """Autograd of an implicit backward operator: refuses second derivatives."""
+    raise RuntimeError(
+        "otseg: second derivatives through the fused MPS backward are not implemented; "
+        "use backend='reference' for double backward"
+    )
+
+
+def no_context(ctx, inputs, output):
+    """setup_context of ``no_double_backward``: nothing to keep."""
+
+
 if _extension.available:
 
     @torch.library.register_fake("otseg::mps_forward")
@@ -71,15 +83,9 @@ if _extension.available:
     # the Python route costs about 90 us a call); the same (setup_context,
     # backward) pair in Python serves the Triton operator.
 
-    def _no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            "otseg: second derivatives through the fused MPS backward are not implemented; "
-            "use backend='reference' for double backward"
-        )
-
     # Without this, autograd would silently treat the backward as constant.
     torch.library.register_autograd(
-        "otseg::mps_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+        "otseg::mps_backward", no_double_backward, setup_context=no_context
     )
 
 

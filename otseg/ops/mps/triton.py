@@ -29,8 +29,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ... import _extension
 from ... import kernels as _kernels
-from .fused import _acc_dtype, autograd_pair, empty_outputs
+from .fused import _acc_dtype, autograd_pair, empty_outputs, no_context, no_double_backward
 
 __all__ = [
     "available", "error", "interpreted", "interpreter_requested", "MAX_M", "MAX_N", "check_limits",
@@ -288,6 +289,17 @@ if available:
         _bwd_op = torch.library.triton_op("otseg::mps_backward_triton", mutates_args=())(_mps_backward_triton)
     _setup_context, _backward = autograd_pair(lambda *args: torch.ops.otseg.mps_backward_triton(*args))
     _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+    _bwd_op.register_autograd(no_double_backward, setup_context=no_context)
+    # The backend's differentiable entry: otseg::mps_triton glues the two
+    # operators with an autograd in C++ (csrc/autograd.cpp), which saves the
+    # Python autograd's interpreter work (about 90 us a forward + backward on
+    # a 2-core CPU machine); without the C++ extension, mps_forward_triton
+    # with the same glue in Python.
+    if _extension.available and hasattr(torch.ops.otseg, "mps_triton"):
+        torch.library.register_fake("otseg::mps_triton")(_mps_forward_triton_fake)
+        _entry = torch.ops.otseg.mps_triton
+    else:
+        _entry = torch.ops.otseg.mps_forward_triton
 
 
 def mps_forward(scores, eps, max_iter, tol, return_plan):
@@ -301,7 +313,5 @@ def mps_forward(scores, eps, max_iter, tol, return_plan):
     check_limits(*scores.shape[-2:])
     # The operator takes the batch dims itself: no reshape (and so no
     # autograd node) around it.
-    score, plan, _f, _g, n_iter = torch.ops.otseg.mps_forward_triton(
-        scores, float(eps), int(max_iter), float(tol), bool(return_plan)
-    )
+    score, plan, _f, _g, n_iter = _entry(scores, float(eps), int(max_iter), float(tol), bool(return_plan))
     return score, plan if return_plan else None, n_iter
