@@ -222,6 +222,19 @@ def test_sass_statistics_script_reads_the_forward_iteration():
     assert "VEC=2" in out.stdout
 
 
+def test_host_overhead_script_compares_the_glues():
+    """bench/host_overhead.py (host work of a triton-backend call, in the
+    interpreter with no-op launches) runs and reports both autograd glues."""
+    if INTERPRET:
+        pytest.skip("it starts its own interpreter process")
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "host_overhead.py")
+    out = subprocess.run([sys.executable, script, "--calls", "40", "--rounds", "1"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| C++") or line.startswith("| Python")]
+    assert len(rows) == 2 and all(float(v) > 0 for row in rows for v in row.strip("| ").split("|")[1:]), out.stdout
+
+
 # ------------------------------------------------------------ dispatch, checks
 
 
