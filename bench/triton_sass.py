@@ -134,7 +134,8 @@ def main(argv=None):
           "(thread / warp-instructions of a program) | barriers | MUFU | SHFL |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     runs = [("forward", _mps_fwd_kernel, dict(HAS_PLAN=False), fwd_warps),
-            ("backward", _mps_bwd_kernel, dict(HAS_DSCORE=True, HAS_DPLAN=False), bwd_warps)]
+            ("backward", _mps_bwd_kernel, dict(HAS_DSCORE=True, HAS_DPLAN=False, W_ONE_PASS=block_n <= 8 and not wide),
+             bwd_warps)]
     with tempfile.TemporaryDirectory() as workdir:
         for name, kernel, flags, default in runs:
             for warps in sorted({default, *(args.warps or ())}):

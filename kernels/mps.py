@@ -197,6 +197,7 @@ def _mps_bwd_kernel(
     BLOCK_M: tl.constexpr,
     NG: tl.constexpr,
     VEC: tl.constexpr,
+    W_ONE_PASS: tl.constexpr,
 ):
     # Tiles [BLOCK_M, BLOCK_N] with whole pixel rows in each thread, read and
     # written as [NG * BLOCK_M, VEC] vectors as in the forward (VEC > 1: the
@@ -251,11 +252,18 @@ def _mps_bwd_kernel(
     rows = offs_n[:, None]
     cols = offs_n[None, :]
     t_scaled = t * inv_a[:, None]
-    w = tl.zeros([BLOCK_N, BLOCK_N], ACC)
-    for j in tl.static_range(BLOCK_N):
-        t_j = tl.sum(tl.where(cols == j, t, 0.0), axis=1)  # [BM] column j of T
-        w_j = tl.sum(t_scaled * t_j[:, None], axis=0)  # [BN] W[:, j]
-        w = tl.where(cols == j, w_j[:, None], w)
+    if W_ONE_PASS:
+        # All the weights in one sum over the pixels: the [BN, BN] result is
+        # held whole by every thread, so the elimination below needs no
+        # communication (BN^2 accumulators a thread: for BN <= 8 in float32).
+        w = tl.sum(tl.reshape(t_scaled, [BLOCK_M, BLOCK_N, 1]) * tl.reshape(t, [BLOCK_M, 1, BLOCK_N]), axis=0)
+    else:
+        # Column by column: fewer registers, one sum over the pixels each.
+        w = tl.zeros([BLOCK_N, BLOCK_N], ACC)
+        for j in tl.static_range(BLOCK_N):
+            t_j = tl.sum(tl.where(cols == j, t, 0.0), axis=1)  # [BM] column j of T
+            w_j = tl.sum(t_scaled * t_j[:, None], axis=0)  # [BN] W[:, j]
+            w = tl.where(cols == j, w_j[:, None], w)
     w = tl.where((rows != cols) & (rows < N) & (cols < N), w, 0.0)
     tiny = 1e-30 * tl.max(tl.sum(w, axis=1), axis=0)
 

@@ -198,8 +198,14 @@ def test_kernels_compile_for_sm90():
         ("bf16", "fp32", 1024, 4, 2, 16, {}),
         ("fp64", "fp64", 16, 2, 1, 1, {"M": 1, "N": 1, "stride_sn": 1}),
     ]:
-        compile_kernel(_mps_bwd_kernel, dtype, acc, dict(HAS_DSCORE=True, HAS_DPLAN=True, BLOCK_M=bm, NG=ng, VEC=vec,
-                                                         **ones), warps)
+        for one_pass in (True, False):
+            compiled = compile_kernel(_mps_bwd_kernel, dtype, acc, dict(HAS_DSCORE=True, HAS_DPLAN=True, BLOCK_M=bm,
+                                                                        NG=ng, VEC=vec, W_ONE_PASS=one_pass, **ones),
+                                      warps)
+            if one_pass and bm == 1024:
+                # The N x N weights sit whole in every thread: no [BN, BN]
+                # tensor spread over threads.
+                assert "tensor<8x8xf32, #blocked" not in compiled.asm["ttgir"], f"backward {dtype}: W spread"
 
 
 def test_sass_statistics_script_reads_the_forward_iteration():

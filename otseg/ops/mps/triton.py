@@ -217,7 +217,7 @@ def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad, num_warps=No
         M, N,
         eps_hi, eps_lo,
         HAS_DSCORE=grad_score is not None, HAS_DPLAN=grad_plan is not None,
-        BLOCK_M=block_m, NG=block_n // vec, VEC=vec,
+        BLOCK_M=block_m, NG=block_n // vec, VEC=vec, W_ONE_PASS=block_n <= 8 and f.dtype != torch.float64,
         num_warps=num_warps,
     )
 
