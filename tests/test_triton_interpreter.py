@@ -241,6 +241,41 @@ def test_host_overhead_script_compares_the_glues():
     assert len(rows) == 2 and all(float(v) > 0 for row in rows for v in row.strip("| ").split("|")[1:]), out.stdout
 
 
+def test_operator_bodies_trace_on_fake_tensors_with_symbolic_sizes(monkeypatch):
+    """On a GPU the Triton operators are triton_ops: torch.compile runs their
+    Python bodies on fake tensors (no data pointer) with possibly symbolic
+    sizes. Here the bodies run so, with the launches recorded instead of run;
+    the contiguous scores get vector reads, a slice at an odd offset not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, kwargs))
+
+    monkeypatch.setattr(tb, "wrap_triton", Recorder, raising=False)
+    monkeypatch.setattr(tb, "_mps_fwd_kernel", "fwd", raising=False)
+    monkeypatch.setattr(tb, "_mps_bwd_kernel", "bwd", raising=False)
+    monkeypatch.setattr(tb, "interpreted", True)  # lets CPU tensors through the device check
+    x = torch.rand(3, 40, 8)
+    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 3)
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        fx = mode.from_tensor(x, symbolic_context=dynamic)
+        assert not isinstance(fx.shape[-1], int), "sizes should be symbolic here"
+        score, plan, f, g, n_iter = tb._mps_forward_triton(fx, 0.05, 10, 0.0, True)
+        assert plan.shape == fx.shape and score.shape == fx.shape[:-1]
+        grad = tb._mps_backward_triton(score, plan, fx, f, g, 0.05)
+        assert grad.shape == fx.shape
+        odd = mode.from_tensor(torch.rand(3 * 40 * 8 + 1)[1:].view(3, 40, 8))
+        tb._mps_forward_triton(odd, 0.05, 10, 0.0, False)
+    assert [(k, kw["VEC"], kw["NG"]) for k, kw in launches] == [("fwd", 4, 2), ("bwd", 4, 2), ("fwd", 1, 8)]
+
+
 # ------------------------------------------------------------ dispatch, checks
 
 
@@ -586,6 +621,22 @@ def test_entry_has_its_autograd_in_cpp_and_refuses_double_backward(device):
     with torch.inference_mode():
         inf = mps(x.detach(), eps=0.1, max_iter=50, tol=0.0, **TRI)
     assert torch.equal(inf, score.detach())
+
+
+def test_python_glue_gives_the_same_gradients(device, monkeypatch):
+    """Without the C++ extension's mps_triton, the backend glues the same
+    operators in Python: same values and gradients."""
+    x = hard_scores((2, 9, 6), seed=27, dtype=torch.float32).to(device)
+    w = torch.randn(2, 9, generator=torch.Generator().manual_seed(28)).to(device)
+    results = []
+    for entry in (torch.ops.otseg.mps_triton, torch.ops.otseg.mps_forward_triton):
+        monkeypatch.setattr(tb, "_entry", entry)
+        xg = x.clone().requires_grad_()
+        score, plan = mps(xg, eps=0.1, max_iter=50, tol=0.0, return_plan=True, **TRI)
+        ((score * w).sum() + plan.square().sum()).backward()
+        results.append((score.detach(), plan.detach(), xg.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("layout", BATCH_LAYOUTS)

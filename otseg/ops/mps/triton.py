@@ -127,14 +127,20 @@ def _blocks(M, N, wide=False):
 
 
 def _vector_width(x, N):
-    """Prompts per vector load of the forward: 4 (or 2) when ``x`` [P, M, N]
-    is contiguous, N is a multiple and the data is aligned to it; else 1
-    (any strides, scalar loads). The vector width never exceeds 16 bytes."""
+    """Prompts per vector read of a tile: 4 (or 2) when ``x`` [P, M, N] is
+    contiguous, N is a multiple and the data starts at a multiple of it in
+    its storage; else 1 (any strides). The vector never exceeds 16 bytes.
+
+    Only the storage offset is looked at, never the data pointer, which fake
+    tensors (torch.compile's tracing of the operators) do not have. The
+    choice is one of layout, not of correctness: the kernel's addresses are
+    exact for any VEC the contiguity allows, and Triton issues vector loads
+    only where it knows the pointer is aligned."""
     if N < 2 or not x.is_contiguous():
         return 1
     for vec in (4, 2):
         width = vec * x.element_size()
-        if N % vec == 0 and width <= 16 and x.data_ptr() % width == 0:
+        if N % vec == 0 and width <= 16 and x.storage_offset() * x.element_size() % width == 0:
             return vec
     return 1
 
@@ -169,7 +175,8 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
     P, M, N = scores.shape
     if P == 0:
         return
-    block_m, block_n, default_warps, _ = _blocks(M, N, f.dtype == torch.float64)
+    # int(): sizes may be symbolic under torch.compile (the cache hashes them).
+    block_m, block_n, default_warps, _ = _blocks(int(M), int(N), f.dtype == torch.float64)
     num_warps = num_warps or default_warps
     vec = _vector_width(scores, N)
     eps_hi, eps_lo = _split(float(eps))
@@ -200,7 +207,7 @@ def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad, num_warps=No
     P, M, N = scores.shape
     if P == 0:
         return
-    block_m, block_n, _, default_warps = _blocks(M, N, f.dtype == torch.float64)
+    block_m, block_n, _, default_warps = _blocks(int(M), int(N), f.dtype == torch.float64)
     num_warps = num_warps or default_warps
     vec = _vector_width(scores, N)
     eps_hi, eps_lo = _split(float(eps))
