@@ -2,12 +2,12 @@
 
 One program solves one (b, k) problem from start to finish: its [M, N] tile of
 scores is loaded once into registers, every iteration and the per-problem
-stopping test run there, and nothing is read back on the host. In the forward
-each thread holds whole pixel rows (a [NG, BLOCK_M, VEC] tile, prompt
+stopping test run there, and nothing is read back on the host. Each thread
+holds whole pixel rows (a [NG, BLOCK_M, VEC] tile in the forward, prompt
 n = g * VEC + j, with the VEC prompts of a group read as one vector when the
 scores are contiguous), so the per-pixel sums over prompts of every iteration
-stay in the thread and only the sums over pixels cross threads. The scheme (scaling domain with log-domain absorption)
-and the implicit backward are derived in ``otseg/ops/mps/README.md``; the
+stay in the thread and only the sums over pixels cross threads. The scheme
+(scaling domain with log-domain absorption) and the implicit backward are derived in ``otseg/ops/mps/README.md``; the
 launchers and the autograd glue are in ``otseg/ops/mps/triton.py``.
 
 Compute type: float32 for float16/bfloat16/float32 scores, float64 for float64
@@ -77,9 +77,12 @@ def _mps_fwd_kernel(
     else:
         s_ptrs = (S + pid * stride_sp + r_m.to(tl.int64)[:, None] * stride_sm
                   + (r_g * VEC).to(tl.int64)[:, None] * stride_sn + offs_j[None, :])
+    # Padding reads as S = -inf: every exponential of it is 0, so the loop
+    # needs no mask over the tile (which would hold a register per element).
     s = tl.reshape(tl.load(s_ptrs, mask=mask_r, other=float("-inf")).to(ACC), [NG, BLOCK_M, VEC])
 
     one = tl.full([], 1.0, ACC)
+    # M and N may arrive as compile-time 1; multiplying keeps both cases typed.
     m_f = one * M
     n_f = one * N
     eps = one * eps_hi + one * eps_lo
@@ -90,16 +93,25 @@ def _mps_fwd_kernel(
     log_mu = -tl.log(m_f)
     log_nu = -tl.log(n_f)
 
+    # True potentials: f = eps (alpha + log u), g = eps (beta + log v); the
+    # kernel matrix K = exp(alpha + beta - C/eps) is built at the first
+    # iteration (K = 0 gives K v = 0, which sends the f half-step to the log
+    # domain). A product K v or K^T u that is not > 0 (underflow, NaN) does too.
     alpha = tl.zeros([BLOCK_M], ACC)
     log_u = tl.zeros([BLOCK_M], ACC)
     u = tl.full([BLOCK_M], 1.0, ACC)
     beta = tl.zeros([NG, VEC], ACC)
     v = tl.full([NG, VEC], 1.0, ACC)
     k_mat = tl.zeros([NG, BLOCK_M, VEC], ACC)
+    # The previous f/eps as alpha_prev + log_u_prev: while alpha is unchanged
+    # the change is the difference of the log scalings alone (no cancellation
+    # against a large alpha).
     alpha_prev = tl.zeros([BLOCK_M], ACC)
     log_u_prev = tl.zeros([BLOCK_M], ACC)
     err = tl.full([], float("inf"), ACC)
     it = 0
+    # Stop when err < tol (a NaN err keeps going, as in the reference) or
+    # after max_iter iterations.
     while (it < max_iter) & ((err >= tol) | (err != err)):
         # f half-step in the scaling domain, u = mu / (K v), and at once the
         # column products K^T u of the g half-step: one pass, two reductions.
@@ -137,7 +149,8 @@ def _mps_fwd_kernel(
         bad_v = mask_c & (~ktu_pos | (v < _SAFE_LO) | (v > _SAFE_HI))
         if tl.max(tl.max(bad_v.to(tl.int32), axis=1), axis=0) > 0:
             # Absorb u into alpha and redo the g half-step in the log domain,
-            # rebuilding K with columns summing to nu.
+            # rebuilding K with columns summing to nu. The -1/eps of -C/eps
+            # cancels inside the column max and reappears in beta.
             alpha = tl.where(mask_m, alpha + log_u, 0.0)
             w = s * inv_eps + alpha[None, :, None]
             w_max = tl.where(mask_c, tl.max(w, axis=1), 0.0)
