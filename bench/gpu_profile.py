@@ -65,10 +65,10 @@ def _warp_sweep(case_name, generators, warps, copy):
     from otseg.ops.mps import triton as tb
 
     case = CASES[case_name]
-    block_m, block_n, fwd_default, bwd_default = tb._blocks(case.M, case.N)
+    blocks = tb._blocks(case.M, case.N)
     lines = [
         f"triton launches on {case_name} [M={case.M}, N={case.N}] by warp count (defaults: forward "
-        f"{fwd_default}, backward {bwd_default}); graph times in us, GB/s of the forward as above.",
+        f"{blocks.fwd_warps}, backward {blocks.bwd_warps}); graph times in us, GB/s of the forward as above.",
         "",
         "| scores | warps | fwd graph | fwd GB/s (% copy) | bwd graph |",
         "|---|---|---|---|---|",

@@ -29,10 +29,8 @@ import tempfile
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile as triton_compile
-
 from otseg.kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
+from otseg.kernels.offline import compile_mps_kernel
 from otseg.ops.mps import triton as tb
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -44,34 +42,6 @@ _INSTR = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)
 def _tool(name):
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     return path if os.path.exists(path) else name
-
-
-def _compile(kernel, consts, dtype, acc, warps, arch):
-    sig = {}
-    for name in kernel.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("M", "N"):
-            sig[name] = "i32"
-        elif name == "NITER":
-            sig[name] = "*i32"
-        elif name in ("F", "G"):
-            sig[name] = f"*{acc}"
-        elif name.isupper():
-            sig[name] = f"*{dtype}"
-        elif name in ("eps_hi", "eps_lo", "tol_hi", "tol_lo"):
-            sig[name] = "fp32"
-        elif name == "stride_sp":
-            sig[name] = "i64"
-        else:
-            sig[name] = "i32"
-    # Aligned pointers and a batch stride divisible by 16, as Triton's launcher
-    # specialises them for torch's allocations.
-    aligned = [n for n in kernel.arg_names
-               if n not in consts and ((n.isupper() and n not in ("M", "N")) or n == "stride_sp")]
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    return triton_compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
 def _stats(compiled, workdir, tag):
@@ -125,7 +95,8 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     wide = dtype == torch.float64
     acc = "fp64" if wide else "fp32"
-    block_m, block_n, fwd_warps, bwd_warps = tb._blocks(args.M, args.N, wide)
+    blocks = tb._blocks(args.M, args.N, wide)
+    block_m, block_n = blocks.block_m, blocks.block_n
     vec = tb._vector_width(torch.empty(1, args.M, args.N, dtype=dtype), args.N)
     print(f"triton {triton.__version__}, sm_{args.arch}, [M={args.M}, N={args.N}] {args.dtype} scores "
           f"(contiguous): BLOCK_M={block_m}, NG={block_n // vec}, VEC={vec}")
@@ -133,14 +104,14 @@ def main(argv=None):
     print("| kernel | warps | registers | local memory B | shared B | instructions | per iteration "
           "(thread / warp-instructions of a program) | barriers | MUFU | SHFL |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    runs = [("forward", _mps_fwd_kernel, dict(HAS_PLAN=False), fwd_warps),
-            ("backward", _mps_bwd_kernel, dict(HAS_DSCORE=True, HAS_DPLAN=False, W_ONE_PASS=block_n <= 8 and not wide),
-             bwd_warps)]
+    runs = [("forward", _mps_fwd_kernel, dict(HAS_PLAN=False), blocks.fwd_warps),
+            ("backward", _mps_bwd_kernel, dict(HAS_DSCORE=True, HAS_DPLAN=False, W_ONE_PASS=blocks.one_pass),
+             blocks.bwd_warps)]
     with tempfile.TemporaryDirectory() as workdir:
         for name, kernel, flags, default in runs:
             for warps in sorted({default, *(args.warps or ())}):
                 consts = dict(flags, BLOCK_M=block_m, NG=block_n // vec, VEC=vec)
-                compiled = _compile(kernel, consts, _TYPES[dtype], acc, warps, args.arch)
+                compiled = compile_mps_kernel(kernel, consts, _TYPES[dtype], acc, warps, args.arch)
                 sass, res, ops = _stats(compiled, workdir, f"{name}{warps}")
                 per_it = _iteration_path(sass) if name == "forward" else None
                 it_text = f"{per_it} / {per_it * warps}" if per_it else "-"

@@ -25,44 +25,37 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+using BackwardFn = at::Tensor(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&, double);
+
+// The typed handle of an operator. Callers keep it in a function-local static,
+// so it is looked up at the first call: the Triton operators are defined from
+// Python (when otseg.ops.mps.triton is imported), after this library loads.
+template <class Fn>
+c10::TypedOperatorHandle<Fn> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
 // The forward and backward operators of the cpu and cuda backends.
 struct FusedOps {
+  static constexpr const char* kBackward = "otseg::mps_backward";
   static ForwardOutputs forward(const at::Tensor& scores, double eps, int64_t max_iter, double tol,
                                 bool return_plan, bool check_finite) {
     static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("otseg::mps_forward", "")
-            .typed<ForwardOutputs(const at::Tensor&, double, int64_t, double, bool, bool)>();
+        find_op<ForwardOutputs(const at::Tensor&, double, int64_t, double, bool, bool)>("otseg::mps_forward");
     return op.call(scores, eps, max_iter, tol, return_plan, check_finite);
-  }
-  static at::Tensor backward(const std::optional<at::Tensor>& grad_score, const std::optional<at::Tensor>& grad_plan,
-                             const at::Tensor& scores, const at::Tensor& f, const at::Tensor& g, double eps) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("otseg::mps_backward", "")
-                               .typed<at::Tensor(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-    return op.call(grad_score, grad_plan, scores, f, g, eps);
   }
 };
 
 // The Triton operators (no finiteness check: the triton backend checks in a
-// separate pass). They are defined when otseg.ops.mps.triton is imported, so
-// they are looked up at the first call, never at load time.
+// separate pass).
 struct TritonOps {
+  static constexpr const char* kBackward = "otseg::mps_backward_triton";
   static ForwardOutputs forward(const at::Tensor& scores, double eps, int64_t max_iter, double tol,
                                 bool return_plan, bool /*check_finite*/) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("otseg::mps_forward_triton", "")
-                               .typed<ForwardOutputs(const at::Tensor&, double, int64_t, double, bool)>();
+    static const auto op =
+        find_op<ForwardOutputs(const at::Tensor&, double, int64_t, double, bool)>("otseg::mps_forward_triton");
     return op.call(scores, eps, max_iter, tol, return_plan);
-  }
-  static at::Tensor backward(const std::optional<at::Tensor>& grad_score, const std::optional<at::Tensor>& grad_plan,
-                             const at::Tensor& scores, const at::Tensor& f, const at::Tensor& g, double eps) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("otseg::mps_backward_triton", "")
-                               .typed<at::Tensor(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-    return op.call(grad_score, grad_plan, scores, f, g, eps);
   }
 };
 
@@ -91,14 +84,15 @@ class MPSFunction : public torch::autograd::Function<MPSFunction<Ops>> {
     std::optional<at::Tensor> grad_score, grad_plan;
     if (grads[0].defined()) grad_score = grads[0];
     if (return_plan && grads[1].defined()) grad_plan = grads[1];
+    static const auto backward_op = find_op<BackwardFn>(Ops::kBackward);
     at::Tensor grad;
     if (at::GradMode::is_enabled()) {
       // create_graph: through mps_backward's own autograd, so that
       // differentiating this gradient raises a clear error.
-      grad = Ops::backward(grad_score, grad_plan, saved[0], saved[1], saved[2], eps);
+      grad = backward_op.call(grad_score, grad_plan, saved[0], saved[1], saved[2], eps);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      grad = Ops::backward(grad_score, grad_plan, saved[0], saved[1], saved[2], eps);
+      grad = backward_op.call(grad_score, grad_plan, saved[0], saved[1], saved[2], eps);
     }
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

@@ -63,6 +63,19 @@ def _upsampled_row(X, Y0, Y1, LY, i, x0, x1, lx, cmask, w):
 
 
 @triton.jit
+def _columns(X0, X1, LX, PARAMS, W, BLOCK_W: tl.constexpr):
+    """What every program of both kernels reads first: the output columns, the
+    two input columns and the weight of the second for each, and the focal
+    parameters (alpha on positives, alpha on negatives, gamma)."""
+    cols = tl.arange(0, BLOCK_W)
+    cmask = cols < W
+    x0 = tl.load(X0 + cols, mask=cmask, other=0)
+    x1 = tl.load(X1 + cols, mask=cmask, other=0)
+    lx = tl.load(LX + cols, mask=cmask, other=0.0)
+    return cols, cmask, x0, x1, lx, tl.load(PARAMS), tl.load(PARAMS + 1), tl.load(PARAMS + 2)
+
+
+@triton.jit
 def _mask_stats_fwd_kernel(
     X, LAB, Y0, Y1, LY, X0, X1, LX, OUT,
     K, h, w, H, W, P, rows_per,
@@ -74,14 +87,7 @@ def _mask_stats_fwd_kernel(
     S = tl.num_programs(1)
     b = p // K
     k = p % K
-    cols = tl.arange(0, BLOCK_W)
-    cmask = cols < W
-    x0 = tl.load(X0 + cols, mask=cmask, other=0)
-    x1 = tl.load(X1 + cols, mask=cmask, other=0)
-    lx = tl.load(LX + cols, mask=cmask, other=0.0)
-    alpha_pos = tl.load(PARAMS)
-    alpha_neg = tl.load(PARAMS + 1)
-    gamma = tl.load(PARAMS + 2)
+    cols, cmask, x0, x1, lx, alpha_pos, alpha_neg, gamma = _columns(X0, X1, LX, PARAMS, W, BLOCK_W)
     xp = X + p.to(tl.int64) * h * w
     acc_f = tl.zeros([BLOCK_W], dtype=lx.dtype)
     acc_i = tl.zeros([BLOCK_W], dtype=lx.dtype)
@@ -119,14 +125,7 @@ def _mask_stats_bwd_kernel(
     split = tl.program_id(1)
     b = p // K
     k = p % K
-    cols = tl.arange(0, BLOCK_W)
-    cmask = cols < W
-    x0 = tl.load(X0 + cols, mask=cmask, other=0)
-    x1 = tl.load(X1 + cols, mask=cmask, other=0)
-    lx = tl.load(LX + cols, mask=cmask, other=0.0)
-    alpha_pos = tl.load(PARAMS)
-    alpha_neg = tl.load(PARAMS + 1)
-    gamma = tl.load(PARAMS + 2)
+    cols, cmask, x0, x1, lx, alpha_pos, alpha_neg, gamma = _columns(X0, X1, LX, PARAMS, W, BLOCK_W)
     # wx[j, c]: the weight of input column j in output column c.
     jj = tl.arange(0, BLOCK_W_IN)
     wx = tl.where(jj[:, None] == x0[None, :], 1.0 - lx[None, :], 0.0) + tl.where(jj[:, None] == x1[None, :],

@@ -138,41 +138,11 @@ def test_kernels_compile_for_sm90():
         pytest.skip("the interpreter process holds interpreted kernels")
     if not kernels.available:
         pytest.skip(f"triton is unavailable: {kernels.error}")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile as triton_compile
-
     from otseg.kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
-
-    pointers = {"NITER": "*i32"}
-    scalars = {"eps_hi": "fp32", "eps_lo": "fp32", "tol_hi": "fp32", "tol_lo": "fp32", "stride_sp": "i64"}
-
-    def signature(kernel, dtype, acc, consts):
-        sig = {}
-        for name in kernel.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name in ("M", "N"):
-                sig[name] = "i32"
-            elif name in pointers:
-                sig[name] = pointers[name]
-            elif name in ("F", "G"):
-                sig[name] = f"*{acc}"
-            elif name.isupper():
-                sig[name] = f"*{dtype}"
-            else:
-                sig[name] = scalars.get(name, "i32")
-        return sig
-
-    target = GPUTarget("cuda", 90, 32)
+    from otseg.kernels.offline import compile_mps_kernel
 
     def compile_kernel(kernel, dtype, acc, consts, warps):
-        # Aligned pointers and a batch stride divisible by 16, as Triton's
-        # launcher specialises them for torch's allocations.
-        aligned = [n for n in kernel.arg_names if n not in consts and (n.isupper() and n not in ("M", "N")
-                                                                         or n == "stride_sp")]
-        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-        src = ASTSource(fn=kernel, signature=signature(kernel, dtype, acc, consts), constexprs=consts, attrs=attrs)
-        compiled = triton_compile(src, target=target, options={"num_warps": warps})
+        compiled = compile_mps_kernel(kernel, consts, dtype, acc, warps)
         assert compiled.asm["cubin"], f"{kernel.__name__} {dtype}: no cubin"
         return compiled
 

@@ -24,7 +24,7 @@ neither the kernels nor Triton's torch glue (``available`` is then False).
 import functools
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -108,22 +108,32 @@ def _split(x):
     return hi, lo
 
 
+class _Blocks(NamedTuple):
+    """The launch configuration of [M, N] problems (``_blocks``)."""
+
+    block_m: int
+    block_n: int
+    fwd_warps: int
+    bwd_warps: int
+    one_pass: bool  # the backward sums its N x N weights in one pass (W_ONE_PASS)
+
+
 @functools.lru_cache(maxsize=64)
 def _blocks(M, N, wide=False):
-    """(BLOCK_M, BLOCK_N, warps of the forward, warps of the backward) for
-    [M, N] problems; ``wide``: float64 compute."""
-    M, N = int(M), int(N)
+    """The ``_Blocks`` of [M, N] problems (ints); ``wide``: float64 compute."""
     block_m = max(16, 1 << (M - 1).bit_length())
     block_n = max(2, 1 << (N - 1).bit_length())
     # Forward: threads along the pixels, each holding whole rows: its tiles of
     # scores and kernel entries, 32 values each (16 in float64). 1024 x 8
-    # float32 in 8 warps: 186-206 registers a thread for sm_90 (triton 3.8,
+    # float32 in 8 warps: 186-191 registers a thread for sm_90 (triton 3.8,
     # 3.6), no spills; 4096 x 16 in 32 warps holds 64 a thread and spills.
     per_thread = 512 if wide else 1024
     fwd_warps = min(32, max(1, block_m // 32), max(1, (block_m * block_n) // per_thread))
-    # Backward: 16 elements per thread and tile (1024 x 8 in 16 warps).
+    # Backward: 16 elements per thread and tile (1024 x 8 in 16 warps). Its
+    # one-pass weights hold BLOCK_N^2 accumulators a thread: up to 8 x 8 in
+    # float32 without spilling.
     bwd_warps = min(32, max(1, (block_m * block_n) // 512))
-    return block_m, block_n, fwd_warps, bwd_warps
+    return _Blocks(block_m, block_n, fwd_warps, bwd_warps, block_n <= 8 and not wide)
 
 
 def _vector_width(x, N):
@@ -176,8 +186,7 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
     if P == 0:
         return
     # int(): sizes may be symbolic under torch.compile (the cache hashes them).
-    block_m, block_n, default_warps, _ = _blocks(int(M), int(N), f.dtype == torch.float64)
-    num_warps = num_warps or default_warps
+    blocks = _blocks(int(M), int(N), f.dtype == torch.float64)
     vec = _vector_width(scores, N)
     eps_hi, eps_lo = _split(float(eps))
     tol_hi, tol_lo = _split(float(tol))
@@ -190,8 +199,8 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
         scores.stride(0), scores.stride(1), scores.stride(2),
         M, N, max_iter,
         eps_hi, eps_lo, tol_hi, tol_lo,
-        HAS_PLAN=plan is not None, BLOCK_M=block_m, NG=block_n // vec, VEC=vec,
-        num_warps=num_warps,
+        HAS_PLAN=plan is not None, BLOCK_M=blocks.block_m, NG=blocks.block_n // vec, VEC=vec,
+        num_warps=num_warps or blocks.fwd_warps,
     )
 
 
@@ -207,8 +216,7 @@ def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad, num_warps=No
     P, M, N = scores.shape
     if P == 0:
         return
-    block_m, block_n, _, default_warps = _blocks(int(M), int(N), f.dtype == torch.float64)
-    num_warps = num_warps or default_warps
+    blocks = _blocks(int(M), int(N), f.dtype == torch.float64)
     vec = _vector_width(scores, N)
     eps_hi, eps_lo = _split(float(eps))
     # Absent upstream gradients are never read; any input stands in.
@@ -224,8 +232,8 @@ def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad, num_warps=No
         M, N,
         eps_hi, eps_lo,
         HAS_DSCORE=grad_score is not None, HAS_DPLAN=grad_plan is not None,
-        BLOCK_M=block_m, NG=block_n // vec, VEC=vec, W_ONE_PASS=block_n <= 8 and f.dtype != torch.float64,
-        num_warps=num_warps,
+        BLOCK_M=blocks.block_m, NG=blocks.block_n // vec, VEC=vec, W_ONE_PASS=blocks.one_pass,
+        num_warps=num_warps or blocks.bwd_warps,
     )
 
 
@@ -299,9 +307,9 @@ if available:
     _bwd_op.register_autograd(no_double_backward, setup_context=no_context)
     # The backend's differentiable entry: otseg::mps_triton glues the two
     # operators with an autograd in C++ (csrc/autograd.cpp), which saves the
-    # Python autograd's interpreter work (about 90 us a forward + backward on
-    # a 2-core CPU machine); without the C++ extension, mps_forward_triton
-    # with the same glue in Python.
+    # Python autograd's interpreter work (about 60 us a forward + backward on
+    # a 2-core CPU machine, bench/host_overhead.py); without the C++
+    # extension, mps_forward_triton with the same glue in Python.
     if _extension.available and hasattr(torch.ops.otseg, "mps_triton"):
         torch.library.register_fake("otseg::mps_triton")(_mps_forward_triton_fake)
         _entry = torch.ops.otseg.mps_triton
