@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -85,3 +86,38 @@ def test_bandwidth_column_only_with_a_measured_copy_bandwidth():
     assert "GB/s" not in report.format_table([cpu]) and "GB/s" not in report.markdown_table([cpu])
     failed = dict(row, status="failed", note="OOM")
     assert "1720" not in report.format_table([failed, row]).splitlines()[2]
+
+
+def test_queued_columns_and_speedups_on_gpu_runs_only():
+    """GPU rows carry the queued times; their speedups come from the
+    reference's queued times, and CPU tables have no queued columns."""
+    from otseg.benchmark import report
+
+    gpu = dict(machine=dict(copy_gbs=4300.0))
+    base = dict(case="coco", generator="clip", mode="converged", status="ok", note="", peak_mb=1.0,
+                iters_mean=4.0, iters_max=4, max_err=0.0, fwd_gbs=100.0, **gpu)
+    ref = dict(base, backend="reference", fwd_ms=1.2, fwd_bwd_ms=4.0, fwd_q_ms=1.2, fwd_bwd_q_ms=3.0)
+    cuda = dict(base, backend="cuda", fwd_ms=0.08, fwd_bwd_ms=0.4, fwd_q_ms=0.02, fwd_bwd_q_ms=0.1)
+    rows = [ref, cuda]
+    report.add_speedups(rows)
+    assert cuda["speedup_fwd"] == pytest.approx(15.0) and cuda["speedup_fwd_q"] == pytest.approx(60.0)
+    assert cuda["speedup_fwd_bwd"] == pytest.approx(10.0) and cuda["speedup_fwd_bwd_q"] == pytest.approx(30.0)
+    table = report.format_table(rows)
+    assert "queued speedup fwd+bwd" in table and "60.0x" in table and "30.0x" in table
+    cpu_rows = [dict(r, machine=dict(copy_gbs=None)) for r in rows]
+    for r in cpu_rows:
+        del r["fwd_q_ms"], r["fwd_bwd_q_ms"], r["speedup_fwd_q"], r["speedup_fwd_bwd_q"]
+    report.add_speedups(cpu_rows)
+    assert "speedup_fwd_q" not in cpu_rows[1]
+    assert "queued" not in report.format_table(cpu_rows) and "queued" not in report.markdown_table(cpu_rows)
+
+
+def test_queued_ms_times_every_call_and_refuses_no_calls():
+    from otseg.benchmark.measure import queued_ms
+
+    calls = []
+    ms = queued_ms(lambda: calls.append(time.sleep(0.002)), "cpu", 5)
+    assert len(calls) == 6  # one untimed first call
+    assert 2.0 <= ms < 50.0
+    with pytest.raises(ValueError, match="repeats"):
+        queued_ms(lambda: None, "cpu", 0)

@@ -24,11 +24,13 @@ from .. import ops
 from ..ops.mps import BACKEND_NAMES, naive
 from . import report
 from .generators import CASES, EPS, MODES, make_scores
-from .measure import PeakMemory, copy_bandwidth_gbs, median_ms
+from .measure import PeakMemory, copy_bandwidth_gbs, median_ms, queued_ms
 
 PEERS = ("pot", "compile")
 METHOD_NAMES = BACKEND_NAMES + PEERS
 COMPILE_SCOPES = ("step", "loop")
+# Fewest calls in a queued-time measurement (CUDA runs).
+QUEUED_MIN_CALLS = 10
 
 
 def _refined_score(scores, plan):
@@ -170,7 +172,10 @@ def _measure(method, scores, weight, truth, peak_memory, timing):
         timing: keyword arguments of ``median_ms`` (repeats, budget_s, max_repeats).
 
     Returns:
-        dict of the numbers (the row's measured fields).
+        dict of the numbers (the row's measured fields); on a CUDA device also
+        ``fwd_q_ms`` and ``fwd_bwd_q_ms``, the times per call of calls queued
+        back to back (``measure.queued_ms``), and ``fwd_gbs`` from the queued
+        forward time.
     """
     device = scores.device
     fwd_ms, fwd_repeats, fwd_warmup_s, (score, n_iter) = median_ms(lambda: method.run(scores), device, **timing)
@@ -188,12 +193,20 @@ def _measure(method, scores, weight, truth, peak_memory, timing):
         (score * weight).sum().backward()
 
     fwd_bwd_ms, fwd_bwd_repeats, fwd_bwd_warmup_s, _ = median_ms(fwd_bwd, device, **timing)
+    queued = {}
+    if device.type == "cuda":
+        # Calls queued back to back, as in a training loop (measure.queued_ms):
+        # the host's work per call overlaps the GPU's.
+        queued = dict(fwd_q_ms=queued_ms(lambda: method.run(scores), device, max(fwd_repeats, QUEUED_MIN_CALLS)),
+                      fwd_bwd_q_ms=queued_ms(fwd_bwd, device, max(fwd_bwd_repeats, QUEUED_MIN_CALLS)))
     x.grad = None
     peak_mb = peak_memory(fwd_bwd)
+    # The bandwidth of the GPU's work: from the queued time where there is one.
+    gbs_ms = queued.get("fwd_q_ms", fwd_ms)
     return dict(
-        fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, peak_mb=peak_mb, iters_mean=iters_mean, iters_max=iters_max,
-        max_err=max_err, fwd_gbs=fwd_bytes / (fwd_ms * 1e-3) / 1e9, fwd_repeats=fwd_repeats, fwd_bwd_repeats=fwd_bwd_repeats,
-        warmup_s=round(fwd_warmup_s + fwd_bwd_warmup_s, 3),
+        fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, **queued, peak_mb=peak_mb, iters_mean=iters_mean,
+        iters_max=iters_max, max_err=max_err, fwd_gbs=fwd_bytes / (gbs_ms * 1e-3) / 1e9, fwd_repeats=fwd_repeats,
+        fwd_bwd_repeats=fwd_bwd_repeats, warmup_s=round(fwd_warmup_s + fwd_bwd_warmup_s, 3),
     )
 
 

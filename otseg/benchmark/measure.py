@@ -1,7 +1,10 @@
 """Timing and peak-memory measurement for the benchmark.
 
 Times: ``time.perf_counter`` around each call on the CPU; CUDA events around
-each call, then a synchronisation, on a GPU. Peak memory: the CUDA caching
+each call, then a synchronisation, on a GPU (the latency of one call, the
+host's work included). On a GPU also the time per call of calls queued back
+to back (``queued_ms``), as in a training loop, where the host prepares the
+next call while the GPU runs the last. Peak memory: the CUDA caching
 allocator's counter on a GPU; on the CPU the kernel's resident-set high-water
 mark (``VmHWM``, reset through ``/proc/self/clear_refs``) above the resident set
 before the call, after returning freed heap memory to the system.
@@ -80,6 +83,42 @@ def median_ms(fn, device, repeats=None, budget_s=1.0, max_repeats=20):
     else:
         times = time_calls(fn, repeats, device)
     return statistics.median(times), repeats, warmup_s, result
+
+
+def queued_ms(fn, device, repeats):
+    """Time per call of ``repeats`` calls of ``fn`` queued back to back.
+
+    One CUDA event before the first call and one after the last, one
+    synchronisation at the end: while the GPU runs a call the host prepares
+    the next, so where the GPU's work takes longer than the host's this is
+    the GPU's time per call, and the host's otherwise (a call that reads a
+    value on the host, like the reference's stopping test, waits for the GPU
+    each time). On the CPU, ``time.perf_counter`` around the calls.
+
+    Args:
+        fn: a callable with no arguments (called once untimed first).
+        device: the device ``fn`` runs on.
+        repeats: calls to time (>= 1).
+
+    Returns:
+        milliseconds per call.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    fn()
+    synchronize(device)
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / repeats
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / repeats
 
 
 def copy_bandwidth_gbs(device, mib=1024, repeats=10):

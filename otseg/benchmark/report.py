@@ -32,8 +32,17 @@ COLUMNS = (
     ("fwd GB/s (% copy)", None, None),
     ("speedup fwd", "speedup_fwd", lambda v: _fmt_speedup(v)),
     ("speedup fwd+bwd", "speedup_fwd_bwd", lambda v: _fmt_speedup(v)),
+    ("queued fwd ms", "fwd_q_ms", lambda v: _fmt_ms(v)),
+    ("queued fwd+bwd ms", "fwd_bwd_q_ms", lambda v: _fmt_ms(v)),
+    ("queued speedup fwd", "speedup_fwd_q", lambda v: _fmt_speedup(v)),
+    ("queued speedup fwd+bwd", "speedup_fwd_bwd_q", lambda v: _fmt_speedup(v)),
     ("note", None, None),
 )
+# Columns of GPU runs only: the bandwidth and the queued times (measure.queued_ms).
+GPU_COLUMNS = ("fwd GB/s (% copy)", "queued fwd ms", "queued fwd+bwd ms", "queued speedup fwd",
+               "queued speedup fwd+bwd")
+# The timed quantities whose speedups against the reference are set (row keys "<key>_ms").
+TIMED = ("fwd", "fwd_bwd", "fwd_q", "fwd_bwd_q")
 
 
 def _fmt_ms(v):
@@ -119,15 +128,17 @@ def add_speedups(rows):
     rows of one problem, in place; None where there is no measured reference."""
     ref = next((r for r in rows if r["backend"] == "reference" and r["status"] == "ok"), None)
     for r in rows:
-        for key in ("fwd", "fwd_bwd"):
-            ok = ref is not None and r["status"] == "ok"
+        for key in TIMED:
+            if key in ("fwd_q", "fwd_bwd_q") and f"{key}_ms" not in r:
+                continue  # measured on GPUs only
+            ok = ref is not None and r["status"] == "ok" and ref.get(f"{key}_ms") is not None
             r[f"speedup_{key}"] = ref[f"{key}_ms"] / r[f"{key}_ms"] if ok else None
 
 
 def _columns(rows):
-    """COLUMNS, without the bandwidth column unless a row has the copy bandwidth (CUDA runs)."""
+    """COLUMNS, without GPU_COLUMNS unless a row has the copy bandwidth (CUDA runs)."""
     gpu = any(r.get("machine", {}).get("copy_gbs") for r in rows)
-    return [c for c in COLUMNS if gpu or c[0] != "fwd GB/s (% copy)"]
+    return [c for c in COLUMNS if gpu or c[0] not in GPU_COLUMNS]
 
 
 def _cells(row, columns=COLUMNS):
@@ -214,8 +225,13 @@ def notes(rows, env, peak_memory, compile_scope):
     ]
     copy = env["machine"].get("copy_gbs")
     if copy:
+        lines.append("queued: the time per call of calls queued back to back, one CUDA event before the first and "
+                     "one after the last, as in a training loop: the host prepares the next call while the GPU runs "
+                     "the last, so this is the GPU's time per call where that is longer than the host's (the "
+                     "reference reads its stopping test on the host every iteration, so it waits each time). The "
+                     "other times are the latency of one call, the host's work included.")
         lines.append(f"fwd GB/s: the bytes a forward must move at the least (read the float32 scores S once, write "
-                     f"the refined score; no plan) / fwd time; in brackets, the share of this device's "
+                     f"the refined score; no plan) / queued fwd time; in brackets, the share of this device's "
                      f"device-to-device copy bandwidth measured at the start of this run, {copy:.0f} GB/s "
                      "(bytes read + written, 1 GiB copy, median of 10).")
     if "compile" in ran:
