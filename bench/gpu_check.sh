@@ -13,25 +13,27 @@
 #   bash bench/gpu_check.sh OUT_DIR
 #
 # Environment: PYTHON (default python3), MAX_JOBS (build jobs, default: the
-# cores), STEPS (default "bench model profile tests"; e.g. STEPS=tests runs
-# one),
-# TEST_TIMEOUT_S (default 300: the test step's limit),
+# cores), STEPS (default "bench model profile ncu tests"; e.g. STEPS=tests
+# runs one),
+# DEADLINE_S (default 560: seconds from the start by which the test step,
+# the last, is stopped; it gets at least 60 s),
 # BENCH_BACKENDS (default "reference cuda triton": the torch.compile peer is
 # left out here because its compile time, per case and per direction, would
 # take a third of the budget), OTSEG_GIT_COMMIT (the commit, recorded in the
 # results where the copy has no .git).
 #
 # Files written (at most 8, so that a remote runner can return them all):
-# summary.txt (with the profile table), build.log, gpu-tests.log (per test),
-# gpu-pytest.log, bench.log, bench/latest.md, bench/results.jsonl,
-# bench-model.log.
+# summary.txt (with the profile table), build.log, gpu-tests.log (per test,
+# then pytest's own output), bench.log, bench/latest.md, bench/results.jsonl,
+# bench-model.log, ncu.txt (Nsight Compute's details of one launch of each
+# fused kernel on coco, bench/gpu_kernels.py; only where ncu is installed).
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-steps=${STEPS:-bench model profile tests}
+steps=${STEPS:-bench model profile ncu tests}
 status=0
 t_start=$(date +%s)
 step() { echo "== $(date +%T) (+$(( $(date +%s) - t_start )) s) $*" | tee -a "$out/summary.txt"; }
@@ -82,24 +84,45 @@ if has_step profile; then
   timeout -k 10 120 "$py" bench/gpu_profile.py 2>&1 | tee -a "$out/summary.txt" || status=1
 fi
 
+if has_step ncu; then
+  step "Nsight Compute: one launch of each fused kernel (bench/gpu_kernels.py under ncu)"
+  ncu=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)
+  if [[ -n "$ncu" ]]; then
+    timeout -k 10 120 "$ncu" --profile-from-start off --clock-control none --kernel-name regex:"mps_(fwd|bwd)_kernel" \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      "$py" bench/gpu_kernels.py > "$out/ncu.txt" 2>&1 || status=1
+    grep -E "^  [A-Za-z_].*\(|Duration|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|profiled" \
+      "$out/ncu.txt" | head -80 | tee -a "$out/summary.txt"
+  else
+    echo "ncu not found: skipped" | tee -a "$out/summary.txt"
+  fi
+fi
+
 if has_step tests; then
   step "GPU tests (pytest -m gpu)"
   # gpu-tests.log: one line per test as it ends, with its time, and the
   # traceback of each failure (tests/conftest.py), so that a run cut short by
   # the time limit or a crashed worker still says what failed.
   par=()
-  "$py" -c "import xdist" 2>/dev/null && par=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
+  "$py" -c "import xdist" 2>/dev/null && par=(-n "$(( $(nproc) < 12 ? $(nproc) : 12 ))")
   "$py" -c "import pytest_timeout" 2>/dev/null && par+=(--timeout 150)
   # One inductor compile thread per pytest worker: eight workers each with a
   # pool of one process per core oversubscribe the CPU many times over.
   rm -f "$out/gpu-tests.log"
-  OTSEG_TEST_LOG="$out/gpu-tests.log" TORCHINDUCTOR_COMPILE_THREADS=1 timeout -k 10 "${TEST_TIMEOUT_S:-300}" \
+  limit=$(( ${DEADLINE_S:-560} - ($(date +%s) - t_start) ))
+  (( limit < 60 )) && limit=60
+  echo "test step limit: $limit s" | tee -a "$out/summary.txt"
+  pytest_log=$(mktemp)
+  OTSEG_TEST_LOG="$out/gpu-tests.log" TORCHINDUCTOR_COMPILE_THREADS=1 timeout -k 10 "$limit" \
     "$py" -m pytest -m gpu tests \
-    -p no:cacheprovider -p no:benchmark -q -rfEs --durations 15 "${par[@]}" > "$out/gpu-pytest.log" 2>&1 || status=1
+    -p no:cacheprovider -p no:benchmark -q -rfEs --durations 25 "${par[@]}" > "$pytest_log" 2>&1 || status=1
   echo "$(grep -c '^PASSED' "$out/gpu-tests.log") passed, $(grep -c '^FAILED' "$out/gpu-tests.log") failed," \
     "$(grep -c '^SKIPPED' "$out/gpu-tests.log") skipped (gpu-tests.log)" | tee -a "$out/summary.txt"
   grep '^FAILED' "$out/gpu-tests.log" | head -30 | tee -a "$out/summary.txt"
-  tail -3 "$out/gpu-pytest.log" | tee -a "$out/summary.txt"
+  tail -3 "$pytest_log" | tee -a "$out/summary.txt"
+  { echo; echo "== pytest's own output"; cat "$pytest_log"; } >> "$out/gpu-tests.log"
+  rm -f "$pytest_log"
 fi
 
 step "done (status $status)"
