@@ -13,12 +13,19 @@ each warp count in ``--warps`` (the launchers' ``num_warps``), on the largest
 case: which launch configuration this GPU prefers (``_blocks`` in
 otseg/ops/mps/triton.py picks one without measuring).
 
-    python bench/gpu_profile.py [--cases voc coco coco16] [--warps 4 8 16] [--out FILE]
+Last, the host's side of a forward+backward call through autograd (as the
+benchmark makes it) per backend, on the first case: torch.profiler's table of
+its CPU-side operators.
+
+    python bench/gpu_profile.py [--cases voc coco coco16] [--warps 2 4 8] [--no-host-profile] [--out FILE]
 
 Needs a CUDA GPU (bench/gpu_check.sh runs it). Prints a markdown table.
 """
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 
 import torch
@@ -95,12 +102,57 @@ def _warp_sweep(case_name, generators, warps, copy):
     return lines
 
 
+def _host_profile(case_name, backends, calls=20):
+    """Where the host's time of a forward+backward call goes, per backend: the
+    benchmark's call (``ops.mps`` with autograd, loss ``(score * w).sum()``)
+    under torch.profiler, its CPU-side operators by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case = CASES[case_name]
+    scores = make_scores(case, "clip", 0, "cuda")
+    weight = torch.randn(case.shape[:-1], device="cuda")
+    lines = []
+    for backend in backends:
+        x = scores.detach().clone().requires_grad_(True)
+
+        def fwd_bwd():
+            x.grad = None
+            score = ops.mps(x, EPS, 100, 1e-6, backend=backend, check_finite=False)
+            (score * weight).sum().backward()
+
+        eager = _events_ms(fwd_bwd) * 1e3
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fwd_bwd()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=22, max_name_column_width=60)
+        lines += ["", f"host profile: {case_name} / clip / {backend}, forward + backward through autograd "
+                  f"(eager {eager:.1f} us a call); {calls} calls under torch.profiler:", "```", table, "```"]
+        # The Python functions of the raw forward operator's call (the
+        # Triton launcher is Python), by their own time.
+        fwd, _ = _ops(backend)
+        flat = scores.reshape(-1, case.M, case.N)
+        stats = io.StringIO()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(200):
+            fwd(flat)
+        profiler.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(profiler, stream=stats).sort_stats("tottime").print_stats(18)
+        lines += ["", f"cProfile of 200 raw forward calls ({backend}), by own time:", "```",
+                  "\n".join(stats.getvalue().strip().splitlines()[-24:]), "```"]
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=["voc", "coco", "coco16"])
     parser.add_argument("--generators", nargs="+", default=["clip", "hard"])
-    parser.add_argument("--warps", nargs="*", type=int, default=[4, 8, 16],
+    parser.add_argument("--warps", nargs="*", type=int, default=[2, 4, 8],
                         help="warp counts of the triton sweep (none: no sweep)")
+    parser.add_argument("--no-host-profile", dest="host_profile", action="store_false",
+                        help="skip the torch.profiler tables of a forward+backward call (first case)")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -138,6 +190,11 @@ def main(argv=None):
                              f"{gbs:.0f} ({gbs / copy:.0%}) | {be:.1f} | {bg:.1f} |")
     if args.warps and "triton" in backends:
         lines += ["", *_warp_sweep(args.cases[-1], args.generators, args.warps, copy)]
+    if args.host_profile:
+        try:
+            lines += _host_profile(args.cases[0], backends)
+        except Exception as exc:  # noqa: BLE001  (the tables above still print)
+            lines += ["", f"host profile failed: {type(exc).__name__}: {exc}"]
     text = "\n".join(lines)
     print(text)
     if args.out:

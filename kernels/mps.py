@@ -13,7 +13,8 @@ launchers and the autograd glue are in ``otseg/ops/mps/triton.py``.
 Compute type: float32 for float16/bfloat16/float32 scores, float64 for float64
 scores; it is the element type of the potentials ``F``. Scalars that must be
 exact in float64 (eps, tol) arrive as float32 pairs ``hi + lo``, as Triton
-passes Python floats as float32.
+passes Python floats as float32. Under torch.compile, Inductor passes them as
+float64: the kernels convert each part to the compute type before using it.
 
 Written against the Triton language of 3.6 (no newer APIs).
 """
@@ -85,8 +86,9 @@ def _mps_fwd_kernel(
     # M and N may arrive as compile-time 1; multiplying keeps both cases typed.
     m_f = one * M
     n_f = one * N
-    eps = one * eps_hi + one * eps_lo
-    tol = one * tol_hi + one * tol_lo
+    # .to(ACC): Inductor passes float arguments as float64 (see the header).
+    eps = (one * eps_hi).to(ACC) + (one * eps_lo).to(ACC)
+    tol = (one * tol_hi).to(ACC) + (one * tol_lo).to(ACC)
     inv_eps = one / eps
     mu = one / m_f
     nu = one / n_f
@@ -236,7 +238,7 @@ def _mps_bwd_kernel(
 
     one = tl.full([], 1.0, ACC)
     mn = (one * M) * N
-    eps = one * eps_hi + one * eps_lo
+    eps = (one * eps_hi).to(ACC) + (one * eps_lo).to(ACC)  # float64 parts under Inductor
     inv_eps = one / eps
 
     s = _to_rows(tl.load(s_ptrs, mask=mask_r, other=0.0).to(ACC), NG, BLOCK_M, VEC)  # [BM, BN]

@@ -14,7 +14,7 @@ from triton.compiler import ASTSource, compile as triton_compile
 _SCALARS = {"eps_hi": "fp32", "eps_lo": "fp32", "tol_hi": "fp32", "tol_lo": "fp32", "stride_sp": "i64"}
 
 
-def compile_mps_kernel(kernel, consts, dtype="fp32", acc="fp32", num_warps=4, arch=90):
+def compile_mps_kernel(kernel, consts, dtype="fp32", acc="fp32", num_warps=4, arch=90, float_args="fp32"):
     """Compile an MPS kernel for ``sm_<arch>``.
 
     Args:
@@ -23,6 +23,9 @@ def compile_mps_kernel(kernel, consts, dtype="fp32", acc="fp32", num_warps=4, ar
             fix, e.g. ``{"M": 1}``).
         dtype: Triton type of the score-shaped tensors ("fp32", "bf16", ...);
             acc: that of the potentials F and G (the compute type).
+        float_args: type of the float scalars (eps, tol): "fp32" as Triton's
+            launcher passes Python floats, "fp64" as Inductor does under
+            torch.compile.
 
     Returns:
         Triton's CompiledKernel (``asm["ttgir"]``, ``asm["cubin"]``, ...).
@@ -40,7 +43,7 @@ def compile_mps_kernel(kernel, consts, dtype="fp32", acc="fp32", num_warps=4, ar
         elif name.isupper():
             sig[name] = f"*{dtype}"
         else:
-            sig[name] = _SCALARS.get(name, "i32")
+            sig[name] = _SCALARS.get(name, "i32").replace("fp32", float_args)
     # Aligned pointers and a batch stride divisible by 16, as Triton's launcher
     # specialises them for torch's allocations.
     aligned = [n for n, t in sig.items() if t.startswith("*") or n == "stride_sp"]

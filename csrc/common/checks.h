@@ -15,9 +15,14 @@
   TORCH_CHECK((max_iter) >= 1, "max_iter must be >= 1, got ", max_iter);           \
   TORCH_CHECK((tol) >= 0, "tol must be >= 0, got ", tol)
 
-#define OTSEG_CHECK_SIZES(x, want)                                                  \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef(want), #x " must have shape ",         \
-              at::IntArrayRef(want), ", got ", (x).sizes())
+// `want` (a std::vector) is evaluated once, into a named local, so that the
+// message never refers to a temporary.
+#define OTSEG_CHECK_SIZES(x, want)                                                        \
+  do {                                                                                    \
+    const std::vector<int64_t> otseg_want_ = (want);                                      \
+    TORCH_CHECK((x).sizes() == at::IntArrayRef(otseg_want_), #x " must have shape ",      \
+                at::IntArrayRef(otseg_want_), ", got ", (x).sizes());                     \
+  } while (false)
 
 namespace otseg {
 

@@ -57,4 +57,55 @@ OTSEG_HOST_DEVICE inline void laplacian_gauge_solve(double* w, double* rhs, doub
   }
 }
 
+#if defined(__CUDACC__)
+// The same solve by one warp (the CUDA backward): lane i holds row i of w in
+// registers (NP >= n columns, entries past n zero) and rhs[i]. Each
+// elimination step broadcasts the pivot row by shuffles and every lower row
+// is updated at once, so the n - 1 steps cost O(n) instructions a lane
+// instead of O(n^2) on one thread, with no local memory. Pivots, updates and
+// the tiny-pivot rule are the serial version's term for term; the back
+// substitution adds the terms w[k][j] y[j] as the y arrive (j decreasing)
+// rather than j increasing. Every lane of the warp calls it (convergent);
+// returns y[lane] (0 from lane n - 1 on).
+template <int NP>
+__device__ inline double laplacian_gauge_solve_warp(double (&w)[NP], double rhs, int n) {
+  constexpr unsigned kFull = 0xffffffffu;
+  const int lane = threadIdx.x % 32;
+  double degree = 0.0;
+#pragma unroll
+  for (int j = 0; j < NP; ++j) degree += j == lane ? 0.0 : w[j];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) degree = fmax(degree, __shfl_xor_sync(kFull, degree, off));
+  const double tiny = 1e-30 * degree;
+  double inv_pivot = 0.0;  // lane k: that of step k
+#pragma unroll
+  for (int k = 0; k < NP - 1; ++k) {
+    if (k >= n - 1) break;  // uniform across the warp
+    double pivot = 0.0;
+#pragma unroll
+    for (int j = k + 1; j < NP; ++j) pivot += w[j];
+    pivot = __shfl_sync(kFull, pivot, k);
+    const double ip = pivot > tiny ? 1.0 / pivot : 0.0;
+    if (lane == k) inv_pivot = ip;
+    const double wik = lane > k && lane < n ? w[k] * ip : 0.0;
+#pragma unroll
+    for (int j = k + 1; j < NP; ++j) {
+      const double wkj = __shfl_sync(kFull, w[j], k);
+      if (wik != 0.0 && j != lane) w[j] += wik * wkj;
+    }
+    const double bk = __shfl_sync(kFull, rhs, k);
+    if (wik != 0.0) rhs += wik * bk;
+  }
+  double y = 0.0;
+#pragma unroll
+  for (int k = NP - 2; k >= 0; --k) {
+    if (k > n - 2) continue;  // uniform: y[n - 1] = 0 adds nothing
+    const double yk = __shfl_sync(kFull, rhs * inv_pivot, k);
+    if (lane == k) y = yk;
+    if (lane < k) rhs += w[k] * yk;
+  }
+  return y;
+}
+#endif
+
 }  // namespace otseg

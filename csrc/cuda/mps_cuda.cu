@@ -1,6 +1,6 @@
 // Fused Multi-Prompts Sinkhorn on CUDA.
 //
-// One block per (b, k) problem. Each thread owns up to kRows pixel rows and
+// One block per (b, k) problem. Each thread owns a few pixel rows (fwd_rows) and
 // keeps their scores and kernel entries in registers for all iterations, so S
 // is read from global memory once and every iteration, the per-problem
 // stopping test included, runs on chip with no host synchronisation. The
@@ -24,11 +24,18 @@
 namespace otseg {
 namespace {
 
-constexpr int kRows = 4;            // pixel rows per thread
 constexpr float kAbsorb = 30.0f;    // scalings outside [e^-30, e^30] are absorbed
-constexpr int kMaxThreads = 1024;
-constexpr int kMaxPixels = kRows * kMaxThreads;
+constexpr int kMaxPixels = 4096;
 constexpr int kMaxPromptsCuda = 16;
+
+// Pixel rows per thread. The forward gives each thread 8 rows up to 8
+// prompts: fewer threads a problem make its two block sums an iteration
+// cheaper, and 128 threads for 1024 x 8 leave room for two problems an SM
+// (the Triton forward ran 1.6-1.9x faster with 4 warps than with 8 on an
+// H100: otseg/ops/mps/triton.py, _blocks). 16 prompts keep 4 rows (registers).
+// The backward keeps 4 rows and 256 threads for 1024 pixels.
+constexpr int fwd_rows(int NP) { return NP <= 8 ? 8 : 4; }
+constexpr int kBwdRows = 4;
 
 // Inputs and outputs are float32, float16 or bfloat16; the kernels compute in
 // float32 and branch on the dtype at run time (uniformly), which keeps the
@@ -108,6 +115,7 @@ struct ForwardArgs {
 
 template <int NP, int kThreads>
 __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
+  constexpr int kRows = fwd_rows(NP);
   __shared__ float red[(kThreads / 32) * (NP + 1)];
   const int64_t p = blockIdx.x;
   const int M = a.M, N = a.N;
@@ -339,6 +347,7 @@ struct BackwardArgs {
 
 template <int NP, int kThreads>
 __global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
+  constexpr int kRows = kBwdRows;
   constexpr int kWarps = kThreads / 32;
   __shared__ float red[kWarps * NP];
   // Per warp, its partial sums of the prompt weights W[n][j] = sum_m
@@ -419,15 +428,18 @@ __global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
     W_s[i] = acc;
   }
   block_reduce<NP, kThreads, false>(rhs, red);  // its barriers also publish W_s
-  if (threadIdx.x == 0) {
-    double W[kMaxPromptsCuda * kMaxPromptsCuda], b[kMaxPromptsCuda], y[kMaxPromptsCuda],
-        scratch[kMaxPromptsCuda];
-    for (int i = 0; i < N; ++i) {
-      for (int j = 0; j < N; ++j) W[i * N + j] = W_s[i * NP + j];
-      b[i] = rhs[i];
+  if (warp == 0) {
+    // The Laplacian solve by the first warp, lane i holding row i in
+    // registers (csrc/common/gauge_solve.h); the other warps wait.
+    double w_row[NP];
+    double b = 0.0;
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      w_row[j] = lane < N && j < N ? static_cast<double>(W_s[lane * NP + j]) : 0.0;
+      if (j == lane && j < N) b = rhs[j];
     }
-    laplacian_gauge_solve(W, b, y, scratch, N);
-    for (int i = 0; i < NP; ++i) y_s[i] = i < N ? y[i] : 0.0;
+    const double y = laplacian_gauge_solve_warp<NP>(w_row, b, N);
+    if (lane < NP) y_s[lane] = y;
   }
   __syncthreads();
   // Pass 2: x = (r - T y) / a; dS = -(H - T (x + y)) + M N T dS*.
@@ -463,23 +475,28 @@ Dtype to_dtype(at::ScalarType t) {
   return Dtype::kFloat;
 }
 
-// The block shape for M pixels: kRows rows per thread, at least 128 threads.
-int threads_for(int64_t M) {
+// The block shape for M pixels: rows per thread, at least 128 threads.
+int threads_for(int64_t M, int rows) {
   int threads = 128;
-  while (threads * kRows < M) threads *= 2;
+  while (threads * rows < M) threads *= 2;
   return threads;
 }
 
+// Launches Launch<NP, threads> for the problem's prompt bucket NP (4, 8, 16)
+// and its block size; only the block sizes that M <= kMaxPixels can ask for
+// are compiled (Launch::rows(NP) rows a thread).
 template <template <int, int> class Launch, typename Args>
 void dispatch(int64_t M, int64_t N, int64_t P, const Args& args) {
-  const int threads = threads_for(M);
   const int np = N <= 4 ? 4 : (N <= 8 ? 8 : 16);
+  const int threads = threads_for(M, Launch<4, 128>::rows(np));
   auto stream = at::cuda::getCurrentCUDAStream();
-#define OTSEG_LAUNCH(NP_, T_)                                     \
-  if (np == NP_ && threads == T_) {                               \
-    Launch<NP_, T_>::run(static_cast<unsigned>(P), stream, args); \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                               \
-    return;                                                       \
+#define OTSEG_LAUNCH(NP_, T_)                                                              \
+  if constexpr (T_ == 128 || T_ * Launch<NP_, T_>::rows(NP_) <= kMaxPixels) {               \
+    if (np == NP_ && threads == T_) {                                                      \
+      Launch<NP_, T_>::run(static_cast<unsigned>(P), stream, args);                        \
+      C10_CUDA_KERNEL_LAUNCH_CHECK();                                                      \
+      return;                                                                              \
+    }                                                                                      \
   }
 #define OTSEG_LAUNCH_NP(NP_) \
   OTSEG_LAUNCH(NP_, 128) OTSEG_LAUNCH(NP_, 256) OTSEG_LAUNCH(NP_, 512) OTSEG_LAUNCH(NP_, 1024)
@@ -493,6 +510,7 @@ void dispatch(int64_t M, int64_t N, int64_t P, const Args& args) {
 
 template <int NP, int T>
 struct LaunchFwd {
+  static constexpr int rows(int np) { return fwd_rows(np); }
   static void run(unsigned P, cudaStream_t stream, const ForwardArgs& a) {
     mps_fwd_kernel<NP, T><<<P, T, 0, stream>>>(a);
   }
@@ -500,6 +518,7 @@ struct LaunchFwd {
 
 template <int NP, int T>
 struct LaunchBwd {
+  static constexpr int rows(int) { return kBwdRows; }
   static void run(unsigned P, cudaStream_t stream, const BackwardArgs& a) {
     mps_bwd_kernel<NP, T><<<P, T, 0, stream>>>(a);
   }

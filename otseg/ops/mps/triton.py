@@ -123,16 +123,18 @@ def _blocks(M, N, wide=False):
     """The ``_Blocks`` of [M, N] problems (ints); ``wide``: float64 compute."""
     block_m = max(16, 1 << (M - 1).bit_length())
     block_n = max(2, 1 << (N - 1).bit_length())
-    # Forward: threads along the pixels, each holding whole rows: its tiles of
-    # scores and kernel entries, 32 values each (16 in float64). 1024 x 8
-    # float32 in 8 warps: 186-191 registers a thread for sm_90 (triton 3.8,
-    # 3.6), no spills; 4096 x 16 in 32 warps holds 64 a thread and spills.
-    per_thread = 512 if wide else 1024
-    fwd_warps = min(32, max(1, block_m // 32), max(1, (block_m * block_n) // per_thread))
-    # Backward: 16 elements per thread and tile (1024 x 8 in 16 warps). Its
-    # one-pass weights hold BLOCK_N^2 accumulators a thread: up to 8 x 8 in
-    # float32 without spilling.
-    bwd_warps = min(32, max(1, (block_m * block_n) // 512))
+    # Threads along the pixels, each holding whole rows: 64 values of each
+    # tile a thread (32 in float64), 4 warps for 1024 x 8. Measured on an H100
+    # (bench/gpu_profile.py's sweep, coco16, triton 3.6, commit 41c01fa): 4
+    # warps against 8 and 16, forward 119 / 191 / 205 us on the clip scores
+    # and 755 / 1428 / 1536 us on the hard ones, backward 103 / 147 / 201 us.
+    # Fewer threads a problem make its sums over pixels (two a forward
+    # iteration) cheaper and leave room for two problems on an SM.
+    per_warp = 1024 if wide else 2048
+    fwd_warps = min(32, max(1, block_m // 32), max(1, (block_m * block_n) // per_warp))
+    # Backward: the same share a thread. Its one-pass weights hold BLOCK_N^2
+    # accumulators a thread: up to 8 x 8 in float32.
+    bwd_warps = min(32, max(1, (block_m * block_n) // per_warp))
     return _Blocks(block_m, block_n, fwd_warps, bwd_warps, block_n <= 8 and not wide)
 
 
