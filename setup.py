@@ -2,8 +2,9 @@
 and the C++/CUDA extension ``otseg._C``.
 
 Sources are found by convention: ``csrc/*.cpp`` and ``csrc/cpu/*.cpp`` always,
-``csrc/cuda/*.cu`` when a CUDA toolkit and a CUDA build of torch are present (no
-GPU is needed to compile).
+``csrc/cuda/*.cu`` and ``csrc/cuda/*.cpp`` (the CUDA backend's kernels and its
+host code) when a CUDA toolkit and a CUDA build of torch are present (no GPU is
+needed to compile).
 
 Environment:
     OTSEG_NO_EXTENSIONS=1   build no extension (pure-Python install; only the
@@ -98,7 +99,7 @@ def extensions():
         _log("torch is not importable in the build environment: building no extension")
         return [], {}
 
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     cuda_home = None
     if not _flag("OTSEG_NO_CUDA") and cuda_sources and torch.version.cuda:
         cuda_home = find_cuda_home()

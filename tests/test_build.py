@@ -25,3 +25,21 @@ def test_cuda_kernels_compiled_when_a_toolkit_is_present():
     assert _extension.with_cuda, "nvcc and a CUDA torch are present, but otseg._C was built without CUDA"
     for op in ("mps_forward", "mps_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"otseg::{op}", "CUDA")
+
+
+def test_cuda_kernels_file_holds_no_host_library_code():
+    """nvcc compiles only the kernels and their launches: every ATen, c10 or
+    torch header (and so every check that throws) belongs in the C++ host
+    file, since an exception raised from nvcc-compiled host code crashed the
+    process on an H100 (csrc/cuda/mps_cuda.h says why)."""
+    import glob
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda")
+    kernels = glob.glob(os.path.join(root, "*.cu"))
+    assert kernels, "no .cu file in csrc/cuda"
+    for path in kernels:
+        includes = re.findall(r'^#include [<"]([^>"]+)[>"]', open(path).read(), flags=re.M)
+        host = [i for i in includes if i.split("/")[0] in ("ATen", "c10", "torch")]
+        assert not host, f"{os.path.basename(path)} includes {host}"
+        assert "TORCH_" not in open(path).read(), f"{os.path.basename(path)} uses a TORCH_ macro"

@@ -1,4 +1,4 @@
-"""Backend "cuda" (csrc/cuda/mps_cuda.cu) on a GPU, against the float64 reference.
+"""Backend "cuda" (csrc/cuda/: mps_cuda.cpp, mps_cuda_kernels.cu) on a GPU, against the float64 reference.
 
 Mirrors the CPU kernel tests: odd sizes, every accepted dtype, non-contiguous
 inputs, fixed and converged iterations, gradients, opcheck, torch.compile, and
@@ -171,10 +171,13 @@ def test_batch_dims_and_a_repeatable_backward():
 
 
 def test_errors_raised_in_the_cuda_library_reach_python():
-    """The one GPU run so far crashed (SIGSEGV) where the cuda library raised
-    a C++ exception (float64 input, before the Python checks existed). Calls
-    of the operators that raise there, in a child process: each must end as
-    a Python exception, not a crash."""
+    """GPU runs crashed (SIGSEGV) where the cuda library raised a C++
+    exception: an H200 run on float64 input, and the H100 run of 8667a72 on
+    the wrongly shaped gradient below (the backtrace: the check's message
+    formatted from host code compiled by nvcc). The host code now lives in
+    mps_cuda.cpp, compiled by the C++ compiler. Calls of the operators that
+    raise, in a child process: each must end as a Python exception, not a
+    crash."""
     import subprocess
     import sys
     import textwrap

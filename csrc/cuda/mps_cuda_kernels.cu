@@ -1,4 +1,6 @@
-// Fused Multi-Prompts Sinkhorn on CUDA.
+// Fused Multi-Prompts Sinkhorn on CUDA: the kernels and their launches
+// (launch_mps_forward / launch_mps_backward, mps_cuda.h). No ATen here: the
+// host side (checks, outputs, streams, exceptions) is mps_cuda.cpp.
 //
 // One block per (b, k) problem. Each thread owns a few pixel rows (fwd_rows) and
 // keeps their scores and kernel entries in registers for all iterations, so S
@@ -7,26 +9,24 @@
 // iteration is the CPU kernel's (otseg/ops/mps/README.md): scaling domain,
 // u = mu / (K v) per row in registers and z = K^T u by one block reduction,
 // with log-domain absorption when a scaling leaves [e^-30, e^30]. The
-// backward is the implicit gradient, one block per problem, sharing the small
-// Laplacian solve with the CPU kernel (csrc/common/gauge_solve.h).
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+// backward is the implicit gradient, one block per problem; its small
+// Laplacian solve is the CPU kernel's elimination run by one warp, lane i
+// holding row i (csrc/common/gauge_solve.h).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cmath>
-#include <limits>
+#include <cstdint>
 
-#include "../common/checks.h"
 #include "../common/gauge_solve.h"
+#include "mps_cuda.h"
 
 namespace otseg {
+namespace cuda {
 namespace {
 
 constexpr float kAbsorb = 30.0f;    // scalings outside [e^-30, e^30] are absorbed
-constexpr int kMaxPixels = 4096;
-constexpr int kMaxPromptsCuda = 16;
 
 // Pixel rows per thread. The forward gives each thread 8 rows up to 8
 // prompts: fewer threads a problem make its two block sums an iteration
@@ -37,17 +37,14 @@ constexpr int kMaxPromptsCuda = 16;
 constexpr int fwd_rows(int NP) { return NP <= 8 ? 8 : 4; }
 constexpr int kBwdRows = 4;
 
-// Inputs and outputs are float32, float16 or bfloat16; the kernels compute in
-// float32 and branch on the dtype at run time (uniformly), which keeps the
-// number of template instantiations, and so the build time, small.
-enum class Dtype : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
-
+// Loads and stores in the input's dtype (Dtype, mps_cuda.h), computing in
+// float32; float16 and bfloat16 convert with round-to-nearest-even.
 __device__ __forceinline__ float load_as_float(const void* base, int64_t i, Dtype dt) {
   switch (dt) {
     case Dtype::kHalf:
-      return static_cast<float>(static_cast<const at::Half*>(base)[i]);
+      return __half2float(static_cast<const __half*>(base)[i]);
     case Dtype::kBFloat16:
-      return static_cast<float>(static_cast<const at::BFloat16*>(base)[i]);
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
     default:
       return static_cast<const float*>(base)[i];
   }
@@ -56,10 +53,10 @@ __device__ __forceinline__ float load_as_float(const void* base, int64_t i, Dtyp
 __device__ __forceinline__ void store_from_float(void* base, int64_t i, float x, Dtype dt) {
   switch (dt) {
     case Dtype::kHalf:
-      static_cast<at::Half*>(base)[i] = static_cast<at::Half>(x);
+      static_cast<__half*>(base)[i] = __float2half_rn(x);
       break;
     case Dtype::kBFloat16:
-      static_cast<at::BFloat16*>(base)[i] = static_cast<at::BFloat16>(x);
+      static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x);
       break;
     default:
       static_cast<float*>(base)[i] = x;
@@ -96,22 +93,6 @@ __device__ __forceinline__ void block_reduce(float (&x)[V], float* smem) {
   }
   __syncthreads();
 }
-
-struct ForwardArgs {
-  const void* S;
-  int64_t sP, sM, sN;
-  int M, N;
-  float eps;
-  int max_iter;
-  float tol;
-  Dtype dtype;
-  void* score;         // [P, M]
-  void* plan;          // [P, M, N] or null
-  float* f;            // [P, M]
-  float* g;            // [P, N]
-  int* n_iter;         // [P]
-  int* nonfinite;      // [1], set when S holds NaN or inf; null: no check
-};
 
 template <int NP, int kThreads>
 __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
@@ -331,20 +312,6 @@ __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
   }
 }
 
-struct BackwardArgs {
-  const void* dscore;  // [P, M] contiguous, or null
-  const void* dplan;   // [P, M, N] strided, or null
-  int64_t dpP, dpM, dpN;
-  const void* S;
-  int64_t sP, sM, sN;
-  const float* f;      // [P, M]
-  const float* g;      // [P, N]
-  int M, N;
-  float eps;
-  Dtype dtype;
-  void* grad;          // [P, M, N] contiguous
-};
-
 template <int NP, int kThreads>
 __global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
   constexpr int kRows = kBwdRows;
@@ -460,23 +427,8 @@ __global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
   }
 }
 
-Dtype to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return Dtype::kFloat;
-    case at::kHalf:
-      return Dtype::kHalf;
-    case at::kBFloat16:
-      return Dtype::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "the cuda backend takes float32, float16 or bfloat16 scores (computing in float32), got ",
-                       t, "; use backend=\"reference\" for float64");
-  }
-  return Dtype::kFloat;
-}
-
 // The block shape for M pixels: rows per thread, at least 128 threads.
-int threads_for(int64_t M, int rows) {
+int threads_for(int M, int rows) {
   int threads = 128;
   while (threads * rows < M) threads *= 2;
   return threads;
@@ -486,16 +438,18 @@ int threads_for(int64_t M, int rows) {
 // and its block size; only the block sizes that M <= kMaxPixels can ask for
 // are compiled (Launch::rows(NP) rows a thread).
 template <template <int, int> class Launch, typename Args>
-void dispatch(int64_t M, int64_t N, int64_t P, const Args& args) {
+cudaError_t dispatch(int M, int N, int64_t P, cudaStream_t stream, const Args& args) {
+  if (M < 1 || M > kMaxPixels || N < 1 || N > kMaxPromptsCuda || P < 0 || P > 0x7fffffff) {
+    return cudaErrorInvalidValue;
+  }
+  if (P == 0) return cudaSuccess;
   const int np = N <= 4 ? 4 : (N <= 8 ? 8 : 16);
   const int threads = threads_for(M, Launch<4, 128>::rows(np));
-  auto stream = at::cuda::getCurrentCUDAStream();
 #define OTSEG_LAUNCH(NP_, T_)                                                              \
   if constexpr (T_ == 128 || T_ * Launch<NP_, T_>::rows(NP_) <= kMaxPixels) {               \
     if (np == NP_ && threads == T_) {                                                      \
       Launch<NP_, T_>::run(static_cast<unsigned>(P), stream, args);                        \
-      C10_CUDA_KERNEL_LAUNCH_CHECK();                                                      \
-      return;                                                                              \
+      return cudaGetLastError();                                                           \
     }                                                                                      \
   }
 #define OTSEG_LAUNCH_NP(NP_) \
@@ -505,7 +459,7 @@ void dispatch(int64_t M, int64_t N, int64_t P, const Args& args) {
   OTSEG_LAUNCH_NP(16)
 #undef OTSEG_LAUNCH_NP
 #undef OTSEG_LAUNCH
-  TORCH_CHECK(false, "no CUDA kernel for M = ", M, ", N = ", N);
+  return cudaErrorInvalidValue;  // unreachable for the shapes checked above
 }
 
 template <int NP, int T>
@@ -524,87 +478,15 @@ struct LaunchBwd {
   }
 };
 
-Problems check_cuda_shape(const at::Tensor& scores) {
-  Problems pr = problems_of(scores);
-  TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor");
-  TORCH_CHECK_VALUE(pr.N <= kMaxPromptsCuda, "the cuda backend supports N <= ", kMaxPromptsCuda,
-                    " prompts, got N = ", pr.N, " (use backend=\"cpu\" on CPU tensors or \"reference\")");
-  TORCH_CHECK_VALUE(pr.M <= kMaxPixels, "the cuda backend supports M <= ", kMaxPixels,
-                    " pixels per problem, got M = ", pr.M, " (use backend=\"reference\")");
-  TORCH_CHECK_VALUE(pr.P <= std::numeric_limits<int>::max(), "too many problems for one launch");
-  return pr;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forward_cuda(
-    const at::Tensor& scores, double eps, int64_t max_iter, double tol, bool return_plan, bool check_finite) {
-  const Problems pr = check_cuda_shape(scores);
-  OTSEG_CHECK_PARAMS(eps, max_iter, tol);
-  const at::cuda::OptionalCUDAGuard guard(scores.device());
-  const int64_t P = pr.P, M = pr.M, N = pr.N;
-  const at::Tensor& flat = pr.flat;
-  auto score = at::empty(pr.sizes({M}), scores.options());
-  auto plan = return_plan ? at::empty(pr.sizes({M, N}), scores.options()) : at::empty({0}, scores.options());
-  auto f = at::empty(pr.sizes({M}), scores.options().dtype(at::kFloat));
-  auto g = at::empty(pr.sizes({N}), scores.options().dtype(at::kFloat));
-  auto n_iter = at::empty(pr.batch, scores.options().dtype(at::kInt));
-  // The flag costs a fill kernel: only when the check is asked for.
-  auto nonfinite = check_finite ? at::zeros({1}, scores.options().dtype(at::kInt)) : at::Tensor();
-  if (P == 0) return {score, plan, f, g, n_iter};
-  ForwardArgs a{flat.const_data_ptr(), flat.stride(0), flat.stride(1), flat.stride(2),
-                static_cast<int>(M), static_cast<int>(N), static_cast<float>(eps),
-                static_cast<int>(std::min<int64_t>(max_iter, std::numeric_limits<int>::max())),
-                static_cast<float>(tol), to_dtype(scores.scalar_type()), score.mutable_data_ptr(),
-                return_plan ? plan.mutable_data_ptr() : nullptr, f.mutable_data_ptr<float>(),
-                g.mutable_data_ptr<float>(), n_iter.mutable_data_ptr<int>(),
-                check_finite ? nonfinite.mutable_data_ptr<int>() : nullptr};
-  dispatch<LaunchFwd>(M, N, P, a);
-  // The one host synchronisation, and only when asked for: reporting bad input.
-  if (check_finite) {
-    TORCH_CHECK_VALUE(nonfinite.item<int>() == 0,
-                      "the input contains NaN or inf; pass check_finite=False to skip this check");
-  }
-  return {score, plan, f, g, n_iter};
-}
-
-at::Tensor mps_backward_cuda(const std::optional<at::Tensor>& grad_score, const std::optional<at::Tensor>& grad_plan,
-                             const at::Tensor& scores, const at::Tensor& f, const at::Tensor& g, double eps) {
-  const Problems pr = check_cuda_shape(scores);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
-  const at::cuda::OptionalCUDAGuard guard(scores.device());
-  const int64_t P = pr.P, M = pr.M, N = pr.N;
-  OTSEG_CHECK_SIZES(f, pr.sizes({M}));
-  OTSEG_CHECK_SIZES(g, pr.sizes({N}));
-  TORCH_CHECK(f.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat, "f and g must be float32");
-  auto fc = f.contiguous(), gc = g.contiguous();
-  at::Tensor ds, dp;
-  std::tie(ds, dp) = upstream_grads(grad_score, grad_plan, pr, scores.scalar_type());
-  auto grad = at::empty(scores.sizes(), scores.options());
-  if ((!ds.defined() && !dp.defined()) || P == 0) return grad.zero_();
-  BackwardArgs a{ds.defined() ? ds.const_data_ptr() : nullptr,
-                 dp.defined() ? dp.const_data_ptr() : nullptr,
-                 dp.defined() ? dp.stride(0) : 0,
-                 dp.defined() ? dp.stride(1) : 0,
-                 dp.defined() ? dp.stride(2) : 0,
-                 pr.flat.const_data_ptr(),
-                 pr.flat.stride(0),
-                 pr.flat.stride(1),
-                 pr.flat.stride(2),
-                 fc.const_data_ptr<float>(),
-                 gc.const_data_ptr<float>(),
-                 static_cast<int>(M),
-                 static_cast<int>(N),
-                 static_cast<float>(eps),
-                 to_dtype(scores.scalar_type()),
-                 grad.mutable_data_ptr()};
-  dispatch<LaunchBwd>(M, N, P, a);
-  return grad;
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(otseg, CUDA, m) {
-  m.impl("mps_forward", &mps_forward_cuda);
-  m.impl("mps_backward", &mps_backward_cuda);
+cudaError_t launch_mps_forward(const ForwardArgs& args, int64_t P, cudaStream_t stream) {
+  return dispatch<LaunchFwd>(args.M, args.N, P, stream, args);
 }
 
+cudaError_t launch_mps_backward(const BackwardArgs& args, int64_t P, cudaStream_t stream) {
+  return dispatch<LaunchBwd>(args.M, args.N, P, stream, args);
+}
+
+}  // namespace cuda
 }  // namespace otseg
