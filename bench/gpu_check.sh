@@ -91,7 +91,7 @@ if has_step ncu; then
     timeout -k 10 120 "$ncu" --profile-from-start off --clock-control none --kernel-name regex:"mps_(fwd|bwd)_kernel" \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-      "$py" bench/gpu_kernels.py > "$out/ncu.txt" 2>&1 || status=1
+      "$py" bench/gpu_kernels.py > "$out/ncu.txt" 2>&1 || echo "ncu step failed (optional: the check goes on)" | tee -a "$out/summary.txt"
     grep -E "^  [A-Za-z_].*\(|Duration|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|profiled" \
       "$out/ncu.txt" | head -80 | tee -a "$out/summary.txt"
   else
@@ -118,7 +118,7 @@ if has_step tests; then
     "$py" -m pytest -m gpu tests \
     -p no:cacheprovider -p no:benchmark -q -rfEs --durations 25 "${par[@]}" > "$pytest_log" 2>&1 || status=1
   echo "$(grep -c '^PASSED' "$out/gpu-tests.log") passed, $(grep -c '^FAILED' "$out/gpu-tests.log") failed," \
-    "$(grep -c '^SKIPPED' "$out/gpu-tests.log") skipped (gpu-tests.log)" | tee -a "$out/summary.txt"
+    "$(grep -c '^SKIPPED' "$out/gpu-tests.log") skipped (gpu-tests.log: per test; skips of a whole module only in pytest's line below)" | tee -a "$out/summary.txt"
   grep '^FAILED' "$out/gpu-tests.log" | head -30 | tee -a "$out/summary.txt"
   tail -3 "$pytest_log" | tee -a "$out/summary.txt"
   { echo; echo "== pytest's own output"; cat "$pytest_log"; } >> "$out/gpu-tests.log"

@@ -21,17 +21,12 @@ import argparse
 import sys
 
 import torch
+from gpu_profile import _ops  # the raw (forward, backward) operators of a backend
 
 from otseg import ops
 from otseg.benchmark.generators import CASES, EPS, make_scores
 
-# The fused GPU backends and their raw (forward, backward) operators on [P, M, N].
-OPERATORS = {
-    "cuda": (lambda s: torch.ops.otseg.mps_forward(s, EPS, 100, 1e-6, False, False),
-             lambda ds, s, f, g: torch.ops.otseg.mps_backward(ds, None, s, f, g, EPS)),
-    "triton": (lambda s: torch.ops.otseg.mps_forward_triton(s, EPS, 100, 1e-6, False),
-               lambda ds, s, f, g: torch.ops.otseg.mps_backward_triton(ds, None, s, f, g, EPS)),
-}
+BACKENDS = ("cuda", "triton")
 
 
 def main(argv=None):
@@ -46,17 +41,18 @@ def main(argv=None):
     for gen in args.generators:
         scores = make_scores(case, gen, 0, "cuda").reshape(-1, case.M, case.N).contiguous()
         ds = torch.randn(scores.shape[:-1], device="cuda")
-        for backend, (fwd, bwd) in OPERATORS.items():
+        for backend in BACKENDS:
             if backend not in available:
                 print(f"{backend}: not available here, skipped", flush=True)
                 continue
+            fwd, bwd = _ops(backend)
             for _ in range(2):  # warm-up (and the Triton compile), not profiled
-                _, _, f, g, n_iter = fwd(scores)
-                bwd(ds, scores, f, g)
+                _, _, f, g, _ = fwd(scores)
+                bwd(ds, None, scores, f, g, EPS)
             torch.cuda.synchronize()
             torch.cuda.profiler.start()
             _, _, f, g, n_iter = fwd(scores)
-            bwd(ds, scores, f, g)
+            bwd(ds, None, scores, f, g, EPS)
             torch.cuda.synchronize()
             torch.cuda.profiler.stop()
             print(f"{args.case}/{gen}/{backend}: profiled one forward ({n_iter.float().mean().item():.1f} "

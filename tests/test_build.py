@@ -38,8 +38,18 @@ def test_cuda_kernels_file_holds_no_host_library_code():
     root = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda")
     kernels = glob.glob(os.path.join(root, "*.cu"))
     assert kernels, "no .cu file in csrc/cuda"
+    def includes(path, seen):
+        """The headers ``path`` includes, following its local ("...") includes."""
+        found = []
+        for kind, name in re.findall(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', open(path).read(), flags=re.M):
+            found.append(name)
+            local = os.path.normpath(os.path.join(os.path.dirname(path), name))
+            if kind == '"' and os.path.isfile(local) and local not in seen:
+                seen.add(local)
+                found += includes(local, seen)
+        return found
+
     for path in kernels:
-        includes = re.findall(r'^#include [<"]([^>"]+)[>"]', open(path).read(), flags=re.M)
-        host = [i for i in includes if i.split("/")[0] in ("ATen", "c10", "torch")]
-        assert not host, f"{os.path.basename(path)} includes {host}"
+        host = [i for i in includes(path, set()) if i.split("/")[0] in ("ATen", "c10", "torch")]
+        assert not host, f"{os.path.basename(path)} includes {host} (directly or through its local headers)"
         assert "TORCH_" not in open(path).read(), f"{os.path.basename(path)} uses a TORCH_ macro"

@@ -19,7 +19,9 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-SIZES = [(1, 1), (37, 6), (129, 8), (900, 8), (1023, 16), (4096, 3)]
+# Every block shape the dispatch can pick: 8 rows a thread in the forward up
+# to 8 prompts (128 / 256 / 512 threads), 4 rows otherwise and in the backward.
+SIZES = [(1, 1), (37, 6), (129, 8), (900, 8), (1023, 16), (2500, 6), (3000, 8), (4096, 3)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Absolute tolerance on the refined score (values of order 1..N) and on the plan * M * N.
 ATOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 1.5e-1}
@@ -78,7 +80,10 @@ def test_per_problem_independence():
     assert ia.n_iter[0] == ib.n_iter[0]
 
 
-@pytest.mark.parametrize("M,N", [(37, 6), (257, 8), (129, 16)], ids=_ids([(37, 6), (257, 8), (129, 16)]))
+GRAD_SIZES = [(50, 1), (50, 3), (37, 6), (257, 8), (129, 16), (2500, 6)]
+
+
+@pytest.mark.parametrize("M,N", GRAD_SIZES, ids=_ids(GRAD_SIZES))
 def test_gradient_matches_reference_on_converged_problems(M, N):
     S64 = hard_scores((2, M, N), seed=M + N)
     up = torch.randn(2, M, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -172,12 +177,13 @@ def test_batch_dims_and_a_repeatable_backward():
 
 def test_errors_raised_in_the_cuda_library_reach_python():
     """GPU runs crashed (SIGSEGV) where the cuda library raised a C++
-    exception: an H200 run on float64 input, and the H100 run of 8667a72 on
-    the wrongly shaped gradient below (the backtrace: the check's message
-    formatted from host code compiled by nvcc). The host code now lives in
-    mps_cuda.cpp, compiled by the C++ compiler. Calls of the operators that
-    raise, in a child process: each must end as a Python exception, not a
-    crash."""
+    exception: an H200 run on float64 input, and the H100 runs of 41c01fa and
+    8667a72 on the wrongly shaped gradient below (the backtrace: formatting
+    the message of the shared inline check of csrc/common/checks.h, which
+    nvcc and the C++ compiler both compiled; csrc/cuda/mps_cuda.h). The
+    backend's host code now lives in mps_cuda.cpp, compiled by the C++
+    compiler only. Calls of the operators that raise, in a child process:
+    each must end as a Python exception, not a crash."""
     import subprocess
     import sys
     import textwrap

@@ -44,8 +44,8 @@ Dtype to_dtype(at::ScalarType t) {
 
 // A launch's status as an exception (the shapes were checked before).
 void launch_checked(cudaError_t status, const char* what, int64_t M, int64_t N) {
-  TORCH_CHECK(status != cudaErrorInvalidValue, "no CUDA ", what, " kernel for M = ", M, ", N = ", N);
-  C10_CUDA_CHECK(status);
+  TORCH_CHECK(status == cudaSuccess, "the cuda backend's ", what, " launch for M = ", M, ", N = ", N,
+              " failed: ", cudaGetErrorString(status));
 }
 
 Problems check_cuda_shape(const at::Tensor& scores) {

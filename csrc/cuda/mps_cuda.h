@@ -4,13 +4,16 @@
 // pointers, strides and scalars, and two launch functions that return a CUDA
 // status instead of throwing.
 //
-// Why the split: on the first GPU runs, a failed argument check (a C++
-// exception built from ATen types) raised in host code compiled by nvcc
-// crashed the process (SIGSEGV in the message formatting, bench/README.md
-// "GPU runs"); the same checks raise cleanly from the CPU backend's C++. All
-// checks, allocations and exceptions now live in C++-compiled code, and
-// nvcc compiles only the kernels and their launches (which also builds
-// faster: no ATen headers in the .cu).
+// Why the split: on an H100, a failed shape check of the cuda backward
+// crashed the process (SIGSEGV while formatting the check's message; README
+// "GPU runs", backtrace in bench/results/gpu/h100-summary.md). The crashing
+// frame was the shared inline check of csrc/common/checks.h, compiled both by
+// nvcc (into the old .cu) and by the C++ compiler (into the CPU backend), the
+// linker taking one copy for both; checks from nvcc's own code had raised
+// cleanly in the same process. Now checks.h, and every check, allocation and
+// exception of the backend, is compiled by the C++ compiler only, and nvcc
+// compiles only the kernels and their launches (which also builds faster: no
+// ATen headers in the .cu).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -58,10 +61,11 @@ struct BackwardArgs {
   void* grad;          // [P, M, N] contiguous
 };
 
-// One block per problem, P problems, on `stream`. Return the launch's status
-// (cudaGetLastError), or cudaErrorInvalidValue for a shape without a kernel
-// (M outside [1, kMaxPixels], N outside [1, kMaxPromptsCuda]); the caller
-// checks shapes first and turns a status into an exception.
+// One block per problem, 1 <= P <= INT_MAX problems of 1 <= M <= kMaxPixels
+// pixels and 1 <= N <= kMaxPromptsCuda prompts (the caller checks), on
+// `stream`. Return the launch's status (cudaGetLastError), or
+// cudaErrorNotSupported if no kernel takes the shape; the caller turns a
+// status into an exception.
 cudaError_t launch_mps_forward(const ForwardArgs& args, int64_t P, cudaStream_t stream);
 cudaError_t launch_mps_backward(const BackwardArgs& args, int64_t P, cudaStream_t stream);
 

@@ -90,10 +90,12 @@ def queued_ms(fn, device, repeats):
 
     One CUDA event before the first call and one after the last, one
     synchronisation at the end: while the GPU runs a call the host prepares
-    the next, so where the GPU's work takes longer than the host's this is
-    the GPU's time per call, and the host's otherwise (a call that reads a
-    value on the host, like the reference's stopping test, waits for the GPU
-    each time). On the CPU, ``time.perf_counter`` around the calls.
+    the next, so the mean per call tends to the longer of the GPU's and the
+    host's work per call, and a call that reads a value on the host (like
+    the reference's stopping test) waits for the GPU each time. It is a mean
+    over one window, so a host stall within it (garbage collection, say)
+    counts in full: it can exceed the median latency of ``median_ms``. On
+    the CPU, ``time.perf_counter`` around the calls.
 
     Args:
         fn: a callable with no arguments (called once untimed first).

@@ -41,8 +41,10 @@ COLUMNS = (
 # Columns of GPU runs only: the bandwidth and the queued times (measure.queued_ms).
 GPU_COLUMNS = ("fwd GB/s (% copy)", "queued fwd ms", "queued fwd+bwd ms", "queued speedup fwd",
                "queued speedup fwd+bwd")
-# The timed quantities whose speedups against the reference are set (row keys "<key>_ms").
-TIMED = ("fwd", "fwd_bwd", "fwd_q", "fwd_bwd_q")
+# The timed quantities whose speedups against the reference are set (row keys
+# "<key>_ms"); the queued ones are measured on GPUs only.
+QUEUED = ("fwd_q", "fwd_bwd_q")
+TIMED = ("fwd", "fwd_bwd") + QUEUED
 
 
 def _fmt_ms(v):
@@ -124,13 +126,14 @@ def environment(device):
 
 
 def add_speedups(rows):
-    """Set ``speedup_fwd`` / ``speedup_fwd_bwd`` (reference time / time) on the
-    rows of one problem, in place; None where there is no measured reference."""
+    """Set ``speedup_<key>`` (reference time / time) for each key of ``TIMED``
+    that the rows have, on the rows of one problem, in place; None where there
+    is no measured reference."""
     ref = next((r for r in rows if r["backend"] == "reference" and r["status"] == "ok"), None)
     for r in rows:
         for key in TIMED:
-            if key in ("fwd_q", "fwd_bwd_q") and f"{key}_ms" not in r:
-                continue  # measured on GPUs only
+            if key in QUEUED and f"{key}_ms" not in r:
+                continue
             ok = ref is not None and r["status"] == "ok" and ref.get(f"{key}_ms") is not None
             r[f"speedup_{key}"] = ref[f"{key}_ms"] / r[f"{key}_ms"] if ok else None
 
@@ -225,11 +228,12 @@ def notes(rows, env, peak_memory, compile_scope):
     ]
     copy = env["machine"].get("copy_gbs")
     if copy:
-        lines.append("queued: the time per call of calls queued back to back, one CUDA event before the first and "
-                     "one after the last, as in a training loop: the host prepares the next call while the GPU runs "
-                     "the last, so this is the GPU's time per call where that is longer than the host's (the "
-                     "reference reads its stopping test on the host every iteration, so it waits each time). The "
-                     "other times are the latency of one call, the host's work included.")
+        lines.append("queued: the mean time per call of at least 10 calls queued back to back, one CUDA event "
+                     "before the first and one after the last, as in a training loop: the host prepares the next "
+                     "call while the GPU runs the last, so the mean tends to the longer of the two's work per call "
+                     "(the reference reads its stopping test on the host every iteration, so it waits each time); "
+                     "a host stall in the window counts in full, so it can exceed the median latency. The other "
+                     "times are the median latency of one call, the host's work included.")
         lines.append(f"fwd GB/s: the bytes a forward must move at the least (read the float32 scores S once, write "
                      f"the refined score; no plan) / queued fwd time; in brackets, the share of this device's "
                      f"device-to-device copy bandwidth measured at the start of this run, {copy:.0f} GB/s "
