@@ -11,7 +11,9 @@ device-to-device copy bandwidth measured here.
 Then, for the triton backend, the same graph times of its raw launches with
 each warp count in ``--warps`` (the launchers' ``num_warps``), on the largest
 case: which launch configuration this GPU prefers (``_blocks`` in
-otseg/ops/mps/triton.py picks one without measuring).
+otseg/ops/mps/triton.py picks one without measuring); and the forward's
+variants (``FWD_VARIANTS``: the scores held in registers or reread, with or
+without a register cap), whose outputs must be the same.
 
 Last, the host's side of a forward+backward call through autograd (as the
 benchmark makes it) per backend, on the first case: torch.profiler's table of
@@ -99,6 +101,48 @@ def _warp_sweep(case_name, generators, warps, copy):
                 continue
             gbs = nbytes / (fg * 1e-6) / 1e9
             lines.append(f"| {gen} | {w} | {fg:.1f} | {gbs:.0f} ({gbs / copy:.0%}) | {bg:.1f} |")
+    return lines
+
+
+# Triton forward variants on the largest case: (HOLD_S, register cap). With
+# the scores reread (HOLD_S=False) a thread of 1024 x 8 needs 198 registers
+# on sm_90 (bench/triton_sass.py), 2 problems of 4 warps an SM; capped at 168
+# (no spills, statically) it fits 3, at 128 (120 B of spills) 4.
+FWD_VARIANTS = ((True, None), (False, None), (False, 168), (False, 128), (True, 168))
+
+
+def _forward_variants(case_name, generators, copy):
+    """Graph times of the triton forward's variants (``FWD_VARIANTS``) at the
+    default warp count: which one this GPU prefers."""
+    case = CASES[case_name]
+    lines = [
+        f"triton forward on {case_name} [M={case.M}, N={case.N}] by variant: the scores held in registers "
+        "(HOLD_S, the default) or reread, and a register cap (maxnreg) that fits more problems on an SM; "
+        "graph times in us, GB/s as above.",
+        "",
+        "| scores | HOLD_S | maxnreg | fwd graph | fwd GB/s (% copy) | same outputs as the default |",
+        "|---|---|---|---|---|---|",
+    ]
+    for gen in generators:
+        scores = make_scores(case, gen, 0, "cuda").reshape(-1, case.M, case.N).contiguous()
+        P = scores.shape[0]
+        nbytes = scores.numel() * 4 + P * case.M * 4
+        first = None
+        for hold, maxnreg in FWD_VARIANTS:
+            out = (scores.new_empty(P, case.M), None, scores.new_empty(P, case.M), scores.new_empty(P, case.N),
+                   torch.empty(P, dtype=torch.int32, device="cuda"))
+            try:
+                fwd = lambda: tb.launch_forward(scores, EPS, 100, 1e-6, *out, hold_scores=hold, maxnreg=maxnreg)  # noqa: E731
+                fg = _graph_ms(fwd) * 1e3
+            except Exception as exc:  # noqa: BLE001  (report and go on)
+                lines.append(f"| {gen} | {hold} | {maxnreg} | failed: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:160]} | | |")
+                continue
+            results = [t for t in out if t is not None]
+            same = "-" if first is None else str(all(torch.equal(a, b) for a, b in zip(first, results)))
+            first = first or results
+            gbs = nbytes / (fg * 1e-6) / 1e9
+            lines.append(f"| {gen} | {hold} | {maxnreg} | {fg:.1f} | {gbs:.0f} ({gbs / copy:.0%}) | {same} |")
     return lines
 
 
@@ -195,6 +239,7 @@ def main(argv=None):
                              f"{gbs:.0f} ({gbs / copy:.0%}) | {be:.1f} | {bg:.1f} |")
     if args.warps and "triton" in backends:
         lines += ["", *_warp_sweep(args.cases[-1], args.generators, args.warps, copy)]
+        lines += ["", *_forward_variants(args.cases[-1], args.generators, copy)]
     if args.host_profile:
         try:
             lines += _host_profile(args.cases[0], backends)

@@ -104,7 +104,9 @@ def main(argv=None):
     print("| kernel | warps | registers | local memory B | shared B | instructions | per iteration "
           "(thread / warp-instructions of a program) | barriers | MUFU | SHFL |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    runs = [("forward", _mps_fwd_kernel, dict(HAS_PLAN=False), blocks.fwd_warps),
+    runs = [("forward", _mps_fwd_kernel, dict(HAS_PLAN=False, HOLD_S=True), blocks.fwd_warps),
+            ("forward, scores reread (HOLD_S=False)", _mps_fwd_kernel, dict(HAS_PLAN=False, HOLD_S=False),
+             blocks.fwd_warps),
             ("backward", _mps_bwd_kernel, dict(HAS_DSCORE=True, HAS_DPLAN=False, W_ONE_PASS=blocks.one_pass),
              blocks.bwd_warps)]
     with tempfile.TemporaryDirectory() as workdir:
@@ -113,7 +115,7 @@ def main(argv=None):
                 consts = dict(flags, BLOCK_M=block_m, NG=block_n // vec, VEC=vec)
                 compiled = compile_mps_kernel(kernel, consts, _TYPES[dtype], acc, warps, args.arch)
                 sass, res, ops = _stats(compiled, workdir, f"{name}{warps}")
-                per_it = _iteration_path(sass) if name == "forward" else None
+                per_it = _iteration_path(sass) if name.startswith("forward") else None
                 it_text = f"{per_it} / {per_it * warps}" if per_it else "-"
                 mark = "" if warps == default else " (not the default)"
                 print(f"| {name}{mark} | {warps} | {res.get('REG')} | {res.get('STACK', 0) + res.get('LOCAL', 0)} | "

@@ -41,32 +41,15 @@ def _row_max(x):
     return tl.max(tl.max(x, axis=2), axis=0)
 
 
-@triton.jit(do_not_specialize=["stride_sm", "stride_sn"])
-def _mps_fwd_kernel(
-    S, SCORE, PLAN, F, G, NITER,
-    stride_sp, stride_sm, stride_sn,
-    M, N, max_iter,
-    eps_hi, eps_lo, tol_hi, tol_lo,
-    HAS_PLAN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    NG: tl.constexpr,
-    VEC: tl.constexpr,
-):
-    ACC = F.dtype.element_ty
-    pid = tl.program_id(0).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_g = tl.arange(0, NG)
+@triton.jit
+def _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, other,
+               BLOCK_M: tl.constexpr, NG: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr):
+    """A problem's [M, N] scores as an [NG, BLOCK_M, VEC] tile in ACC, padding
+    ``other``. The tile is read as [NG * BM, VEC] rows r = g * BM + m and
+    reshaped: with the vector dim the only contiguous one, Triton (3.6 and 3.8
+    alike) lays the rows r over the threads, so that each thread holds all the
+    prompts of its pixels and row reductions need no communication."""
     offs_j = tl.arange(0, VEC)
-    mask_m = offs_m < M  # [BM]
-    # Prompt n = g * VEC + j; with VEC > 1, N is a multiple of VEC, so the
-    # mask is constant along j (vector loads).
-    mask_c = tl.broadcast_to(offs_g[:, None] < N // VEC, [NG, VEC])  # [NG, VEC]
-    mask = mask_m[None, :, None] & mask_c[:, None, :]  # [NG, BM, VEC]
-    # The tile is read as [NG * BM, VEC] rows r = g * BM + m and reshaped to
-    # [NG, BM, VEC]: with the vector dim the only contiguous one, Triton (3.6
-    # and 3.8 alike) lays the rows r over the threads, so that each thread
-    # holds all the prompts of its pixels and row reductions need no
-    # communication.
     r_g = tl.arange(0, NG * BLOCK_M) // BLOCK_M
     r_m = tl.arange(0, NG * BLOCK_M) % BLOCK_M
     mask_r = (r_m < M)[:, None] & (r_g < N // VEC)[:, None]  # [NG * BM, 1]
@@ -78,9 +61,30 @@ def _mps_fwd_kernel(
     else:
         s_ptrs = (S + pid * stride_sp + r_m.to(tl.int64)[:, None] * stride_sm
                   + (r_g * VEC).to(tl.int64)[:, None] * stride_sn + offs_j[None, :])
-    # Padding reads as S = -inf: every exponential of it is 0, so the loop
-    # needs no mask over the tile (which would hold a register per element).
-    s = tl.reshape(tl.load(s_ptrs, mask=mask_r, other=float("-inf")).to(ACC), [NG, BLOCK_M, VEC])
+    return tl.reshape(tl.load(s_ptrs, mask=mask_r, other=other).to(ACC), [NG, BLOCK_M, VEC])
+
+
+@triton.jit(do_not_specialize=["stride_sm", "stride_sn"])
+def _mps_fwd_kernel(
+    S, SCORE, PLAN, F, G, NITER,
+    stride_sp, stride_sm, stride_sn,
+    M, N, max_iter,
+    eps_hi, eps_lo, tol_hi, tol_lo,
+    HAS_PLAN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NG: tl.constexpr,
+    VEC: tl.constexpr,
+    HOLD_S: tl.constexpr,
+):
+    ACC: tl.constexpr = F.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_g = tl.arange(0, NG)
+    offs_j = tl.arange(0, VEC)
+    mask_m = offs_m < M  # [BM]
+    # Prompt n = g * VEC + j; with VEC > 1, N is a multiple of VEC, so the
+    # mask is constant along j (vector loads).
+    mask_c = tl.broadcast_to(offs_g[:, None] < N // VEC, [NG, VEC])  # [NG, VEC]
 
     one = tl.full([], 1.0, ACC)
     # M and N may arrive as compile-time 1; multiplying keeps both cases typed.
@@ -95,20 +99,32 @@ def _mps_fwd_kernel(
     log_mu = -tl.log(m_f)
     log_nu = -tl.log(n_f)
 
+    # HOLD_S: the scores stay in registers for the whole loop, read from
+    # memory once (padding reads as S = -inf: every exponential of it is 0,
+    # so the loop needs no mask over the tile). Else the loop carries only
+    # the kernel matrix K, and the scores are read again (from L2, which they
+    # have just passed through) where a log-domain half-step rebuilds K and
+    # for the refined score at the end: about 55 fewer registers a thread
+    # (sm_90, 1024 x 8: 198 against 255 and 16 B of spills), which can make
+    # room for a third problem on an SM (Nsight Compute on an H100, commit
+    # 8667a72: 255 registers, 12.5% occupancy, limited by registers). Which
+    # is faster is for a GPU to say (bench/gpu_profile.py compares them).
+    if HOLD_S:
+        s_held = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
+
     # True potentials: f = eps (alpha + log u), g = eps (beta + log v); the
     # kernel matrix K = exp(alpha + beta - C/eps) is built at the first
     # iteration (K = 0 gives K v = 0, which sends the f half-step to the log
     # domain). A product K v or K^T u that is not > 0 (underflow, NaN) does too.
     alpha = tl.zeros([BLOCK_M], ACC)
-    log_u = tl.zeros([BLOCK_M], ACC)
     u = tl.full([BLOCK_M], 1.0, ACC)
     beta = tl.zeros([NG, VEC], ACC)
     v = tl.full([NG, VEC], 1.0, ACC)
     k_mat = tl.zeros([NG, BLOCK_M, VEC], ACC)
-    # The previous f/eps as alpha_prev + log_u_prev: while alpha is unchanged
-    # the change is the difference of the log scalings alone (no cancellation
-    # against a large alpha).
-    alpha_prev = tl.zeros([BLOCK_M], ACC)
+    # The previous f/eps is alpha + log_u_prev (alpha is the same at the top
+    # of every iteration): while alpha is unchanged the change is the
+    # difference of the log scalings alone (no cancellation against a large
+    # alpha).
     log_u_prev = tl.zeros([BLOCK_M], ACC)
     err = tl.full([], float("inf"), ACC)
     it = 0
@@ -122,27 +138,31 @@ def _mps_fwd_kernel(
         u = mu / tl.where(mask_m & kv_pos, kv, 1.0)
         bad_u = mask_m & (~kv_pos | (u < _SAFE_LO) | (u > _SAFE_HI))
         log_u = tl.log(u)
-        change = tl.where(mask_m, tl.abs((alpha - alpha_prev) + (log_u - log_u_prev)), 0.0)
+        change = tl.where(mask_m, tl.abs(log_u - log_u_prev), 0.0)
         # A scaling out of range makes the sum inf (a NaN input makes it NaN).
         total = tl.sum(tl.where(bad_u, float("inf"), change), axis=0)
         ktu = tl.sum(k_mat * u[None, :, None], axis=1)  # [NG, VEC]
         if (total >= float("inf")) | (total != total):
             # Absorb v into beta and redo the f half-step in the log domain,
             # rebuilding K with rows summing to mu (u = v = 1).
+            if HOLD_S:
+                s = s_held
+            else:
+                s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
             beta = tl.where(mask_c, beta + tl.log(v), 0.0)
             z = s * inv_eps + (beta - inv_eps)[:, None, :]
             z_max = tl.where(mask_m, _row_max(z), 0.0)
             e = tl.exp(z - z_max[None, :, None])
             e_sum = tl.where(mask_m, _row_sum(e), 1.0)
-            alpha = tl.where(mask_m, log_mu - z_max - tl.log(e_sum), 0.0)
+            alpha_new = tl.where(mask_m, log_mu - z_max - tl.log(e_sum), 0.0)
+            total = tl.sum(tl.where(mask_m, tl.abs((alpha_new - alpha) - log_u_prev), 0.0), axis=0)
+            alpha = alpha_new
             k_mat = e * (mu / e_sum)[None, :, None]
             u = tl.full([BLOCK_M], 1.0, ACC)
             v = tl.full([NG, VEC], 1.0, ACC)
             log_u = tl.zeros([BLOCK_M], ACC)
-            total = tl.sum(tl.where(mask_m, tl.abs((alpha - alpha_prev) - log_u_prev), 0.0), axis=0)
             ktu = tl.sum(k_mat, axis=1)
         err = eps * total / m_f
-        alpha_prev = alpha
         log_u_prev = log_u
 
         # g half-step: v = nu / (K^T u).
@@ -153,6 +173,10 @@ def _mps_fwd_kernel(
             # Absorb u into alpha and redo the g half-step in the log domain,
             # rebuilding K with columns summing to nu. The -1/eps of -C/eps
             # cancels inside the column max and reappears in beta.
+            if HOLD_S:
+                s = s_held
+            else:
+                s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
             alpha = tl.where(mask_m, alpha + log_u, 0.0)
             w = s * inv_eps + alpha[None, :, None]
             w_max = tl.where(mask_c, tl.max(w, axis=1), 0.0)
@@ -160,20 +184,26 @@ def _mps_fwd_kernel(
             e_sum = tl.where(mask_c, tl.sum(e, axis=1), 1.0)
             beta = tl.where(mask_c, log_nu + inv_eps - w_max - tl.log(e_sum), 0.0)
             k_mat = e * (nu / e_sum)[:, None, :]
-            alpha_prev = alpha
             log_u_prev = tl.zeros([BLOCK_M], ACC)
             u = tl.full([BLOCK_M], 1.0, ACC)
             v = tl.full([NG, VEC], 1.0, ACC)
         it += 1
 
     tl.store(NITER + pid, it)
-    tl.store(F + pid * M + offs_m, eps * (alpha_prev + log_u_prev), mask=mask_m)
+    tl.store(F + pid * M + offs_m, eps * (alpha + log_u_prev), mask=mask_m)
     c_offs = offs_g[:, None] * VEC + offs_j[None, :]
     tl.store(G + pid * N + c_offs, eps * (beta + tl.log(v)), mask=mask_c)
     plan = u[None, :, None] * k_mat * v[:, None, :]
-    score = (m_f * n_f) * _row_sum(plan * tl.where(mask, s, 0.0))
+    if HOLD_S:
+        s = tl.where(mask_m[None, :, None] & mask_c[:, None, :], s_held, 0.0)
+    else:
+        s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, 0.0, BLOCK_M, NG, VEC, ACC)
+    score = (m_f * n_f) * _row_sum(plan * s)
     tl.store(SCORE + pid * M + offs_m, score.to(SCORE.dtype.element_ty), mask=mask_m)
     if HAS_PLAN:
+        r_g = tl.arange(0, NG * BLOCK_M) // BLOCK_M
+        r_m = tl.arange(0, NG * BLOCK_M) % BLOCK_M
+        mask_r = (r_m < M)[:, None] & (r_g < N // VEC)[:, None]  # [NG * BM, 1]
         p_base = tl.multiple_of((pid * M + r_m) * N + r_g * VEC, [VEC])
         tl.store(PLAN + p_base[:, None] + offs_j[None, :],
                  tl.reshape(plan, [NG * BLOCK_M, VEC]).to(PLAN.dtype.element_ty), mask=mask_r)

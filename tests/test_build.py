@@ -53,3 +53,29 @@ def test_cuda_kernels_file_holds_no_host_library_code():
         host = [i for i in includes(path, set()) if i.split("/")[0] in ("ATen", "c10", "torch")]
         assert not host, f"{os.path.basename(path)} includes {host} (directly or through its local headers)"
         assert "TORCH_" not in open(path).read(), f"{os.path.basename(path)} uses a TORCH_ macro"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="no nvcc: the CUDA kernels cannot be compiled here")
+def test_cuda_forward_fits_three_blocks_an_sm_without_spills():
+    """The forward's register budget for sm_90 (bench/cuda_ptxas.py): blocks of
+    128 threads (every problem up to 1024 pixels) within 168 registers and no
+    local memory, so three fit on an SM, with the scores in shared memory;
+    the backward without spills up to 256 threads (1024 pixels)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    try:
+        import cuda_ptxas
+    finally:
+        sys.path.pop(0)
+    rows = cuda_ptxas.parse(cuda_ptxas.ptxas_report(90))
+    by_shape = {(r["kernel"], r["NP"], r["threads"]): r for r in rows}
+    assert len(by_shape) == 22, sorted(by_shape)  # every instantiation the dispatch can launch
+    for np_ in (4, 8, 16):
+        r = by_shape["forward", np_, 128]
+        assert r["regs"] <= 168 and r["stack"] == 0 and r["spill_st"] == 0, r
+        assert r["smem"] >= 4 * np_ * 128 * (8 if np_ <= 8 else 4), f"scores not in shared memory: {r}"
+    for r in rows:
+        if r["kernel"] == "backward" and r["threads"] <= 256:
+            assert r["spill_st"] == 0, r

@@ -21,7 +21,9 @@ pytestmark = [
 
 # Every block shape the dispatch can pick: 8 rows a thread in the forward up
 # to 8 prompts (128 / 256 / 512 threads), 4 rows otherwise and in the backward.
-SIZES = [(1, 1), (37, 6), (129, 8), (900, 8), (1023, 16), (2500, 6), (3000, 8), (4096, 3)]
+# (3000, 12): 16 prompts in 1024 threads; (2000, 4): 4 prompts in 256 threads,
+# the scores still in shared memory.
+SIZES = [(1, 1), (37, 6), (129, 8), (900, 8), (1023, 16), (2000, 4), (2500, 6), (3000, 8), (3000, 12), (4096, 3)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Absolute tolerance on the refined score (values of order 1..N) and on the plan * M * N.
 ATOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 1.5e-1}
@@ -104,6 +106,46 @@ def test_plan_gradient_and_sinkhorn_match_cpu_backend():
         x = C.to(dev).requires_grad_()
         plan = sinkhorn(x, eps=0.1, max_iter=3000, tol=1e-7, backend=backend)
         (g,) = torch.autograd.grad((plan * w.to(dev)).sum(), x)
+        grads.append(g.cpu())
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-3, atol=2e-3 * float(grads[0].abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("M,N", [(129, 8), (257, 16), (37, 6)], ids=_ids([(129, 8), (257, 16), (37, 6)]))
+def test_low_precision_gradient_close_to_float64(M, N, dtype):
+    # 16-bit scores and upstream gradients: the backward reads and writes them
+    # as 16-, 8- or 4-byte vectors (N = 8 and 16: 8 elements, N = 6: 2).
+    S = hard_scores((2, M, N), seed=M * N).to(dtype)
+    up = torch.randn(2, M, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x = S.double().requires_grad_()
+    (ref,) = torch.autograd.grad(mps(x, eps=0.1, max_iter=3000, tol=1e-10, backend="cpu"), x, up.double())
+    y = S.cuda().requires_grad_()
+    (g,) = torch.autograd.grad(mps(y, eps=0.1, max_iter=3000, tol=1e-7, backend="cuda"), y, up.cuda())
+    assert g.dtype == dtype and g.is_contiguous()
+    # Relative to the largest gradient, as the triton backend's test allows.
+    rel = {torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
+    assert_close_report(g.double().cpu(), ref, atol=rel * float(ref.abs().max()), what=f"dL/dS {dtype}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "offset", "strided"])
+def test_plan_gradient_in_any_layout(layout):
+    # The upstream plan gradient read as 16-byte vectors (contiguous), as
+    # 8-byte ones (a storage offset of 2 floats) or one element at a time.
+    S = hard_scores((2, 129, 8), seed=5).float()
+    values = torch.randn(2 * 129 * 8 + 2, 10, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for dev in ("cpu", "cuda"):
+        base = values.to(dev)  # the layouts are made on the device (.to() would not keep them)
+        if layout == "contiguous":
+            w = base[: 2 * 129 * 8, 0].reshape(2, 129, 8).contiguous()
+        elif layout == "offset":
+            w = base[:, 0].contiguous()[2:].view(2, 129, 8)
+            assert w.storage_offset() == 2
+        else:
+            w = base[: 2 * 129 * 8].reshape(2, 129, 8, 10)[..., 3]
+        x = S.to(dev).requires_grad_()
+        _, plan = mps(x, eps=0.1, max_iter=3000, tol=1e-7, return_plan=True, backend=dev)
+        (g,) = torch.autograd.grad(plan, x, w.to(dev))
         grads.append(g.cpu())
     torch.testing.assert_close(grads[1], grads[0], rtol=2e-3, atol=2e-3 * float(grads[0].abs().max()))
 

@@ -154,8 +154,9 @@ def test_kernels_compile_for_sm90():
         ("fp64", "fp64", 1024, 4, 2, 16, {}),
         ("fp64", "fp64", 16, 2, 1, 1, {"M": 1, "N": 1, "stride_sn": 1}),
     ]:
-        compiled = compile_kernel(_mps_fwd_kernel, dtype, acc, dict(HAS_PLAN=True, BLOCK_M=bm, NG=ng, VEC=vec, **ones),
-                                  warps)
+        for hold in (True, False):
+            compiled = compile_kernel(_mps_fwd_kernel, dtype, acc,
+                                      dict(HAS_PLAN=True, BLOCK_M=bm, NG=ng, VEC=vec, HOLD_S=hold, **ones), warps)
         if vec > 1:
             # Each thread holds whole pixel rows (all N prompts): the row
             # reductions of every iteration stay in registers.
@@ -189,7 +190,7 @@ def test_kernels_compile_with_float64_scalars_as_inductor_passes_them():
     from otseg.kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
     from otseg.kernels.offline import compile_mps_kernel
 
-    fwd = dict(HAS_PLAN=True, BLOCK_M=64, NG=8, VEC=1)
+    fwd = dict(HAS_PLAN=True, BLOCK_M=64, NG=8, VEC=1, HOLD_S=True)
     bwd = dict(HAS_DSCORE=True, HAS_DPLAN=True, BLOCK_M=64, NG=8, VEC=1, W_ONE_PASS=True)
     for kernel, consts in ((_mps_fwd_kernel, fwd), (_mps_bwd_kernel, bwd)):
         for acc in ("fp32", "fp64"):
@@ -210,7 +211,9 @@ def test_sass_statistics_script_reads_the_forward_iteration():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.stdout.splitlines()
             if line.startswith("| forward") or line.startswith("| backward")}
-    assert set(rows) == {"forward", "backward"}, out.stdout
+    assert set(rows) == {"forward", "forward, scores reread (HOLD_S=False)", "backward"}, out.stdout
+    # Rereading the scores takes fewer registers than holding them.
+    assert int(rows["forward, scores reread (HOLD_S=False)"][3]) < int(rows["forward"][3]), out.stdout
     per_thread, per_program = rows["forward"][7].split("/")
     # 256 x 8 (N = 6, VEC = 2) in one warp.
     assert 100 < int(per_thread) < 2000 and int(per_program) == int(per_thread) * int(rows["forward"][2])
@@ -470,6 +473,42 @@ def test_forward_writes_every_output(device):
     assert (n_iter == 10).all()
     ref_score, ref_plan = mps(x.cpu().double(), return_plan=True, **FIXED, **REF)
     assert_close_report(score.cpu(), ref_score, atol=2e-5 * float(ref_score.abs().max()), what="score")
+
+
+@pytest.mark.parametrize("case", ["hard", "extreme", "strided", "float16", "odd"])
+def test_forward_rereading_the_scores_matches_holding_them(device, case):
+    # HOLD_S=False (the kernel reads the scores again where it rebuilds K and
+    # for the refined score) computes the same values in the same order as
+    # HOLD_S=True: every output is bitwise the same, through absorptions
+    # (extreme scores), any strides, 16-bit inputs and padding (M, N odd).
+    P, M, N = 3, 37, 6
+    if case == "extreme":
+        x = extreme_scores("onehot50", (P, M, N), seed=21, dtype=torch.float32)
+    elif case == "odd":
+        x = hard_scores((P, 129, 5), seed=22, dtype=torch.float32)
+    else:
+        x = hard_scores((P, M, N), seed=23, dtype=torch.float16 if case == "float16" else torch.float32)
+    x = x.to(device)
+    if case == "strided":
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    P, M, N = x.shape
+    eps, max_iter, tol = (0.01, 30, 0.0) if case == "extreme" else (0.05, 100, 1e-6)
+    outs = {}
+    for hold in (True, False):
+        acc = torch.float32
+        out = (torch.full((P, M), math.nan, dtype=x.dtype, device=device),
+               torch.full((P, M, N), math.nan, dtype=x.dtype, device=device),
+               torch.full((P, M), math.nan, dtype=acc, device=device),
+               torch.full((P, N), math.nan, dtype=acc, device=device),
+               torch.full((P,), -1, dtype=torch.int32, device=device))
+        tb.launch_forward(x, eps, max_iter, tol, *out, hold_scores=hold)
+        outs[hold] = out
+    for name, held, reread in zip(("score", "plan", "f", "g", "n_iter"), outs[True], outs[False]):
+        assert torch.isfinite(held.double()).all(), f"{case}: {name} not fully written"
+        assert torch.equal(held, reread), f"{case}: {name} differs between HOLD_S=True and False"
+    ref_score = mps(x.cpu().double(), eps=eps, max_iter=max_iter, tol=tol, **REF)
+    assert_close_report(outs[False][0].cpu().double(), ref_score, atol=2e-2 * float(ref_score.abs().max()),
+                        what="score (HOLD_S=False)")
 
 
 # ------------------------------------------------------------------- backward

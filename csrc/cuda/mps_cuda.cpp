@@ -59,6 +59,27 @@ Problems check_cuda_shape(const at::Tensor& scores) {
   return pr;
 }
 
+// Elements per vector access of the rows of a [P, M, N] tensor (element
+// strides sP, sM, sN) of `element_size`-byte elements at `data`: the largest of
+// 8, 4, 2 that divides N, keeps a vector within 16 bytes and that every row
+// start and `data` are aligned to, when the prompts are contiguous (sN = 1);
+// else 1. The strides of a dimension of size 1 are never used.
+int vector_width(const void* data, int64_t P, int64_t M, int64_t N, int64_t sP, int64_t sM, int64_t sN,
+                 int64_t element_size) {
+  if (sN != 1) return 1;
+  for (int v = 8; v > 1; v /= 2) {
+    if (v * element_size > 16 || N % v != 0 || (P > 1 && sP % v != 0) || (M > 1 && sM % v != 0)) continue;
+    if (reinterpret_cast<uintptr_t>(data) % (v * element_size) == 0) return v;
+  }
+  return 1;
+}
+
+// vector_width of a [P, M, N] view.
+int vector_width(const at::Tensor& x) {
+  return vector_width(x.const_data_ptr(), x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2),
+                      x.element_size());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forward_cuda(
     const at::Tensor& scores, double eps, int64_t max_iter, double tol, bool return_plan, bool check_finite) {
   const Problems pr = check_cuda_shape(scores);
@@ -80,7 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
                 static_cast<float>(tol), to_dtype(scores.scalar_type()), score.mutable_data_ptr(),
                 return_plan ? plan.mutable_data_ptr() : nullptr, f.mutable_data_ptr<float>(),
                 g.mutable_data_ptr<float>(), n_iter.mutable_data_ptr<int>(),
-                check_finite ? nonfinite.mutable_data_ptr<int>() : nullptr};
+                check_finite ? nonfinite.mutable_data_ptr<int>() : nullptr,
+                vector_width(flat), return_plan ? vector_width(plan.view({P, M, N})) : 1};
   launch_checked(launch_mps_forward(a, P, at::cuda::getCurrentCUDAStream()), "forward", M, N);
   // The one host synchronisation, and only when asked for: reporting bad input.
   if (check_finite) {
@@ -119,7 +141,10 @@ at::Tensor mps_backward_cuda(const std::optional<at::Tensor>& grad_score, const 
                  static_cast<int>(N),
                  static_cast<float>(eps),
                  to_dtype(scores.scalar_type()),
-                 grad.mutable_data_ptr()};
+                 grad.mutable_data_ptr(),
+                 vector_width(pr.flat),
+                 dp.defined() ? vector_width(dp) : 1,
+                 vector_width(grad.view({P, M, N}))};
   launch_checked(launch_mps_backward(a, P, at::cuda::getCurrentCUDAStream()), "backward", M, N);
   return grad;
 }

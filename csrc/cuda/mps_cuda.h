@@ -45,6 +45,9 @@ struct ForwardArgs {
   float* g;            // [P, N]
   int* n_iter;         // [P]
   int* nonfinite;      // [1], set when S holds NaN or inf; null: no check
+  // Elements per vector access of the rows of S and of the plan (1: one at
+  // a time, any strides); set by the host (vector_width, mps_cuda.cpp).
+  int s_vec, plan_vec;
 };
 
 struct BackwardArgs {
@@ -59,6 +62,9 @@ struct BackwardArgs {
   float eps;
   Dtype dtype;
   void* grad;          // [P, M, N] contiguous
+  // Elements per vector access of the rows of S, dplan and grad (1: one at
+  // a time, any strides); set by the host (vector_width, mps_cuda.cpp).
+  int s_vec, dp_vec, grad_vec;
 };
 
 // One block per problem, 1 <= P <= INT_MAX problems of 1 <= M <= kMaxPixels

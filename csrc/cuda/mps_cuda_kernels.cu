@@ -2,10 +2,12 @@
 // (launch_mps_forward / launch_mps_backward, mps_cuda.h). No ATen here: the
 // host side (checks, outputs, streams, exceptions) is mps_cuda.cpp.
 //
-// One block per (b, k) problem. Each thread owns a few pixel rows (fwd_rows) and
-// keeps their scores and kernel entries in registers for all iterations, so S
-// is read from global memory once and every iteration, the per-problem
-// stopping test included, runs on chip with no host synchronisation. The
+// One block per (b, k) problem. Each thread owns a few pixel rows (fwd_rows),
+// keeps their kernel entries in registers and, up to 32 KB a block, their
+// scores in shared memory (fwd_scores_in_smem; larger blocks read them again
+// from global memory where a log-domain rebuild and the refined score need
+// them), so every iteration, the per-problem stopping test included, runs on
+// chip with no host synchronisation. The
 // iteration is the CPU kernel's (otseg/ops/mps/README.md): scaling domain,
 // u = mu / (K v) per row in registers and z = K^T u by one block reduction,
 // with log-domain absorption when a scaling leaves [e^-30, e^30]. The
@@ -30,8 +32,8 @@ constexpr float kAbsorb = 30.0f;    // scalings outside [e^-30, e^30] are absorb
 
 // Pixel rows per thread. The forward gives each thread 8 rows up to 8
 // prompts: fewer threads a problem make its two block sums an iteration
-// cheaper, and 128 threads for 1024 x 8 leave room for two problems an SM
-// (the Triton forward ran 1.6-1.9x faster with 4 warps than with 8 on an
+// cheaper, and 128 threads for 1024 x 8 leave room for three problems an SM
+// (fwd_min_blocks; the Triton forward ran 1.6-1.9x faster with 4 warps than with 8 on an
 // H100: otseg/ops/mps/triton.py, _blocks). 16 prompts keep 4 rows (registers).
 // The backward keeps 4 rows and 256 threads for 1024 pixels.
 __host__ __device__ constexpr int fwd_rows(int NP) { return NP <= 8 ? 8 : 4; }
@@ -61,6 +63,157 @@ __device__ __forceinline__ void store_from_float(void* base, int64_t i, float x,
     default:
       static_cast<float*>(base)[i] = x;
   }
+}
+
+// V contiguous elements at element i of `base` (aligned to V elements: the
+// host's vector_width), as floats. 16-byte reads at most: float32 V <= 4,
+// 16-bit types V <= 8.
+template <int V>
+__device__ __forceinline__ void load_vec(const void* base, int64_t i, Dtype dt, float* out) {
+  if (dt == Dtype::kFloat) {
+    const float* p = static_cast<const float*>(base) + i;
+    if constexpr (V >= 4) {
+#pragma unroll
+      for (int c = 0; c < V / 4; ++c) {
+        const float4 q = __ldg(reinterpret_cast<const float4*>(p) + c);
+        out[4 * c] = q.x, out[4 * c + 1] = q.y, out[4 * c + 2] = q.z, out[4 * c + 3] = q.w;
+      }
+    } else if constexpr (V == 2) {
+      const float2 q = __ldg(reinterpret_cast<const float2*>(p));
+      out[0] = q.x, out[1] = q.y;
+    } else {
+      out[0] = __ldg(p);
+    }
+    return;
+  }
+  // 16-bit elements, read in pairs.
+  unsigned raw[(V + 1) / 2];
+  const unsigned short* p = static_cast<const unsigned short*>(base) + i;
+  if constexpr (V == 8) {
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
+    raw[0] = q.x, raw[1] = q.y, raw[2] = q.z, raw[3] = q.w;
+  } else if constexpr (V == 4) {
+    const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
+    raw[0] = q.x, raw[1] = q.y;
+  } else if constexpr (V == 2) {
+    raw[0] = __ldg(reinterpret_cast<const unsigned*>(p));
+  } else {
+    out[0] = load_as_float(base, i, dt);
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < V / 2; ++c) {
+    const unsigned short lo = raw[c] & 0xffffu, hi = raw[c] >> 16;
+    if (dt == Dtype::kHalf) {
+      out[2 * c] = __half2float(__ushort_as_half(lo)), out[2 * c + 1] = __half2float(__ushort_as_half(hi));
+    } else {
+      out[2 * c] = __bfloat162float(__ushort_as_bfloat16(lo));
+      out[2 * c + 1] = __bfloat162float(__ushort_as_bfloat16(hi));
+    }
+  }
+}
+
+// V floats into V contiguous elements at element i of `base` (aligned to V
+// elements), converted as store_from_float does.
+template <int V>
+__device__ __forceinline__ void store_vec(void* base, int64_t i, Dtype dt, const float* in) {
+  if (dt == Dtype::kFloat) {
+    float* p = static_cast<float*>(base) + i;
+    if constexpr (V >= 4) {
+#pragma unroll
+      for (int c = 0; c < V / 4; ++c)
+        reinterpret_cast<float4*>(p)[c] = make_float4(in[4 * c], in[4 * c + 1], in[4 * c + 2], in[4 * c + 3]);
+    } else if constexpr (V == 2) {
+      *reinterpret_cast<float2*>(p) = make_float2(in[0], in[1]);
+    } else {
+      *p = in[0];
+    }
+    return;
+  }
+  if constexpr (V == 1) {
+    store_from_float(base, i, in[0], dt);
+  } else {
+    unsigned raw[V / 2];
+#pragma unroll
+    for (int c = 0; c < V / 2; ++c) {
+      unsigned short lo, hi;
+      if (dt == Dtype::kHalf) {
+        lo = __half_as_ushort(__float2half_rn(in[2 * c])), hi = __half_as_ushort(__float2half_rn(in[2 * c + 1]));
+      } else {
+        lo = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * c]));
+        hi = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * c + 1]));
+      }
+      raw[c] = static_cast<unsigned>(lo) | (static_cast<unsigned>(hi) << 16);
+    }
+    unsigned short* p = static_cast<unsigned short*>(base) + i;
+    if constexpr (V == 8) {
+      *reinterpret_cast<uint4*>(p) = make_uint4(raw[0], raw[1], raw[2], raw[3]);
+    } else if constexpr (V == 4) {
+      *reinterpret_cast<uint2*>(p) = make_uint2(raw[0], raw[1]);
+    } else {
+      *reinterpret_cast<unsigned*>(p) = raw[0];
+    }
+  }
+}
+
+// Vector widths V of a row of NP values: chunk c holds values c*V .. c*V+V-1,
+// all below N or all past it (N is a multiple of V).
+template <int NP, int V>
+__device__ __forceinline__ void load_chunks(const void* base, int64_t i0, int N, Dtype dt, float (&x)[NP],
+                                            float pad) {
+#pragma unroll
+  for (int c = 0; c < NP / V; ++c) {
+    if (c * V < N) {
+      load_vec<V>(base, i0 + c * V, dt, &x[c * V]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) x[c * V + j] = pad;
+    }
+  }
+}
+
+template <int NP, int V>
+__device__ __forceinline__ void store_chunks(void* base, int64_t i0, int N, Dtype dt, const float (&x)[NP]) {
+#pragma unroll
+  for (int c = 0; c < NP / V; ++c)
+    if (c * V < N) store_vec<V>(base, i0 + c * V, dt, &x[c * V]);
+}
+
+// The NP values of one row, elements i0 + n * sN for n < N (`pad` for
+// n >= N), read `vec` elements at a time where the host found the rows
+// contiguous and aligned (vec > 1: sN = 1 and N a multiple of vec).
+template <int NP>
+__device__ __forceinline__ void load_row(const void* base, int64_t i0, int64_t sN, int N, Dtype dt, int vec,
+                                         float (&x)[NP], float pad) {
+  if constexpr (NP % 8 == 0) {
+    if (vec == 8) return load_chunks<NP, 8>(base, i0, N, dt, x, pad);
+  }
+  if constexpr (NP % 4 == 0) {
+    if (vec == 4) return load_chunks<NP, 4>(base, i0, N, dt, x, pad);
+  }
+  if constexpr (NP % 2 == 0) {
+    if (vec == 2) return load_chunks<NP, 2>(base, i0, N, dt, x, pad);
+  }
+#pragma unroll
+  for (int n = 0; n < NP; ++n) x[n] = n < N ? load_as_float(base, i0 + n * sN, dt) : pad;
+}
+
+// The first N of NP values into one contiguous row at element i0, `vec`
+// elements at a time (vec > 1: N a multiple of vec and the row aligned).
+template <int NP>
+__device__ __forceinline__ void store_row(void* base, int64_t i0, int N, Dtype dt, int vec, const float (&x)[NP]) {
+  if constexpr (NP % 8 == 0) {
+    if (vec == 8) return store_chunks<NP, 8>(base, i0, N, dt, x);
+  }
+  if constexpr (NP % 4 == 0) {
+    if (vec == 4) return store_chunks<NP, 4>(base, i0, N, dt, x);
+  }
+  if constexpr (NP % 2 == 0) {
+    if (vec == 2) return store_chunks<NP, 2>(base, i0, N, dt, x);
+  }
+#pragma unroll
+  for (int n = 0; n < NP; ++n)
+    if (n < N) store_from_float(base, i0 + n, x[n], dt);
 }
 
 // Block-wide sum (or max) of V values per thread, result in every thread.
@@ -94,10 +247,36 @@ __device__ __forceinline__ void block_reduce(float (&x)[V], float* smem) {
   __syncthreads();
 }
 
+// Blocks of kThreads the forward asks to fit on one SM (65536 registers):
+// three of 128 threads, at most 168 registers a thread. The registers hold
+// the kernel matrix, not the scores, which leaves a thread of 8 rows x 8
+// prompts about 110 live values (sm_90: 168 registers, no spills). With the
+// scores in registers too, Nsight Compute on an H100 (commit 8667a72) found
+// 255 registers, 164 B of spills and two blocks an SM (12.5% occupancy),
+// limited by registers.
+__host__ __device__ constexpr int fwd_min_blocks(int threads) { return threads <= 128 ? 3 : 1; }
+
+// Where the forward keeps the scores after reading them once: in shared
+// memory, each thread's own rows, read back where a log-domain half-step
+// rebuilds K and for the refined score, when the tile takes at most 32 KB
+// (M <= 1024 pixels for up to 8 prompts, M <= 512 for 16, M <= 2048 for 4).
+// Three blocks of 128 threads then take 3 x (32.3 + 1 reserved) KB of an
+// SM's shared memory: 96 KB of 228 on an H100 and 164 on an A100, but all
+// but 208 B of the 100 KB of an sm_86 GPU (a 3090), where any more static
+// shared memory in this kernel leaves two blocks an SM. Larger tiles read
+// the scores again from global memory (L2), as spilled registers would be.
+__host__ __device__ constexpr bool fwd_scores_in_smem(int NP, int threads) {
+  return fwd_rows(NP) * NP * threads * 4 <= 32 * 1024;
+}
+
 template <int NP, int kThreads>
-__global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
+__global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_kernel(ForwardArgs a) {
   constexpr int kRows = fwd_rows(NP);
+  constexpr bool kSmem = fwd_scores_in_smem(NP, kThreads);
   __shared__ float red[(kThreads / 32) * (NP + 1)];
+  // Score (row r, prompt n) of thread t at [(r * NP + n) * kThreads + t]:
+  // consecutive threads, consecutive words.
+  __shared__ float s_tile[kSmem ? kRows * NP * kThreads : 1];
   const int64_t p = blockIdx.x;
   const int M = a.M, N = a.N;
   const float ie = 1.0f / a.eps;
@@ -105,72 +284,107 @@ __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
   const float log_mu = -logf(static_cast<float>(M)), log_nu = -logf(static_cast<float>(N));
   const float lo_ok = expf(-kAbsorb), hi_ok = expf(kAbsorb);
 
-  // Registers: scores s, kernel k, absorbed potential alpha, scaling u and the
-  // previous full potential prev (all in units of eps), for this thread's rows.
-  float s[kRows][NP], k[kRows][NP], alpha[kRows], u[kRows], prev[kRows];
-  // Per prompt, replicated in every thread.
+  // Registers, for this thread's rows: the kernel k, the absorbed potential
+  // alpha, the scaling u and its log (all in units of eps; the full
+  // potential f/eps is alpha + log_u). Per prompt, replicated in every
+  // thread: beta and v.
+  float k[kRows][NP], alpha[kRows], u[kRows], log_u[kRows];
   float beta[NP], v[NP];
-  bool bad = false;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    const int m = threadIdx.x + r * kThreads;
-#pragma unroll
-    for (int n = 0; n < NP; ++n) {
-      float x = 0.0f;
-      if (m < M && n < N) {
-        x = load_as_float(a.S, p * a.sP + m * a.sM + n * a.sN, a.dtype);
-        bad |= !isfinite(x);
-      }
-      s[r][n] = x;
-    }
     alpha[r] = 0.0f;
     u[r] = 1.0f;
-    prev[r] = 0.0f;
-  }
-  if (a.nonfinite != nullptr && __syncthreads_or(bad)) {  // the pointer is the same in every thread
-    if (threadIdx.x == 0) atomicExch(a.nonfinite, 1);
+    log_u[r] = 0.0f;
   }
 #pragma unroll
   for (int n = 0; n < NP; ++n) {
     beta[n] = 0.0f;
     v[n] = 1.0f;
   }
+  // The scores of row r of this thread (0 past M and past N): from memory
+  // the first time (kept in s_tile where kSmem), then from s_tile.
+  auto load_scores = [&](int r, float (&x)[NP], bool first) {
+    if (kSmem && !first) {
+#pragma unroll
+      for (int n = 0; n < NP; ++n) x[n] = s_tile[(r * NP + n) * kThreads + threadIdx.x];
+      return;
+    }
+    const int m = threadIdx.x + r * kThreads;
+    if (m < M) {
+      // Strides made opaque to the compiler here: else it computes the 64-bit
+      // address of every score once, before the loop, and holds them all
+      // (sm_90, 8 x 8, 128 threads: 168 registers and 1.1 KB of spill stores
+      // instead of 167 and none).
+      int64_t sM = a.sM, sN = a.sN;
+      asm volatile("" : "+l"(sM), "+l"(sN));
+      load_row<NP>(a.S, p * a.sP + m * sM, sN, N, a.dtype, a.s_vec, x, 0.0f);
+    } else {
+#pragma unroll
+      for (int n = 0; n < NP; ++n) x[n] = 0.0f;
+    }
+    if (kSmem) {
+#pragma unroll
+      for (int n = 0; n < NP; ++n) s_tile[(r * NP + n) * kThreads + threadIdx.x] = x[n];
+    }
+  };
 
-  // Log-domain f half-step from beta (v = 1): alpha and K with rows summing to mu.
-  auto rebuild_rows = [&]() {
+  // Log-domain f half-step from beta (v = 1): alpha and K with rows summing
+  // to mu. Returns this thread's part of sum_m |f/eps - previous f/eps|;
+  // `first`: the first read of the scores, which sets *bad when a score is
+  // NaN or inf and the check is asked for.
+  auto rebuild_rows = [&](bool first, bool* bad) {
+    const bool check = first && a.nonfinite != nullptr;
+    float change = 0.0f;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const bool live = threadIdx.x + r * kThreads < M;
+      float s[NP];
+      load_scores(r, s, first);
       float mx = -INFINITY;
 #pragma unroll
-      for (int n = 0; n < NP; ++n)
-        if (n < N) mx = fmaxf(mx, s[r][n] * ie + beta[n] - ie);
+      for (int n = 0; n < NP; ++n) {
+        if (n < N) {
+          if (check) *bad |= !isfinite(s[n]);
+          mx = fmaxf(mx, s[n] * ie + beta[n] - ie);
+        }
+      }
       float sum = 0.0f;
 #pragma unroll
       for (int n = 0; n < NP; ++n) {
-        k[r][n] = n < N ? __expf(s[r][n] * ie + beta[n] - ie - mx) : 0.0f;
+        k[r][n] = n < N ? __expf(s[n] * ie + beta[n] - ie - mx) : 0.0f;
         sum += k[r][n];
       }
-      alpha[r] = log_mu - mx - __logf(sum);
+      const float a_new = log_mu - mx - __logf(sum);
+      if (live) change += fabsf(a_new - (alpha[r] + log_u[r]));
+      alpha[r] = a_new;
       // Rows past M (s = 0 there) must stay out of every column sum:
       // K is 0 on them, as rebuild_cols and the sweep assume.
       const float scale = live ? mu / sum : 0.0f;
 #pragma unroll
       for (int n = 0; n < NP; ++n) k[r][n] *= scale;
       u[r] = 1.0f;
+      log_u[r] = 0.0f;
     }
 #pragma unroll
     for (int n = 0; n < NP; ++n) v[n] = 1.0f;
+    return change;
   };
-  // Log-domain g half-step from alpha (u = 1): beta and K with columns summing to nu.
+  // Log-domain g half-step from alpha (u = 1): beta and K with columns
+  // summing to nu. K holds S/eps + alpha between the two passes.
   auto rebuild_cols = [&]() {
     float mx[NP];
 #pragma unroll
-    for (int n = 0; n < NP; ++n) {
-      mx[n] = -INFINITY;
+    for (int n = 0; n < NP; ++n) mx[n] = -INFINITY;
 #pragma unroll
-      for (int r = 0; r < kRows; ++r)
-        if (threadIdx.x + r * kThreads < M) mx[n] = fmaxf(mx[n], s[r][n] * ie + alpha[r]);
+    for (int r = 0; r < kRows; ++r) {
+      const bool live = threadIdx.x + r * kThreads < M;
+      float s[NP];
+      load_scores(r, s, false);
+#pragma unroll
+      for (int n = 0; n < NP; ++n) {
+        k[r][n] = live && n < N ? s[n] * ie + alpha[r] : -INFINITY;
+        mx[n] = fmaxf(mx[n], k[r][n]);
+      }
     }
     block_reduce<NP, kThreads, true>(mx, red);
     float sum[NP];
@@ -180,7 +394,7 @@ __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const bool live = threadIdx.x + r * kThreads < M && n < N;
-        k[r][n] = live ? __expf(s[r][n] * ie + alpha[r] - mx[n]) : 0.0f;
+        k[r][n] = live ? __expf(k[r][n] - mx[n]) : 0.0f;
         sum[n] += k[r][n];
       }
     }
@@ -194,7 +408,10 @@ __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
       v[n] = 1.0f;
     }
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) u[r] = 1.0f;
+    for (int r = 0; r < kRows; ++r) {
+      u[r] = 1.0f;
+      log_u[r] = 0.0f;
+    }
   };
   // v = nu / (K^T u); false when a scaling left the safe range.
   auto scale_cols = [&]() {
@@ -224,13 +441,15 @@ __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
     float change;
     bool sweep_ok = false;
     if (have_kernel) {
-      // One pass over the registers: u = mu / (K v), the new full potential,
-      // its change, and the partial column products K^T u.
+      // One pass over the registers: u = mu / (K v), the change of the full
+      // potential (while alpha is unchanged, that of log u alone: no
+      // cancellation against a large alpha), and the partial column
+      // products K^T u.
       float acc[NP + 1];
       bool u_bad = false;
 #pragma unroll
       for (int n = 0; n <= NP; ++n) acc[n] = 0.0f;
-      float a_new[kRows];
+      float lu_new[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const bool live = threadIdx.x + r * kThreads < M;
@@ -239,8 +458,8 @@ __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
         for (int n = 0; n < NP; ++n) kv += k[r][n] * v[n];
         const float um = live ? mu / kv : 1.0f;
         u_bad |= !(um >= lo_ok && um <= hi_ok);
-        a_new[r] = alpha[r] + __logf(um);
-        acc[NP] += live ? fabsf(a_new[r] - prev[r]) : 0.0f;
+        lu_new[r] = __logf(um);
+        acc[NP] += live ? fabsf(lu_new[r] - log_u[r]) : 0.0f;
         u[r] = um;
 #pragma unroll
         for (int n = 0; n < NP; ++n) acc[n] += live ? k[r][n] * um : 0.0f;
@@ -250,7 +469,7 @@ __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
         sweep_ok = true;
         change = acc[NP];
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) prev[r] = a_new[r];
+        for (int r = 0; r < kRows; ++r) log_u[r] = lu_new[r];
         bool v_ok = true;
 #pragma unroll
         for (int n = 0; n < NP; ++n) {
@@ -260,54 +479,61 @@ __global__ void __launch_bounds__(kThreads) mps_fwd_kernel(ForwardArgs a) {
           }
         }
         if (!v_ok) {
-          // Absorb u (alpha + log u is prev) and redo the g half-step in the log domain.
+          // Absorb u into alpha and redo the g half-step in the log domain.
 #pragma unroll
-          for (int r = 0; r < kRows; ++r) alpha[r] = prev[r];
+          for (int r = 0; r < kRows; ++r) alpha[r] += log_u[r];
           rebuild_cols();
         }
       }
     }
     if (!sweep_ok) {
       // First iteration, or u left the safe range: absorb v, the f half-step
-      // in the log domain, then the g half-step.
+      // in the log domain (checking the scores the first time, when asked),
+      // then the g half-step.
       if (have_kernel) {
 #pragma unroll
         for (int n = 0; n < NP; ++n) beta[n] += n < N ? __logf(v[n]) : 0.0f;
       }
-      rebuild_rows();
+      bool bad = false;
+      float c[1] = {rebuild_rows(!have_kernel, &bad)};
+      // The pointer is the same in every thread, so the barrier is reached by all or none.
+      if (!have_kernel && a.nonfinite != nullptr && __syncthreads_or(bad)) {
+        if (threadIdx.x == 0) atomicExch(a.nonfinite, 1);
+      }
       have_kernel = true;
       if (!scale_cols()) rebuild_cols();
-      float c[1] = {0.0f};
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        if (threadIdx.x + r * kThreads < M) c[0] += fabsf(alpha[r] - prev[r]);
-        prev[r] = alpha[r];
-      }
       block_reduce<1, kThreads, false>(c, red);
       change = c[0];
     }
     if (a.eps * change / M < a.tol) break;
   }
 
-  // Outputs: f = eps * prev, g = eps * (beta + log v), the refined score and the plan.
+  // Outputs: f = eps * (alpha + log u), g = eps * (beta + log v), the refined
+  // score and the plan.
   const float mn = static_cast<float>(M) * static_cast<float>(N);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int m = threadIdx.x + r * kThreads;
     if (m >= M) continue;
-    a.f[p * M + m] = a.eps * prev[r];
+    a.f[p * M + m] = a.eps * (alpha[r] + log_u[r]);
+    float s[NP];
+    load_scores(r, s, false);
+    float t[NP];
     float acc = 0.0f;
 #pragma unroll
-    for (int n = 0; n < NP; ++n) acc += k[r][n] * v[n] * s[r][n];
-    store_from_float(a.score, p * M + m, mn * u[r] * acc, a.dtype);
-    if (a.plan != nullptr) {
-#pragma unroll
-      for (int n = 0; n < NP; ++n)
-        if (n < N) store_from_float(a.plan, (p * M + m) * N + n, u[r] * k[r][n] * v[n], a.dtype);
+    for (int n = 0; n < NP; ++n) {
+      t[n] = u[r] * k[r][n] * v[n];
+      acc += k[r][n] * v[n] * s[n];
     }
+    store_from_float(a.score, p * M + m, mn * u[r] * acc, a.dtype);
+    if (a.plan != nullptr) store_row<NP>(a.plan, (p * M + m) * N, N, a.dtype, a.plan_vec, t);
   }
   if (threadIdx.x == 0) {
-    for (int n = 0; n < N; ++n) a.g[p * N + n] = a.eps * (beta[n] + logf(v[n]));
+    // Unrolled to NP: an index below a run-time bound would put beta and v in
+    // local memory for the whole kernel.
+#pragma unroll
+    for (int n = 0; n < NP; ++n)
+      if (n < N) a.g[p * N + n] = a.eps * (beta[n] + logf(v[n]));
     a.n_iter[p] = it;
   }
 }
@@ -343,16 +569,21 @@ __global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
     const bool live = m < M;
     const float fm = live ? a.f[p * M + m] : 0.0f;
     ds[r] = live && a.dscore != nullptr ? load_as_float(a.dscore, p * M + m, a.dtype) * mn : 0.0f;
+    // Scores and the plan's upstream gradient of the row (0 past M and N).
+    float s[NP], dp[NP];
+#pragma unroll
+    for (int n = 0; n < NP; ++n) s[n] = dp[n] = 0.0f;
+    if (live) {
+      load_row<NP>(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, s, 0.0f);
+      if (a.dplan != nullptr) load_row<NP>(a.dplan, p * a.dpP + m * a.dpM, a.dpN, N, a.dtype, a.dp_vec, dp, 0.0f);
+    }
     float row_a = 0.0f, row_r = 0.0f;
 #pragma unroll
     for (int n = 0; n < NP; ++n) {
       float tv = 0.0f, hv = 0.0f;
       if (live && n < N) {
-        const float s = load_as_float(a.S, p * a.sP + m * a.sM + n * a.sN, a.dtype);
-        tv = __expf((fm + g[n] - 1.0f + s) * ie);
-        float gmn = s * ds[r];
-        if (a.dplan != nullptr) gmn += load_as_float(a.dplan, p * a.dpP + m * a.dpM + n * a.dpN, a.dtype);
-        hv = -tv * gmn * ie;
+        tv = __expf((fm + g[n] - 1.0f + s[n]) * ie);
+        hv = -tv * (s[n] * ds[r] + dp[n]) * ie;
       }
       t[r][n] = tv;
       h[r][n] = hv;
@@ -418,12 +649,13 @@ __global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
 #pragma unroll
     for (int n = 0; n < NP; ++n) ty += t[r][n] * static_cast<float>(y_s[n]);
     const float x = (rr[r] - ty) * inv_a[r];
+    float out[NP];
 #pragma unroll
     for (int n = 0; n < NP; ++n) {
-      if (n >= N) break;
       const float dc = h[r][n] - t[r][n] * (x + static_cast<float>(y_s[n]));
-      store_from_float(a.grad, (p * M + m) * N + n, t[r][n] * ds[r] - dc, a.dtype);
+      out[n] = t[r][n] * ds[r] - dc;
     }
+    store_row<NP>(a.grad, (p * M + m) * N, N, a.dtype, a.grad_vec, out);
   }
 }
 

@@ -172,7 +172,8 @@ def _flat(x, *tail):
     return x.reshape(-1, *tail)
 
 
-def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_warps=None):
+def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_warps=None, hold_scores=True,
+                   maxnreg=None):
     """Run ``_mps_fwd_kernel`` into given outputs (``plan`` may be None).
 
     Args:
@@ -183,6 +184,13 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
         layouts will do (e.g. [..., M] for score).
         num_warps: overrides the launch's warp count (bench/gpu_profile.py
             compares them); None: the one ``_blocks`` picks.
+        hold_scores: the kernel's HOLD_S (kernels/mps.py): keep the scores
+            in registers for all iterations (the default, measured on an
+            H100), or read them again where needed, with fewer registers.
+        maxnreg: a register cap per thread for the compiler (None: none),
+            with which bench/gpu_profile.py tries to fit more problems on an
+            SM. The operators never pass it (torch.compile's tracing of the
+            launch would take it for a kernel argument).
     """
     P, M, N = scores.shape
     if P == 0:
@@ -194,6 +202,7 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
     tol_hi, tol_lo = _split(float(tol))
     # n_iter is int32; a larger budget would never finish anyway.
     max_iter = min(int(max_iter), 2**31 - 1)
+    options = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
     # Without a plan, PLAN is never touched; it gets a read-only input rather
     # than an output, so that no output is passed twice.
     wrap_triton(_mps_fwd_kernel)[(P,)](
@@ -202,7 +211,7 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
         M, N, max_iter,
         eps_hi, eps_lo, tol_hi, tol_lo,
         HAS_PLAN=plan is not None, BLOCK_M=blocks.block_m, NG=blocks.block_n // vec, VEC=vec,
-        num_warps=num_warps or blocks.fwd_warps,
+        HOLD_S=bool(hold_scores), num_warps=num_warps or blocks.fwd_warps, **options,
     )
 
 

@@ -1,0 +1,98 @@
+"""Static statistics of the CUDA MPS kernels' machine code, without a GPU.
+
+Compiles ``csrc/cuda/mps_cuda_kernels.cu`` (which holds no ATen code, so it
+needs only nvcc and the CUDA headers) for one architecture with
+``-Xptxas -v`` and the extension's nvcc flags, and prints what ptxas reports
+for every instantiated kernel: registers, stack frame and spilled bytes per
+thread, static shared memory per block, and the blocks of that size the
+registers allow on an SM (65536 registers; shared memory and the warp limit
+can allow fewer). These are static counts, not timings; ``bench/gpu_profile.py``
+and Nsight Compute (``bench/gpu_check.sh``) time the kernels on a GPU.
+
+    python bench/cuda_ptxas.py [--arch 90]
+
+Needs nvcc (that of CUDA_HOME or CUDA_PATH, else the one on the PATH).
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# mps_fwd_kernel<8, 128>: "_ZN5otseg4cuda12_GLOBAL__N_114mps_fwd_kernelILi8ELi128EEEvNS0_11ForwardArgsE"
+_ENTRY = re.compile(r"Compiling entry function '\S*mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E")
+_USAGE = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def find_nvcc():
+    """nvcc of CUDA_HOME or CUDA_PATH, else the one on the PATH, else None."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        path = os.path.join(os.environ.get(var, ""), "bin", "nvcc")
+        if os.environ.get(var) and os.path.isfile(path):
+            return path
+    return shutil.which("nvcc")
+
+
+def ptxas_report(arch, nvcc=None):
+    """ptxas's -v output for the kernels file compiled for sm_<arch>."""
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise FileNotFoundError("no CUDA toolkit with nvcc found (set CUDA_HOME)")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, "-c", os.path.join(ROOT, "csrc", "cuda", "mps_cuda_kernels.cu"), "-o",
+               os.path.join(tmp, "k.o"), f"-I{os.path.join(ROOT, 'csrc')}",
+               "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-std=c++17",
+               "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+               "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"nvcc failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return out.stderr + out.stdout
+
+
+def parse(report):
+    """One dict per kernel: kernel, NP, threads, regs, smem, stack, spill_st, spill_ld."""
+    rows, cur = [], None
+    for line in report.splitlines():
+        if (m := _ENTRY.search(line)):
+            cur = dict(kernel="forward" if m.group(1) == "fwd" else "backward", NP=int(m.group(2)),
+                       threads=int(m.group(3)))
+        elif cur is not None and (m := _FRAME.search(line)):
+            cur.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
+        elif cur is not None and (m := _USAGE.search(line)):
+            cur.update(regs=int(m.group(1)), smem=int(m.group(2) or 0))
+            rows.append(cur)
+            cur = None
+    return sorted(rows, key=lambda r: (r["kernel"] != "forward", r["NP"], r["threads"]))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (80: A100, 86: 3090, 90: H100)")
+    args = parser.parse_args(argv)
+    rows = parse(ptxas_report(args.arch))
+    if not rows:
+        sys.exit("ptxas reported no MPS kernel")
+    print(f"csrc/cuda/mps_cuda_kernels.cu for sm_{args.arch} (ptxas -v); prompts NP is the kernel's bucket "
+          "(N <= 4, 8, 16), threads the block size (rows a thread x threads >= M)")
+    print()
+    print("| kernel | NP | threads | registers | stack B | spill stores B | spill loads B | static smem B "
+          "| blocks an SM by registers |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        # Registers are allocated per warp in units of 256 (8 a thread).
+        per_warp = -(-r["regs"] * 32 // 256) * 256
+        blocks = 65536 // (per_warp * (r["threads"] // 32))
+        print(f"| {r['kernel']} | {r['NP']} | {r['threads']} | {r['regs']} | {r['stack']} | {r['spill_st']} | "
+              f"{r['spill_ld']} | {r['smem']} | {blocks} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
