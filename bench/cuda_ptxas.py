@@ -25,7 +25,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # mps_fwd_kernel<8, 128>: "_ZN5otseg4cuda12_GLOBAL__N_114mps_fwd_kernelILi8ELi128EEEvNS0_11ForwardArgsE"
 _ENTRY = re.compile(r"Compiling entry function '\S*mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E")
-_USAGE = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
+_USAGE = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
@@ -66,7 +67,8 @@ def parse(report):
         elif cur is not None and (m := _FRAME.search(line)):
             cur.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
         elif cur is not None and (m := _USAGE.search(line)):
-            cur.update(regs=int(m.group(1)), smem=int(m.group(2) or 0))
+            smem = _SMEM.search(line)
+            cur.update(regs=int(m.group(1)), smem=int(smem.group(1)) if smem else 0)
             rows.append(cur)
             cur = None
     return sorted(rows, key=lambda r: (r["kernel"] != "forward", r["NP"], r["threads"]))

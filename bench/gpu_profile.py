@@ -69,6 +69,21 @@ def _ops(backend):
     return fwd, bwd
 
 
+def _flat_scores(case, gen, device="cuda"):
+    """A case's scores as contiguous [P, M, N] float32 on the GPU, and the
+    bytes a forward must move (read them, write the refined score)."""
+    scores = make_scores(case, gen, 0, device).reshape(-1, case.M, case.N).contiguous()
+    return scores, scores.numel() * 4 + scores.shape[0] * case.M * 4
+
+
+def _forward_outputs(scores):
+    """Outputs of a raw triton forward of [P, M, N] scores, no plan: (score,
+    None, f, g, n_iter)."""
+    P, M, N = scores.shape
+    return (scores.new_empty(P, M), None, scores.new_empty(P, M), scores.new_empty(P, N),
+            torch.empty(P, dtype=torch.int32, device=scores.device))
+
+
 def _warp_sweep(case_name, generators, warps, copy):
     """Graph times (us) of the triton backend's raw launches per warp count."""
     from otseg.ops.mps import triton as tb
@@ -83,11 +98,9 @@ def _warp_sweep(case_name, generators, warps, copy):
         "|---|---|---|---|---|",
     ]
     for gen in generators:
-        scores = make_scores(case, gen, 0, "cuda").reshape(-1, case.M, case.N).contiguous()
+        scores, nbytes = _flat_scores(case, gen)
         P = scores.shape[0]
-        nbytes = scores.numel() * 4 + P * case.M * 4
-        score, f = scores.new_empty(P, case.M), scores.new_empty(P, case.M)
-        g, n_iter = scores.new_empty(P, case.N), torch.empty(P, dtype=torch.int32, device="cuda")
+        score, _, f, g, n_iter = _forward_outputs(scores)
         ds = torch.randn(P, case.M, device="cuda")
         grad = torch.empty_like(scores)
         for w in warps:
@@ -111,12 +124,17 @@ def _warp_sweep(case_name, generators, warps, copy):
 FWD_VARIANTS = ((True, None), (False, None), (False, 168), (False, 128), (True, 168))
 
 
-def _forward_variants(case_name, generators, copy):
+def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
     """Graph times of the triton forward's variants (``FWD_VARIANTS``) at the
-    default warp count: which one this GPU prefers."""
-    case = CASES[case_name]
+    default warp count: which one this GPU prefers. ``device``, ``timer``
+    (ms of a callable; default the CUDA-graph time): for testing on the CPU
+    interpreter."""
+    from otseg.ops.mps import triton as tb
+
+    timer = timer or _graph_ms
+    case = CASES[case_name] if isinstance(case_name, str) else case_name
     lines = [
-        f"triton forward on {case_name} [M={case.M}, N={case.N}] by variant: the scores held in registers "
+        f"triton forward on {case.name} [M={case.M}, N={case.N}] by variant: the scores held in registers "
         "(HOLD_S, the default) or reread, and a register cap (maxnreg) that fits more problems on an SM; "
         "graph times in us, GB/s as above.",
         "",
@@ -124,16 +142,13 @@ def _forward_variants(case_name, generators, copy):
         "|---|---|---|---|---|---|",
     ]
     for gen in generators:
-        scores = make_scores(case, gen, 0, "cuda").reshape(-1, case.M, case.N).contiguous()
-        P = scores.shape[0]
-        nbytes = scores.numel() * 4 + P * case.M * 4
+        scores, nbytes = _flat_scores(case, gen, device)
         first = None
         for hold, maxnreg in FWD_VARIANTS:
-            out = (scores.new_empty(P, case.M), None, scores.new_empty(P, case.M), scores.new_empty(P, case.N),
-                   torch.empty(P, dtype=torch.int32, device="cuda"))
+            out = _forward_outputs(scores)
             try:
                 fwd = lambda: tb.launch_forward(scores, EPS, 100, 1e-6, *out, hold_scores=hold, maxnreg=maxnreg)  # noqa: E731
-                fg = _graph_ms(fwd) * 1e3
+                fg = timer(fwd) * 1e3
             except Exception as exc:  # noqa: BLE001  (report and go on)
                 lines.append(f"| {gen} | {hold} | {maxnreg} | failed: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:160]} | | |")

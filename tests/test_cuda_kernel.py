@@ -12,7 +12,7 @@ import torch
 from otseg.ops import mps, sinkhorn
 from otseg.ops.mps import triton as triton_backend
 
-from helpers import assert_close_report, dtype_id, hard_scores
+from helpers import assert_close_report, dtype_id, extreme_scores, hard_scores
 
 pytestmark = [
     pytest.mark.gpu,
@@ -58,18 +58,52 @@ def test_forward_matches_float64_reference(M, N, dtype, mode):
     assert_close_report(plan.double().cpu() * M * N, ref_plan * M * N, atol=ATOL[dtype] * 10, what="plan*M*N")
 
 
-@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded", "offset", "padded_rows"])
 def test_non_contiguous_inputs(layout):
+    # Every layout the vector reads must handle: none (transposed, strided),
+    # 8-byte ones (a storage offset of 2 floats), 16-byte ones over padded
+    # rows (row stride 12 for 8 prompts).
     base = hard_scores((4, 300, 8), seed=3).float().cuda()
     if layout == "transposed":
         x = base.transpose(-1, -2).contiguous().transpose(-1, -2)
     elif layout == "strided":
         x = hard_scores((4, 600, 16), seed=3).float().cuda()[:, ::2, ::2]
+    elif layout == "offset":
+        x = torch.cat([torch.zeros(2, device="cuda"), base.flatten()])[2:].view(4, 300, 8)
+        assert x.storage_offset() == 2
+    elif layout == "padded_rows":
+        x = torch.cat([base, base[..., :4]], dim=-1)[..., :8]
+        assert x.stride() == (3600, 12, 1)
     else:
         x = base[:1].expand(3, 300, 8)
     got = mps(x, backend="cuda", max_iter=20, tol=0.0)
     want = mps(x.contiguous(), backend="cuda", max_iter=20, tol=0.0)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("eps", [0.002, 0.01, 10.0], ids=lambda e: f"eps{e}")
+@pytest.mark.parametrize("kind", ["hard", "big", "onehot50", "split", "const"])
+def test_extreme_inputs_take_the_log_domain_and_stay_exact(kind, eps):
+    # Scores far outside the cosine range, or a tiny eps, send scalings out of
+    # [e^-30, e^30]: the sweeps whose u or v leave the range and the
+    # log-domain rebuilds after them (hard scores at eps = 0.002 take both
+    # within 300 iterations). The result is the reference's, never a wrong
+    # finite value.
+    M, N = 129, 8
+    x = extreme_scores(kind, (2, M, N), seed=1, dtype=torch.float32)
+    kw = dict(eps=eps, max_iter=300, tol=0.0)
+    gt_score, gt_plan = mps(x.double(), return_plan=True, backend="reference", **kw)
+    score, plan = mps(x.cuda(), return_plan=True, backend="cuda", **kw)
+    assert torch.isfinite(score).all() and torch.isfinite(plan).all()
+    # Columns of the plan sum to 1/N after the last g half-step.
+    assert_close_report(plan.cpu().double().sum(-2) * N, torch.ones(2, N, dtype=torch.float64), atol=1e-5,
+                        what="column sums*N")
+    # float32 with C/eps up to 5e4: relative error of the potentials times C/eps.
+    rel = 1e-6 * max(1.0, float((1 - x.double()).abs().max()) / eps)
+    assert_close_report(plan.cpu().double() * M * N, gt_plan * M * N, atol=rel * float((gt_plan * M * N).max()) + 1e-6,
+                        what="plan*M*N")
+    assert_close_report(score.cpu(), gt_score, atol=rel * max(1.0, float(gt_score.abs().max())) * 10,
+                        what="refined score")
 
 
 def test_per_problem_independence():

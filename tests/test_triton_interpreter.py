@@ -821,3 +821,27 @@ def test_loss_kernels_compile_for_sm90():
             src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
             compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
             assert compiled.asm["cubin"], f"{kernel.__name__} {acc}: no cubin"
+
+
+def test_gpu_profile_forward_variants_table(device):
+    # bench/gpu_profile.py's table of the forward's variants (FWD_VARIANTS),
+    # run on a tiny case with a stand-in timer: every variant launches (the
+    # register cap included) and reports the default's outputs.
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    try:
+        import gpu_profile
+    finally:
+        sys.path.pop(0)
+    from otseg.benchmark.generators import Case
+
+    case = Case("tiny", 1, 2, 37, 6, "voc20")
+
+    def once(fn):
+        fn()
+        return 1e-3
+
+    lines = gpu_profile._forward_variants(case, ["hard"], copy=1000.0, device=device, timer=once)
+    rows = [line for line in lines if line.startswith("| hard |")]
+    assert len(rows) == len(gpu_profile.FWD_VARIANTS), lines
+    assert not any("failed" in row for row in rows), rows
+    assert [row.split("|")[-2].strip() for row in rows] == ["-"] + ["True"] * (len(rows) - 1), rows

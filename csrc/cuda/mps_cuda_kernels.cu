@@ -219,8 +219,10 @@ __device__ __forceinline__ void store_row(void* base, int64_t i0, int N, Dtype d
 // Block-wide sum (or max) of V values per thread, result in every thread.
 // smem holds (kThreads / 32) * V floats. Every thread combines the warp
 // partials in the same order, so all threads get bitwise the same result and
-// the decisions taken on it are uniform across the block.
-template <int V, int kThreads, bool kMax>
+// the decisions taken on it are uniform across the block. kTrailingSync: a
+// barrier after the partials are read, so that smem can be written again at
+// once (BlockReducer alternates two buffers instead).
+template <int V, int kThreads, bool kMax, bool kTrailingSync = true>
 __device__ __forceinline__ void block_reduce(float (&x)[V], float* smem) {
   constexpr int kWarps = kThreads / 32;
 #pragma unroll
@@ -244,8 +246,32 @@ __device__ __forceinline__ void block_reduce(float (&x)[V], float* smem) {
     for (int w = 1; w < kWarps; ++w) acc = kMax ? fmaxf(acc, smem[w * V + v]) : acc + smem[w * V + v];
     x[v] = acc;
   }
-  __syncthreads();
+  if constexpr (kTrailingSync) __syncthreads();
 }
+
+// Block reductions of up to kMaxV values. With kHalves = 2, one barrier
+// each: consecutive reductions write alternate halves of smem (2 *
+// (kThreads / 32) * kMaxV floats), so a thread writing one half has passed
+// the barrier of the reduction in between, which every thread reaches only
+// after reading that half. With kHalves = 1, one buffer and two barriers
+// each. Every thread must make the same sequence of calls (uniform control
+// flow), as with any block reduction.
+template <int kThreads, int kMaxV, int kHalves>
+struct BlockReducer {
+  static constexpr int kFloats = kHalves * (kThreads / 32) * kMaxV;  // of smem
+  float* smem;
+  int half = 0;
+  template <bool kMax, int V>
+  __device__ __forceinline__ void operator()(float (&x)[V]) {
+    static_assert(V <= kMaxV, "BlockReducer: too many values");
+    if constexpr (kHalves == 2) {
+      block_reduce<V, kThreads, kMax, false>(x, smem + half * (kThreads / 32) * kMaxV);
+      half ^= 1;
+    } else {
+      block_reduce<V, kThreads, kMax, true>(x, smem);
+    }
+  }
+};
 
 // Blocks of kThreads the forward asks to fit on one SM (65536 registers):
 // three of 128 threads, at most 168 registers a thread. The registers hold
@@ -260,11 +286,12 @@ __host__ __device__ constexpr int fwd_min_blocks(int threads) { return threads <
 // memory, each thread's own rows, read back where a log-domain half-step
 // rebuilds K and for the refined score, when the tile takes at most 32 KB
 // (M <= 1024 pixels for up to 8 prompts, M <= 512 for 16, M <= 2048 for 4).
-// Three blocks of 128 threads then take 3 x (32.3 + 1 reserved) KB of an
-// SM's shared memory: 96 KB of 228 on an H100 and 164 on an A100, but all
-// but 208 B of the 100 KB of an sm_86 GPU (a 3090), where any more static
-// shared memory in this kernel leaves two blocks an SM. Larger tiles read
-// the scores again from global memory (L2), as spilled registers would be.
+// Three blocks of 128 threads then take 3 x (32.3 or 32.6 + 1 reserved) KB of
+// an SM's shared memory (bench/cuda_ptxas.py): about 100 KB of 228 on an H100
+// and 164 on an A100, but all of the 100 KB of an sm_86 GPU (a 3090), with
+// 64 B to spare for 8 prompts (33088 B a block) and 160 B for 16 (33056 B,
+// one reduction buffer). Larger tiles read the scores again from global
+// memory (L2), as spilled registers would be.
 __host__ __device__ constexpr bool fwd_scores_in_smem(int NP, int threads) {
   return fwd_rows(NP) * NP * threads * 4 <= 32 * 1024;
 }
@@ -273,7 +300,11 @@ template <int NP, int kThreads>
 __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_kernel(ForwardArgs a) {
   constexpr int kRows = fwd_rows(NP);
   constexpr bool kSmem = fwd_scores_in_smem(NP, kThreads);
-  __shared__ float red[(kThreads / 32) * (NP + 1)];
+  // Two reduction buffers (one barrier a reduction) except for 16 prompts,
+  // whose larger buffers would cost an sm_86 GPU its third block an SM.
+  using Reducer = BlockReducer<kThreads, NP + 2, NP <= 8 ? 2 : 1>;
+  __shared__ float red[Reducer::kFloats];
+  Reducer reduce{red};
   // Score (row r, prompt n) of thread t at [(r * NP + n) * kThreads + t]:
   // consecutive threads, consecutive words.
   __shared__ float s_tile[kSmem ? kRows * NP * kThreads : 1];
@@ -386,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
         mx[n] = fmaxf(mx[n], k[r][n]);
       }
     }
-    block_reduce<NP, kThreads, true>(mx, red);
+    reduce.template operator()<true>(mx);
     float sum[NP];
 #pragma unroll
     for (int n = 0; n < NP; ++n) {
@@ -398,7 +429,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
         sum[n] += k[r][n];
       }
     }
-    block_reduce<NP, kThreads, false>(sum, red);
+    reduce.template operator()<false>(sum);
 #pragma unroll
     for (int n = 0; n < NP; ++n) {
       beta[n] = n < N ? log_nu + ie - mx[n] - __logf(sum[n]) : 0.0f;
@@ -422,7 +453,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
 #pragma unroll
       for (int r = 0; r < kRows; ++r) z[n] += k[r][n] * u[r];
     }
-    block_reduce<NP, kThreads, false>(z, red);
+    reduce.template operator()<false>(z);
     bool ok = true;
 #pragma unroll
     for (int n = 0; n < NP; ++n) {
@@ -443,12 +474,12 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
     if (have_kernel) {
       // One pass over the registers: u = mu / (K v), the change of the full
       // potential (while alpha is unchanged, that of log u alone: no
-      // cancellation against a large alpha), and the partial column
-      // products K^T u.
-      float acc[NP + 1];
-      bool u_bad = false;
+      // cancellation against a large alpha), the partial column products
+      // K^T u and the count of scalings out of range, all in one reduction
+      // (whose sums are dropped when a scaling is out of range).
+      float acc[NP + 2];
 #pragma unroll
-      for (int n = 0; n <= NP; ++n) acc[n] = 0.0f;
+      for (int n = 0; n < NP + 2; ++n) acc[n] = 0.0f;
       float lu_new[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
@@ -457,15 +488,15 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
 #pragma unroll
         for (int n = 0; n < NP; ++n) kv += k[r][n] * v[n];
         const float um = live ? mu / kv : 1.0f;
-        u_bad |= !(um >= lo_ok && um <= hi_ok);
+        acc[NP + 1] += um >= lo_ok && um <= hi_ok ? 0.0f : 1.0f;
         lu_new[r] = __logf(um);
         acc[NP] += live ? fabsf(lu_new[r] - log_u[r]) : 0.0f;
         u[r] = um;
 #pragma unroll
         for (int n = 0; n < NP; ++n) acc[n] += live ? k[r][n] * um : 0.0f;
       }
-      if (!__syncthreads_or(u_bad)) {
-        block_reduce<NP + 1, kThreads, false>(acc, red);
+      reduce.template operator()<false>(acc);
+      if (acc[NP + 1] == 0.0f) {
         sweep_ok = true;
         change = acc[NP];
 #pragma unroll
@@ -502,7 +533,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
       }
       have_kernel = true;
       if (!scale_cols()) rebuild_cols();
-      block_reduce<1, kThreads, false>(c, red);
+      reduce.template operator()<false>(c);
       change = c[0];
     }
     if (a.eps * change / M < a.tol) break;
