@@ -296,3 +296,20 @@ def assert_batch_dims_match_flattened(fwd, bwd, x, seed):
     want = bwd(gs.reshape(-1, M), gp.reshape(-1, M, N), flat, f.reshape(-1, M), g.reshape(-1, N))
     assert grad.shape == x.shape and torch.equal(grad, want.reshape(x.shape))
     return score, plan, f, g, gs, gp
+
+
+def assert_extreme_result_close(score, plan, gt_score, gt_plan, x, eps):
+    """A float32 fused result on extreme scores ``x`` [..., M, N] (score and
+    plan, any device) against the float64 reference's: finite, plan columns
+    summing to 1/N after the last g half-step, and plan and score within the
+    float32 error of potentials of size C/eps."""
+    M, N = x.shape[-2:]
+    score, plan = score.cpu(), plan.cpu()
+    assert torch.isfinite(score).all() and torch.isfinite(plan).all()
+    assert_close_report(plan.double().sum(-2) * N, torch.ones(plan.shape[:-2] + (N,), dtype=torch.float64),
+                        atol=1e-5, what="column sums*N")
+    rel = 1e-6 * max(1.0, float((1 - x.double()).abs().max()) / eps)
+    assert_close_report(plan.double() * M * N, gt_plan * M * N, atol=rel * float((gt_plan * M * N).max()) + 1e-6,
+                        what="plan*M*N")
+    assert_close_report(score, gt_score, atol=rel * max(1.0, float(gt_score.abs().max())) * 10,
+                        what="refined score")
