@@ -50,8 +50,7 @@ def _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, other,
     alike) lays the rows r over the threads, so that each thread holds all the
     prompts of its pixels and row reductions need no communication."""
     offs_j = tl.arange(0, VEC)
-    r_g = tl.arange(0, NG * BLOCK_M) // BLOCK_M
-    r_m = tl.arange(0, NG * BLOCK_M) % BLOCK_M
+    r_g, r_m = _group_rows(NG, BLOCK_M)
     mask_r = (r_m < M)[:, None] & (r_g < N // VEC)[:, None]  # [NG * BM, 1]
     if VEC > 1:
         # Contiguous [P, M, N] scores: each group of VEC prompts is an
@@ -201,8 +200,7 @@ def _mps_fwd_kernel(
     score = (m_f * n_f) * _row_sum(plan * s)
     tl.store(SCORE + pid * M + offs_m, score.to(SCORE.dtype.element_ty), mask=mask_m)
     if HAS_PLAN:
-        r_g = tl.arange(0, NG * BLOCK_M) // BLOCK_M
-        r_m = tl.arange(0, NG * BLOCK_M) % BLOCK_M
+        r_g, r_m = _group_rows(NG, BLOCK_M)
         mask_r = (r_m < M)[:, None] & (r_g < N // VEC)[:, None]  # [NG * BM, 1]
         p_base = tl.multiple_of((pid * M + r_m) * N + r_g * VEC, [VEC])
         tl.store(PLAN + p_base[:, None] + offs_j[None, :],

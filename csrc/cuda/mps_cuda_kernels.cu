@@ -444,6 +444,19 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
       log_u[r] = 0.0f;
     }
   };
+  // v = nu / z from the first NP entries of z, the column products K^T u;
+  // false when a scaling left the safe range.
+  auto scale_v = [&](const auto& z) {
+    bool ok = true;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      if (n < N) {
+        v[n] = nu / z[n];
+        ok = ok && v[n] >= lo_ok && v[n] <= hi_ok;
+      }
+    }
+    return ok;
+  };
   // v = nu / (K^T u); false when a scaling left the safe range.
   auto scale_cols = [&]() {
     float z[NP];
@@ -454,15 +467,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
       for (int r = 0; r < kRows; ++r) z[n] += k[r][n] * u[r];
     }
     reduce.template operator()<false>(z);
-    bool ok = true;
-#pragma unroll
-    for (int n = 0; n < NP; ++n) {
-      if (n < N) {
-        v[n] = nu / z[n];
-        ok = ok && v[n] >= lo_ok && v[n] <= hi_ok;
-      }
-    }
-    return ok;
+    return scale_v(z);
   };
 
   int it = 0;
@@ -501,15 +506,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
         change = acc[NP];
 #pragma unroll
         for (int r = 0; r < kRows; ++r) log_u[r] = lu_new[r];
-        bool v_ok = true;
-#pragma unroll
-        for (int n = 0; n < NP; ++n) {
-          if (n < N) {
-            v[n] = nu / acc[n];
-            v_ok = v_ok && v[n] >= lo_ok && v[n] <= hi_ok;
-          }
-        }
-        if (!v_ok) {
+        if (!scale_v(acc)) {
           // Absorb u into alpha and redo the g half-step in the log domain.
 #pragma unroll
           for (int r = 0; r < kRows; ++r) alpha[r] += log_u[r];
