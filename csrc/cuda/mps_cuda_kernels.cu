@@ -65,11 +65,12 @@ __device__ __forceinline__ void store_from_float(void* base, int64_t i, float x,
   }
 }
 
-// V contiguous elements at element i of `base` (aligned to V elements: the
-// host's vector_width), as floats. 16-byte reads at most: float32 V <= 4,
-// 16-bit types V <= 8.
+// V = 2, 4 or 8 contiguous elements at element i of `base` (aligned to V
+// elements: the host's vector_width), as floats. 16-byte reads at most:
+// float32 V <= 4, 16-bit types V <= 8.
 template <int V>
 __device__ __forceinline__ void load_vec(const void* base, int64_t i, Dtype dt, float* out) {
+  static_assert(V == 2 || V == 4 || V == 8, "load_vec: V is 2, 4 or 8");
   if (dt == Dtype::kFloat) {
     const float* p = static_cast<const float*>(base) + i;
     if constexpr (V >= 4) {
@@ -78,16 +79,14 @@ __device__ __forceinline__ void load_vec(const void* base, int64_t i, Dtype dt, 
         const float4 q = __ldg(reinterpret_cast<const float4*>(p) + c);
         out[4 * c] = q.x, out[4 * c + 1] = q.y, out[4 * c + 2] = q.z, out[4 * c + 3] = q.w;
       }
-    } else if constexpr (V == 2) {
+    } else {
       const float2 q = __ldg(reinterpret_cast<const float2*>(p));
       out[0] = q.x, out[1] = q.y;
-    } else {
-      out[0] = __ldg(p);
     }
     return;
   }
   // 16-bit elements, read in pairs.
-  unsigned raw[(V + 1) / 2];
+  unsigned raw[V / 2];
   const unsigned short* p = static_cast<const unsigned short*>(base) + i;
   if constexpr (V == 8) {
     const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
@@ -95,11 +94,8 @@ __device__ __forceinline__ void load_vec(const void* base, int64_t i, Dtype dt, 
   } else if constexpr (V == 4) {
     const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
     raw[0] = q.x, raw[1] = q.y;
-  } else if constexpr (V == 2) {
-    raw[0] = __ldg(reinterpret_cast<const unsigned*>(p));
   } else {
-    out[0] = load_as_float(base, i, dt);
-    return;
+    raw[0] = __ldg(reinterpret_cast<const unsigned*>(p));
   }
 #pragma unroll
   for (int c = 0; c < V / 2; ++c) {
@@ -113,46 +109,41 @@ __device__ __forceinline__ void load_vec(const void* base, int64_t i, Dtype dt, 
   }
 }
 
-// V floats into V contiguous elements at element i of `base` (aligned to V
-// elements), converted as store_from_float does.
+// V = 2, 4 or 8 floats into V contiguous elements at element i of `base`
+// (aligned to V elements), converted as store_from_float does.
 template <int V>
 __device__ __forceinline__ void store_vec(void* base, int64_t i, Dtype dt, const float* in) {
+  static_assert(V == 2 || V == 4 || V == 8, "store_vec: V is 2, 4 or 8");
   if (dt == Dtype::kFloat) {
     float* p = static_cast<float*>(base) + i;
     if constexpr (V >= 4) {
 #pragma unroll
       for (int c = 0; c < V / 4; ++c)
         reinterpret_cast<float4*>(p)[c] = make_float4(in[4 * c], in[4 * c + 1], in[4 * c + 2], in[4 * c + 3]);
-    } else if constexpr (V == 2) {
-      *reinterpret_cast<float2*>(p) = make_float2(in[0], in[1]);
     } else {
-      *p = in[0];
+      *reinterpret_cast<float2*>(p) = make_float2(in[0], in[1]);
     }
     return;
   }
-  if constexpr (V == 1) {
-    store_from_float(base, i, in[0], dt);
-  } else {
-    unsigned raw[V / 2];
+  unsigned raw[V / 2];
 #pragma unroll
-    for (int c = 0; c < V / 2; ++c) {
-      unsigned short lo, hi;
-      if (dt == Dtype::kHalf) {
-        lo = __half_as_ushort(__float2half_rn(in[2 * c])), hi = __half_as_ushort(__float2half_rn(in[2 * c + 1]));
-      } else {
-        lo = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * c]));
-        hi = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * c + 1]));
-      }
-      raw[c] = static_cast<unsigned>(lo) | (static_cast<unsigned>(hi) << 16);
-    }
-    unsigned short* p = static_cast<unsigned short*>(base) + i;
-    if constexpr (V == 8) {
-      *reinterpret_cast<uint4*>(p) = make_uint4(raw[0], raw[1], raw[2], raw[3]);
-    } else if constexpr (V == 4) {
-      *reinterpret_cast<uint2*>(p) = make_uint2(raw[0], raw[1]);
+  for (int c = 0; c < V / 2; ++c) {
+    unsigned short lo, hi;
+    if (dt == Dtype::kHalf) {
+      lo = __half_as_ushort(__float2half_rn(in[2 * c])), hi = __half_as_ushort(__float2half_rn(in[2 * c + 1]));
     } else {
-      *reinterpret_cast<unsigned*>(p) = raw[0];
+      lo = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * c]));
+      hi = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * c + 1]));
     }
+    raw[c] = static_cast<unsigned>(lo) | (static_cast<unsigned>(hi) << 16);
+  }
+  unsigned short* p = static_cast<unsigned short*>(base) + i;
+  if constexpr (V == 8) {
+    *reinterpret_cast<uint4*>(p) = make_uint4(raw[0], raw[1], raw[2], raw[3]);
+  } else if constexpr (V == 4) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(raw[0], raw[1]);
+  } else {
+    *reinterpret_cast<unsigned*>(p) = raw[0];
   }
 }
 
