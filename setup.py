@@ -112,7 +112,8 @@ def extensions():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "triton", "*.cpp")))
     torch_version = torch.__version__.split("+")[0]
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", f'-DOTSEG_TORCH_VERSION="{torch_version}"', "-Wall"]
     werror = _flag("OTSEG_WERROR")
@@ -129,6 +130,8 @@ def extensions():
         if werror:
             nvcc += ["-Werror", "all-warnings"]
         kwargs["include_dirs"] += nvidia_pip_include_dirs()
+        # csrc/triton/launch.cpp finds the CUDA driver with dlopen.
+        kwargs["libraries"] = ["dl"]
         ext = CUDAExtension(
             sources=sources + cuda_sources,
             extra_compile_args={"cxx": cxx + ["-DOTSEG_WITH_CUDA"], "nvcc": nvcc},

@@ -6,7 +6,9 @@ around the Python call), and replayed from a CUDA graph captured from the
 same call, which leaves only the GPU's work. The difference is what the host
 adds per call (Python, dispatch, allocation, launches); the graph time is
 what a kernel change can improve, and its GB/s is set against the
-device-to-device copy bandwidth measured here.
+device-to-device copy bandwidth measured here. The triton backend is timed
+twice: through its C++ entries (launches from C++ after the first call) and
+through its Python operators (every launch through Triton's launcher).
 
 Then, for the triton backend, the same graph times of its raw launches with
 each warp count in ``--warps`` (the launchers' ``num_warps``), on the largest
@@ -37,6 +39,11 @@ from otseg.benchmark.generators import CASES, EPS, make_scores
 from otseg.benchmark.measure import copy_bandwidth_gbs, median_ms
 
 
+# The triton backend's Python operators, whose launches all go through
+# Triton's Python launcher: the host's work before C++ launches.
+PY_TRITON = "triton (Python launches)"
+
+
 def _events_ms(fn, repeats=50):
     """Median ms of fn() between two CUDA events, after warm-up calls."""
     for _ in range(4):
@@ -59,10 +66,18 @@ def _graph_ms(fn, replays=20):
 
 
 def _ops(backend):
-    """(forward, backward) callables of one backend's raw operators on [P, M, N]."""
+    """(forward, backward) callables of one backend's raw operators on [P, M, N].
+
+    "triton": the C++ entries (``otseg::mps_triton``, ``mps_triton_backward``),
+    which launch the Triton kernels from C++ once the first call has
+    registered them (csrc/triton/launch.h); "triton (Python launches)": the
+    Python operators, whose every launch goes through Triton's launcher."""
     if backend == "cuda":
         fwd = lambda s: torch.ops.otseg.mps_forward(s, EPS, 100, 1e-6, False, False)  # noqa: E731
         bwd = torch.ops.otseg.mps_backward
+    elif backend == "triton":
+        fwd = lambda s: torch.ops.otseg.mps_triton(s, EPS, 100, 1e-6, False)  # noqa: E731
+        bwd = torch.ops.otseg.mps_triton_backward
     else:
         fwd = lambda s: torch.ops.otseg.mps_forward_triton(s, EPS, 100, 1e-6, False)  # noqa: E731
         bwd = torch.ops.otseg.mps_backward_triton
@@ -223,6 +238,8 @@ def main(argv=None):
         sys.exit("gpu_profile.py needs a CUDA GPU")
     copy = copy_bandwidth_gbs("cuda")
     backends = [s.name for s in ops.backends() if s.available and "cuda" in s.devices and s.name != "reference"]
+    if "triton" in backends:
+        backends.append(PY_TRITON)
     lines = [
         f"GPU {torch.cuda.get_device_name()}, copy bandwidth {copy:.0f} GB/s (read + write); times in us, "
         "medians; eager: the Python call between CUDA events; graph: the same call replayed from a CUDA graph "
@@ -252,12 +269,15 @@ def main(argv=None):
                 gbs = nbytes / (fg * 1e-6) / 1e9
                 lines.append(f"| {case_name} | {gen} | {backend} | {fe:.1f} | {fg:.1f} | {fe - fg:.1f} | "
                              f"{gbs:.0f} ({gbs / copy:.0%}) | {be:.1f} | {bg:.1f} |")
+    if "triton" in backends:
+        from otseg.ops.mps import triton as tb
+        lines += ["", f"triton launches in this run (otseg.ops.mps.triton.launch_stats()): {tb.launch_stats()}"]
     if args.warps and "triton" in backends:
         lines += ["", *_warp_sweep(args.cases[-1], args.generators, args.warps, copy)]
         lines += ["", *_forward_variants(args.cases[-1], args.generators, copy)]
     if args.host_profile:
         try:
-            lines += _host_profile(args.cases[0], backends)
+            lines += _host_profile(args.cases[0], [b for b in backends if b != PY_TRITON])
         except Exception as exc:  # noqa: BLE001  (the tables above still print)
             lines += ["", f"host profile failed: {type(exc).__name__}: {exc}"]
     text = "\n".join(lines)

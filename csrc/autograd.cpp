@@ -18,6 +18,8 @@
 #include <optional>
 #include <tuple>
 
+#include "triton/launch.h"
+
 namespace otseg {
 namespace {
 
@@ -45,17 +47,31 @@ struct FusedOps {
         find_op<ForwardOutputs(const at::Tensor&, double, int64_t, double, bool, bool)>("otseg::mps_forward");
     return op.call(scores, eps, max_iter, tol, return_plan, check_finite);
   }
+  static at::Tensor backward(const std::optional<at::Tensor>& grad_score, const std::optional<at::Tensor>& grad_plan,
+                             const at::Tensor& scores, const at::Tensor& f, const at::Tensor& g, double eps) {
+    static const auto op = find_op<BackwardFn>(kBackward);
+    return op.call(grad_score, grad_plan, scores, f, g, eps);
+  }
 };
 
 // The Triton operators (no finiteness check: the triton backend checks in a
-// separate pass).
+// separate pass). A kernel that Python has compiled and registered is launched
+// from C++ (csrc/triton/launch.h); the first call of each kernel variant, and
+// any call that path does not take, goes through the Python operators.
 struct TritonOps {
   static constexpr const char* kBackward = "otseg::mps_backward_triton";
   static ForwardOutputs forward(const at::Tensor& scores, double eps, int64_t max_iter, double tol,
                                 bool return_plan, bool /*check_finite*/) {
+    if (auto out = triton::launch_forward(scores, eps, max_iter, tol, return_plan)) return *std::move(out);
     static const auto op =
         find_op<ForwardOutputs(const at::Tensor&, double, int64_t, double, bool)>("otseg::mps_forward_triton");
     return op.call(scores, eps, max_iter, tol, return_plan);
+  }
+  static at::Tensor backward(const std::optional<at::Tensor>& grad_score, const std::optional<at::Tensor>& grad_plan,
+                             const at::Tensor& scores, const at::Tensor& f, const at::Tensor& g, double eps) {
+    if (auto grad = triton::launch_backward(grad_score, grad_plan, scores, f, g, eps)) return *std::move(grad);
+    static const auto op = find_op<BackwardFn>(kBackward);
+    return op.call(grad_score, grad_plan, scores, f, g, eps);
   }
 };
 
@@ -84,15 +100,15 @@ class MPSFunction : public torch::autograd::Function<MPSFunction<Ops>> {
     std::optional<at::Tensor> grad_score, grad_plan;
     if (grads[0].defined()) grad_score = grads[0];
     if (return_plan && grads[1].defined()) grad_plan = grads[1];
-    static const auto backward_op = find_op<BackwardFn>(Ops::kBackward);
     at::Tensor grad;
     if (at::GradMode::is_enabled()) {
       // create_graph: through mps_backward's own autograd, so that
       // differentiating this gradient raises a clear error.
+      static const auto backward_op = find_op<BackwardFn>(Ops::kBackward);
       grad = backward_op.call(grad_score, grad_plan, saved[0], saved[1], saved[2], eps);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      grad = backward_op.call(grad_score, grad_plan, saved[0], saved[1], saved[2], eps);
+      grad = Ops::backward(grad_score, grad_plan, saved[0], saved[1], saved[2], eps);
     }
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -125,7 +141,19 @@ TORCH_LIBRARY_IMPL(otseg, Autograd, m) {
   m.impl("mps_triton", &mps_triton_autograd);
 }
 
-TORCH_LIBRARY_IMPL(otseg, CUDA, m) { m.impl("mps_triton", &mps_triton_forward); }
-TORCH_LIBRARY_IMPL(otseg, CPU, m) { m.impl("mps_triton", &mps_triton_forward); }
+// The Triton backward alone (mps_triton_backward's schema in ops.cpp).
+at::Tensor mps_triton_backward(const std::optional<at::Tensor>& grad_score, const std::optional<at::Tensor>& grad_plan,
+                               const at::Tensor& scores, const at::Tensor& f, const at::Tensor& g, double eps) {
+  return TritonOps::backward(grad_score, grad_plan, scores, f, g, eps);
+}
+
+TORCH_LIBRARY_IMPL(otseg, CUDA, m) {
+  m.impl("mps_triton", &mps_triton_forward);
+  m.impl("mps_triton_backward", &mps_triton_backward);
+}
+TORCH_LIBRARY_IMPL(otseg, CPU, m) {
+  m.impl("mps_triton", &mps_triton_forward);
+  m.impl("mps_triton_backward", &mps_triton_backward);
+}
 
 }  // namespace otseg

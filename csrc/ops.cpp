@@ -27,6 +27,12 @@ TORCH_LIBRARY(otseg, m) {
   m.def(
       "mps_triton(Tensor scores, float eps, int max_iter, float tol, bool return_plan) -> "
       "(Tensor score, Tensor plan, Tensor f, Tensor g, Tensor n_iter)");
+  // Its backward as an operator of its own, with the same route as inside
+  // mps_triton's autograd (C++ launches of registered kernels, else
+  // mps_backward_triton), for callers that time or test it alone.
+  m.def(
+      "mps_triton_backward(Tensor? grad_score, Tensor? grad_plan, Tensor scores, Tensor f, Tensor g, "
+      "float eps) -> Tensor");
   // The per-mask sums behind the segmentation losses (SPEC section 3) of
   // logits [B, K, h, w] upsampled bilinearly (align_corners=False) to the
   // labels' [B, H, W], without forming the upsampled logits: [4, B, K] =
@@ -39,6 +45,24 @@ TORCH_LIBRARY(otseg, m) {
   m.def(
       "mask_stats_backward(Tensor grad_stats, Tensor logits, Tensor labels, float alpha, float gamma, "
       "int ignore_index) -> Tensor");
+  // The triton backend's launches from C++ (csrc/triton/launch.h), for
+  // otseg/ops/mps/triton.py and the tests: the specialisation key, parameter
+  // sizes and vector width of a launch of _mps_fwd_kernel / _mps_bwd_kernel
+  // with these arguments (flat [P, M, N] scores, the outputs as launch_forward
+  // and launch_backward pass them); the registration of a compiled kernel
+  // under a key ("" when registered, else why not); the number of kernels
+  // registered and of forward and backward launches from C++; and the
+  // registry's reset.
+  m.def(
+      "triton_launch_args_forward(Tensor scores, Tensor score, Tensor? plan, Tensor f, Tensor g, Tensor n_iter, "
+      "int max_iter, float eps, float tol) -> (str, str, int)");
+  m.def(
+      "triton_launch_args_backward(Tensor? grad_score, Tensor? grad_plan, Tensor scores, Tensor f, Tensor g, "
+      "Tensor grad, float eps) -> (str, str, int)");
+  m.def(
+      "triton_launch_register(str key, str sizes, str ptx_sizes, int function, int num_warps, int shared) -> str");
+  m.def("triton_launch_stats() -> int[]");
+  m.def("triton_launch_clear() -> ()");
 }
 
 namespace otseg {

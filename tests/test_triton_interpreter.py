@@ -672,6 +672,16 @@ def test_operators_take_batch_dims_like_the_flattened_problems(device, layout):
     torch.library.opcheck(torch.ops.otseg.mps_backward_triton.default, (gs, gp, x, f, g, 0.1))
     with pytest.raises(ValueError, match="grad_score must have shape"):
         torch.ops.otseg.mps_backward_triton(gs.reshape(-1, 9), None, x, f, g, 0.1)
+    # The C++ entries: on a GPU, launched from C++ from the second call of a
+    # kernel variant on (csrc/triton/launch.h); the same results.
+    for _ in range(2):
+        got = assert_batch_dims_match_flattened(
+            lambda s: torch.ops.otseg.mps_triton(s, 0.1, 30, 0.0, True),
+            lambda *a: torch.ops.otseg.mps_triton_backward(*a, 0.1), x, seed=29)
+        for a, b in zip(got, (score, plan, f, g)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="grad_score must have shape"):
+        torch.ops.otseg.mps_triton_backward(gs.reshape(-1, 9), None, x, f, g, 0.1)
 
 
 @pytest.mark.parametrize("grads", ["score", "plan", "both", "none"])
@@ -682,6 +692,7 @@ def test_opcheck_backward(device, grads):
     gs = torch.randn(score.shape, generator=gen, dtype=torch.float64).to(device) if grads in ("score", "both") else None
     gp = torch.randn(plan.shape, generator=gen, dtype=torch.float64).to(device) if grads in ("plan", "both") else None
     torch.library.opcheck(torch.ops.otseg.mps_backward_triton.default, (gs, gp, x, f, g, 0.05))
+    torch.library.opcheck(torch.ops.otseg.mps_triton_backward.default, (gs, gp, x, f, g, 0.05))
 
 
 @pytest.mark.slow

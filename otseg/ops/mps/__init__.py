@@ -84,7 +84,10 @@ def _status(name):
             devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
             return True, devices, "fused Triton kernel in Triton's interpreter (TRITON_INTERPRET=1; CPU tensors, slow)"
         if torch.cuda.is_available():
-            return True, ("cuda",), "fused Triton kernel, implicit backward (M <= 4096, N <= 16)"
+            route = triton_backend.cpp_launch_error
+            route = ("launched from C++ after each kernel variant's first call" if route is None
+                     else f"launched from Python: {route}")
+            return True, ("cuda",), f"fused Triton kernel, implicit backward (M <= 4096, N <= 16); {route}"
         why = "no CUDA GPU is visible (torch.cuda.is_available() is False)"
         if triton_backend.interpreter_requested():
             why += "; TRITON_INTERPRET=1 was set after Triton was imported, so it has no effect"

@@ -14,6 +14,15 @@ interpreter's kernels cannot be traced (``wrap_triton`` hands them back
 unwrapped and they cannot run on fake tensors), so there the same functions are
 registered with ``torch.library.custom_op`` and an explicit fake instead.
 
+Launches from C++: once a kernel variant has been compiled and launched here,
+it is registered with the C++ extension (``csrc/triton/launch.h``), which
+launches it itself on later calls whose arguments Triton would specialise the
+same way: the host's work per call drops from Python's (the custom-op
+dispatch, this module, Triton's binder and launcher) to that of the cuda
+backend's C++ operator. ``launch_stats()`` counts both routes;
+``set_cpp_launch(False)`` (or ``OTSEG_TRITON_LAUNCH=python`` in the
+environment) keeps every launch in Python.
+
 Limits: one problem is one register block, so M <= 4096 pixels and N <= 16
 prompts. float64 scores compute in float64; every other dtype in float32.
 Importing this module never fails: ``available`` and ``error`` say whether the
@@ -22,8 +31,10 @@ neither the kernels nor Triton's torch glue (``available`` is then False).
 """
 
 import functools
+import logging
 import math
 import os
+import re
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -35,8 +46,10 @@ from .fused import _acc_dtype, autograd_pair, empty_outputs, no_context, no_doub
 
 __all__ = [
     "available", "error", "interpreted", "interpreter_requested", "MAX_M", "MAX_N", "check_limits",
-    "launch_forward", "launch_backward", "mps_forward",
+    "launch_forward", "launch_backward", "mps_forward", "launch_stats", "set_cpp_launch", "cpp_launch_error",
 ]
+
+_log = logging.getLogger("otseg")
 
 MAX_M = 4096
 MAX_N = 16
@@ -44,6 +57,7 @@ MAX_N = 16
 available = _kernels.available
 error = _kernels.error
 interpreted = False
+CompiledKernel = ()  # Triton's, where the kernels load
 
 
 def interpreter_requested():
@@ -73,6 +87,10 @@ if available:
         except ImportError:
             InterpretedFunction = ()
         interpreted = isinstance(_mps_fwd_kernel, InterpretedFunction)
+        try:
+            from triton.compiler import CompiledKernel
+        except ImportError:
+            CompiledKernel = ()
 
 
 def check_limits(M, N):
@@ -191,10 +209,14 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
             with which bench/gpu_profile.py tries to fit more problems on an
             SM. The operators never pass it (torch.compile's tracing of the
             launch would take it for a kernel argument).
+
+    Returns:
+        what Triton's launch returns: its CompiledKernel on a GPU (None when
+        P == 0, under the interpreter or while torch.compile traces).
     """
     P, M, N = scores.shape
     if P == 0:
-        return
+        return None
     # int(): sizes may be symbolic under torch.compile (the cache hashes them).
     blocks = _blocks(int(M), int(N), f.dtype == torch.float64)
     vec = _vector_width(scores, N)
@@ -205,7 +227,7 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
     options = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
     # Without a plan, PLAN is never touched; it gets a read-only input rather
     # than an output, so that no output is passed twice.
-    wrap_triton(_mps_fwd_kernel)[(P,)](
+    return wrap_triton(_mps_fwd_kernel)[(P,)](
         scores, score, plan if plan is not None else scores, f, g, n_iter,
         scores.stride(0), scores.stride(1), scores.stride(2),
         M, N, max_iter,
@@ -223,10 +245,13 @@ def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad, num_warps=No
         grad_score: [P, M] or None; grad_plan: [P, M, N] or None (any strides).
         scores: [P, M, N], any strides; f: [P, M], g: [P, N] contiguous.
         num_warps: as in ``launch_forward``.
+
+    Returns:
+        as ``launch_forward``.
     """
     P, M, N = scores.shape
     if P == 0:
-        return
+        return None
     blocks = _blocks(int(M), int(N), f.dtype == torch.float64)
     vec = _vector_width(scores, N)
     eps_hi, eps_lo = _split(float(eps))
@@ -235,7 +260,7 @@ def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad, num_warps=No
     dp = grad_plan if grad_plan is not None else scores
     ds_strides = (ds.stride(0), ds.stride(1)) if grad_score is not None else (0, 0)
     dp_strides = (dp.stride(0), dp.stride(1), dp.stride(2)) if grad_plan is not None else (0, 0, 0)
-    wrap_triton(_mps_bwd_kernel)[(P,)](
+    return wrap_triton(_mps_bwd_kernel)[(P,)](
         scores, f, g, ds, dp, grad,
         scores.stride(0), scores.stride(1), scores.stride(2),
         *ds_strides,
@@ -256,7 +281,11 @@ def _mps_forward_triton(
     # them as [P, ...] (contiguous) and the scores flattened.
     score, plan, f, g, n_iter = empty_outputs(scores, return_plan)
     flat = _flat(scores, *scores.shape[-2:])
-    launch_forward(flat, eps, max_iter, tol, score, plan if return_plan else None, f, g, n_iter)
+    plan_out = plan if return_plan else None
+    compiled = launch_forward(flat, eps, max_iter, tol, score, plan_out, f, g, n_iter)
+    if _launched(compiled, "python_forward"):
+        _register(compiled, torch.ops.otseg.triton_launch_args_forward, flat,
+                  (flat, score, plan_out, f, g, n_iter, int(max_iter), float(eps), float(tol)))
     return score, plan, f, g, n_iter
 
 
@@ -291,12 +320,141 @@ def _mps_backward_triton(
         return torch.zeros_like(scores, memory_format=torch.contiguous_format)
     M, N = scores.shape[-2:]
     grad = torch.empty_like(scores, memory_format=torch.contiguous_format)
-    launch_backward(
-        None if grad_score is None else _flat(grad_score, M),
-        None if grad_plan is None else _flat(grad_plan, M, N),
-        _flat(scores, M, N), f.contiguous(), g.contiguous(), eps, grad,
-    )
+    ds = None if grad_score is None else _flat(grad_score, M)
+    dp = None if grad_plan is None else _flat(grad_plan, M, N)
+    flat, f, g = _flat(scores, M, N), f.contiguous(), g.contiguous()
+    compiled = launch_backward(ds, dp, flat, f, g, eps, grad)
+    if _launched(compiled, "python_backward"):
+        _register(compiled, torch.ops.otseg.triton_launch_args_backward, flat, (ds, dp, flat, f, g, grad, float(eps)))
     return grad
+
+
+def _cpp_launch_status():
+    """None when the C++ extension can launch registered kernels, else why not."""
+    if not available or interpreted:
+        return "the kernels run in Triton's interpreter" if interpreted else error
+    if not _extension.available:
+        return _extension.error
+    if not _extension.with_cuda:
+        return "otseg._C was built without CUDA"
+    if not hasattr(torch.ops.otseg, "triton_launch_register"):
+        return "otseg._C predates the C++ launches of Triton kernels; rebuild it"
+    if os.environ.get("OTSEG_TRITON_LAUNCH", "").strip().lower() == "python":
+        return "OTSEG_TRITON_LAUNCH=python"
+    return None
+
+
+# Why launches stay in Python (None: they move to C++ after each variant's
+# first call); set_cpp_launch changes it.
+cpp_launch_error = _cpp_launch_status()
+# Launches through Python, by kernel ("python_forward", "python_backward").
+_python_launches = {"python_forward": 0, "python_backward": 0}
+# Per key of a launch (csrc/triton/launch.cpp): the CompiledKernel registered
+# with C++ (kept here so that its module stays loaded), or why it was not.
+_registered = {}
+
+
+def _launched(compiled, counter):
+    """Count a launch through Python; True when it ran a compiled GPU kernel
+    that may be registered (not under the interpreter or torch.compile's
+    tracing, where Triton returns no CompiledKernel)."""
+    if not isinstance(compiled, CompiledKernel):
+        return False
+    _python_launches[counter] += 1
+    return cpp_launch_error is None
+
+
+def _ptx_param_sizes(ptx):
+    """Byte sizes of the parameters of the PTX's kernel entry, one character
+    each ("8", "4", ...; "?" for any other kind), in order."""
+    entry = re.search(r"\.entry\s+[\w$]+\s*\((.*?)\)", ptx, re.S)
+    if entry is None:
+        return ""
+    sizes = []
+    for decl in entry.group(1).split(","):
+        m = re.fullmatch(r"\s*\.param\s+\.[a-z]+(8|16|32|64)\b.*", decl, re.S)
+        if m is None or "[" in decl:
+            sizes.append("?")
+        else:
+            sizes.append(str(int(m.group(1)) // 8))
+    return "".join(sizes)
+
+
+def _unregistrable(compiled):
+    """Why a CompiledKernel cannot be launched from C++ (None: it can)."""
+    meta = compiled.metadata
+    if getattr(meta, "num_ctas", 1) != 1:
+        return f"it runs in clusters of {meta.num_ctas} CTAs"
+    if getattr(meta, "launch_cooperative_grid", False) or getattr(meta, "launch_pdl", False):
+        return "it needs a cooperative or programmatic-dependent launch"
+    if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
+        return "it needs Triton's scratch memory"
+    if "ptx" not in compiled.asm:
+        return "Triton kept no PTX of it"
+    return None
+
+
+def _register(compiled, args_op, flat, args):
+    """Register the kernel of a Python launch with C++, under the key that
+    ``args_op`` (the extension's view of the launch, from the same tensors)
+    gives, once per key; log, once, why one cannot be."""
+    key, sizes, vec = args_op(*args)
+    if vec != _vector_width(flat, flat.shape[-1]):
+        raise RuntimeError(f"otseg: the C++ and Python launchers disagree on the vector width of scores of "
+                           f"shape {tuple(flat.shape)} and strides {flat.stride()} ({vec} against "
+                           f"{_vector_width(flat, flat.shape[-1])}); please report this")
+    if key in _registered:
+        return
+    if getattr(compiled, "function", None) is None:
+        compiled._init_handles()
+    why = _unregistrable(compiled)
+    if why is None:
+        why = torch.ops.otseg.triton_launch_register(
+            key, sizes, _ptx_param_sizes(compiled.asm["ptx"]), int(compiled.function),
+            int(compiled.metadata.num_warps), int(compiled.metadata.shared)) or None
+    _registered[key] = compiled if why is None else why
+    if why is not None:
+        _log.warning("otseg: the triton backend launches %s from Python (slower on the host): %s",
+                     compiled.metadata.name if hasattr(compiled.metadata, "name") else "a kernel", why)
+
+
+def launch_stats():
+    """How the triton backend's kernels have been launched in this process.
+
+    Returns:
+        dict: ``route`` (where launches go after each kernel variant's first
+        call: "C++", or "Python" and why), ``kernels`` (variants registered
+        with C++), ``refused`` (variants that could not be, with the reason),
+        and the launch counts ``cpp_forward``, ``cpp_backward``,
+        ``python_forward``, ``python_backward``.
+    """
+    kernels, cpp_fwd, cpp_bwd = (torch.ops.otseg.triton_launch_stats()
+                                 if hasattr(torch.ops.otseg, "triton_launch_stats") else (0, 0, 0))
+    return {
+        "route": "C++" if cpp_launch_error is None else f"Python ({cpp_launch_error})",
+        "kernels": kernels,
+        "refused": {k: v for k, v in _registered.items() if isinstance(v, str)},
+        "cpp_forward": cpp_fwd,
+        "cpp_backward": cpp_bwd,
+        **_python_launches,
+    }
+
+
+def set_cpp_launch(enabled):
+    """Let launches move to C++ (True, the default where the extension can)
+    or keep them all in Python (False), e.g. to compare the host's work of
+    the two routes. Either way forgets the registered kernels and the counts.
+
+    Returns:
+        None when C++ launches are on, else why not.
+    """
+    global cpp_launch_error
+    if hasattr(torch.ops.otseg, "triton_launch_clear"):
+        torch.ops.otseg.triton_launch_clear()
+    _registered.clear()
+    _python_launches.update(python_forward=0, python_backward=0)
+    cpp_launch_error = _cpp_launch_status() if enabled else "set_cpp_launch(False)"
+    return cpp_launch_error
 
 
 def _mps_backward_triton_fake(grad_score, grad_plan, scores, f, g, eps):
@@ -324,6 +482,10 @@ if available:
     if _extension.available and hasattr(torch.ops.otseg, "mps_triton"):
         torch.library.register_fake("otseg::mps_triton")(_mps_forward_triton_fake)
         _entry = torch.ops.otseg.mps_triton
+        if hasattr(torch.ops.otseg, "mps_triton_backward"):
+            torch.library.register_fake("otseg::mps_triton_backward")(_mps_backward_triton_fake)
+            torch.library.register_autograd("otseg::mps_triton_backward", no_double_backward,
+                                            setup_context=no_context)
     else:
         _entry = torch.ops.otseg.mps_forward_triton
 
