@@ -51,8 +51,9 @@ TORCH_LIBRARY(otseg, m) {
   // with these arguments (flat [P, M, N] scores, the outputs as launch_forward
   // and launch_backward pass them); the registration of a compiled kernel
   // under a key ("" when registered, else why not); the number of kernels
-  // registered and of forward and backward launches from C++; and the
-  // registry's reset.
+  // registered, of forward and backward launches from C++ and of failed
+  // launches; and the registry's reset (for otseg.ops.mps.triton's
+  // set_cpp_launch, which also resets the Python side's record).
   m.def(
       "triton_launch_args_forward(Tensor scores, Tensor score, Tensor? plan, Tensor f, Tensor g, Tensor n_iter, "
       "int max_iter, float eps, float tol) -> (str, str, int)");

@@ -202,7 +202,7 @@ def test_forward_parameters_are_the_ptx_entrys(monkeypatch, case):
         assert torch.ops.otseg.triton_launch_stats()[0] == 1
     finally:
         torch.ops.otseg.triton_launch_clear()
-    assert list(torch.ops.otseg.triton_launch_stats()) == [0, 0, 0]
+    assert list(torch.ops.otseg.triton_launch_stats()) == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("has_ds,has_dp", [(True, False), (False, True), (True, True)])
@@ -237,6 +237,7 @@ def test_ptx_param_sizes():
     assert tb._ptx_param_sizes("no entry") == ""
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU launches move to C++")
 def test_launch_stats_without_a_gpu():
     stats = tb.launch_stats()
     assert stats["route"].startswith("Python (")
@@ -245,28 +246,41 @@ def test_launch_stats_without_a_gpu():
 
 # ------------------------------------------------------------------ on a GPU
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not tb.available,
-                               reason="needs a CUDA GPU and the Triton kernels")
+def needs_gpu(fn):
+    """Marked ``gpu`` (bench/gpu_check.sh runs ``-m gpu``); skipped without one."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available() or not tb.available,
+                              reason="needs a CUDA GPU and the Triton kernels")
+    return pytest.mark.gpu(skip(fn))
 
 
-def _routes(scores, grad_seed=0, **kw):
-    """(score, plan, grad of the scores) through mps with backend="triton"."""
+def _routes(scores, return_plan=True, seed=0, **kw):
+    """(score, plan or None, grad of the scores) through mps with
+    backend="triton", the scores' own layout kept (a view, not a copy)."""
     from otseg.ops import mps
-    x = scores.detach().clone().requires_grad_(True)
-    score, plan = mps(x, return_plan=True, backend="triton", **kw)
-    gen = torch.Generator(device=scores.device).manual_seed(grad_seed)
-    w_s = torch.randn(score.shape, device=scores.device, generator=gen, dtype=score.dtype)
-    w_p = torch.randn(plan.shape, device=scores.device, generator=gen, dtype=plan.dtype)
-    ((score * w_s).sum() + (plan * w_p).sum()).backward()
-    return score.detach(), plan.detach(), x.grad
+    x = scores.detach().requires_grad_(scores.dtype.is_floating_point and scores.numel() > 0)
+    assert x.stride() == scores.stride() and x.storage_offset() == scores.storage_offset()
+    out = mps(x, return_plan=return_plan, backend="triton", **kw)
+    score, plan = out if return_plan else (out, None)
+    if not x.requires_grad:
+        return score, plan, None
+    gen = torch.Generator(device=scores.device).manual_seed(seed)
+    loss = (score * torch.randn(score.shape, device=scores.device, generator=gen, dtype=score.dtype)).sum()
+    if plan is not None:
+        loss = loss + (plan * torch.randn(plan.shape, device=scores.device, generator=gen, dtype=plan.dtype)).sum()
+    loss.backward()
+    return score.detach(), None if plan is None else plan.detach(), x.grad
 
 
-GPU_LAYOUTS = [
-    pytest.param((4, 20, 1024, 8), torch.float32, "contiguous", id="voc-fp32"),
-    pytest.param((3, 5, 37, 6), torch.float32, "offset", id="odd-offset-fp32"),
-    pytest.param((2, 3, 129, 4), torch.float16, "transposed", id="odd-transposed-fp16"),
-    pytest.param((2, 7, 900, 16), torch.bfloat16, "padded", id="N16-padded-bf16"),
-    pytest.param((5, 64, 1), torch.float32, "contiguous", id="N1-fp32"),
+GPU_CASES = [
+    pytest.param((4, 20, 1024, 8), torch.float32, "contiguous", True, 50, id="voc-fp32-plan"),
+    pytest.param((4, 20, 1024, 8), torch.float32, "contiguous", False, 50, id="voc-fp32-score-only"),
+    pytest.param((3, 5, 37, 6), torch.float32, "offset", True, 50, id="odd-offset-fp32"),
+    pytest.param((2, 3, 129, 4), torch.float16, "transposed", True, 50, id="odd-transposed-fp16"),
+    pytest.param((2, 7, 900, 16), torch.bfloat16, "padded", False, 50, id="N16-padded-bf16"),
+    pytest.param((5, 64, 1), torch.float32, "contiguous", True, 50, id="N1-fp32"),
+    pytest.param((6, 1, 8), torch.float32, "contiguous", True, 1, id="M1-max_iter1"),
+    pytest.param((37, 5), torch.float64, "transposed", True, 50, id="2d-fp64"),
+    pytest.param((0, 64, 8), torch.float32, "contiguous", True, 50, id="no-problems"),
 ]
 
 
@@ -283,53 +297,107 @@ def _gpu_scores(shape, dtype, layout):
     return base[..., :N] if layout == "padded" else base
 
 
+def _assert_same(want, got):
+    for a, b in zip(want, got):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            assert torch.equal(a, b)
+
+
 @needs_gpu
-@pytest.mark.parametrize("shape,dtype,layout", GPU_LAYOUTS)
-def test_cpp_launches_give_the_python_launches_results(shape, dtype, layout):
-    """Forward (score, plan) and backward bitwise the same through C++ as
-    through Python, and C++ launches from the second call on."""
+@pytest.mark.parametrize("shape,dtype,layout,plan,max_iter", GPU_CASES)
+def test_cpp_launches_give_the_python_launches_results(shape, dtype, layout, plan, max_iter):
+    """Forward (score, plan) and backward bitwise the same, with the same
+    shapes, strides and dtypes, through C++ as through Python; C++ launches
+    from the second call on."""
+    from otseg.ops import mps
     scores = _gpu_scores(shape, dtype, layout)
-    kw = dict(eps=0.05, max_iter=50, tol=1e-6)
+    kw = dict(return_plan=plan, eps=0.05, max_iter=max_iter, tol=1e-6)
+    launches = 0 if scores.numel() == 0 else 1
     try:
         assert tb.set_cpp_launch(False) is not None
         want = _routes(scores, **kw)
         assert tb.launch_stats()["cpp_forward"] == 0
         assert tb.set_cpp_launch(True) is None, tb.launch_stats()["route"]
-        first = _routes(scores, **kw)  # compiles nothing new; registers both kernels
+        first = _routes(scores, **kw)  # registers both kernels
         stats = tb.launch_stats()
-        assert stats["kernels"] == 2 and not stats["refused"], stats
-        assert stats["cpp_forward"] == 0 and stats["python_forward"] == 1, stats
-        torch.cuda.synchronize()
+        assert stats["kernels"] == 2 * launches and not stats["refused"], stats
+        assert stats["cpp_forward"] == 0 and stats["python_forward"] == launches, stats
         got = _routes(scores, **kw)
+        with torch.inference_mode():
+            out = mps(scores, backend="triton", **kw)
+        inference = out if plan else (out, None)
         torch.cuda.synchronize()
         stats = tb.launch_stats()
-        assert stats["cpp_forward"] == 1 and stats["cpp_backward"] == 1 and stats["python_forward"] == 1, stats
+        assert stats["cpp_forward"] == 2 * launches and stats["cpp_backward"] == launches, stats
+        assert stats["python_forward"] == launches and stats["cpp_failed"] == 0, stats
     finally:
         tb.set_cpp_launch(True)
-    for a, b, c in zip(want, first, got):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    _assert_same(want, first)
+    _assert_same(want, got)
+    _assert_same(want[:2], inference)
 
 
 @needs_gpu
-def test_cpp_launches_on_the_current_stream_and_in_a_cuda_graph():
-    scores = _gpu_scores((4, 20, 1024, 8), torch.float32, "contiguous")
+def test_cpp_launches_on_the_current_stream_in_a_cuda_graph_and_from_a_new_thread():
+    import threading
     from otseg.ops import mps
+    scores = _gpu_scores((4, 20, 1024, 8), torch.float32, "contiguous")
+    other = _gpu_scores((4, 20, 1024, 8), torch.float32, "transposed").contiguous()
     tb.set_cpp_launch(True)
-    want = mps(scores, backend="triton")  # registers
+    want, want_other = mps(scores, backend="triton"), mps(other, backend="triton")  # registers
+    # A side stream that must wait for a long kernel on it: a launch on
+    # another stream would not.
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        on_side = mps(scores, backend="triton")
-    torch.cuda.current_stream().wait_stream(side)
+        busy = torch.randn(4096, 4096, device="cuda")
+        for _ in range(20):
+            busy = busy @ busy
+            busy /= busy.norm()
+        staged = scores.clone()
+        on_side = mps(staged, backend="triton", check_finite=False)
+    torch.cuda.synchronize()
     assert torch.equal(on_side, want)
+    # Captured, then replayed on other inputs copied into the captured ones.
     before = tb.launch_stats()["cpp_forward"]
+    static = scores.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = mps(scores, backend="triton", check_finite=False)
+        captured = torch.ops.otseg.mps_triton(static, 0.05, 100, 1e-6, False)[0]
+    assert tb.launch_stats()["cpp_forward"] == before + 1
+    static.copy_(other)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(captured, want)
-    assert tb.launch_stats()["cpp_forward"] >= before + 1
+    assert torch.equal(captured, want_other)
+    # From a thread that has made no CUDA call yet (the operator first).
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault("score", torch.ops.otseg.mps_triton(scores, 0.05, 100, 1e-6, False)[0]))
+    thread.start()
+    thread.join()
+    torch.cuda.synchronize()
+    assert torch.equal(result["score"], want)
+    assert tb.launch_stats()["cpp_forward"] == before + 2
+
+
+@needs_gpu
+def test_a_refused_kernel_stays_in_python_and_says_so(monkeypatch):
+    from otseg.ops import mps
+    scores = _gpu_scores((2, 3, 64, 8), torch.float32, "contiguous")
+    tb.set_cpp_launch(True)
+    monkeypatch.setattr(tb, "_ptx_param_sizes", lambda ptx: "4")
+    try:
+        want = mps(scores, backend="triton")
+        got = mps(scores, backend="triton")
+        stats = tb.launch_stats()
+        assert stats["kernels"] == 0 and stats["cpp_forward"] == 0 and stats["python_forward"] == 2, stats
+        assert len(stats["refused"]) == 1 and "PTX parameters" in next(iter(stats["refused"].values()))
+        assert "except 1 kernel variant" in stats["route"]
+        assert torch.equal(want, got)
+    finally:
+        tb.set_cpp_launch(True)
 
 
 @needs_gpu

@@ -193,18 +193,25 @@ class Registry {
     kernels_[key] = kernel;
     size_.store(static_cast<int64_t>(kernels_.size()));
   }
+  void remove(const std::string& key) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    kernels_.erase(key);
+    size_.store(static_cast<int64_t>(kernels_.size()));
+  }
   void clear() {
     std::lock_guard<std::mutex> lock(mutex_);
     kernels_.clear();
     size_.store(0);
     forward_launches.store(0);
     backward_launches.store(0);
+    failed_launches.store(0);
   }
   // Read without the lock: the common case of an empty registry costs nothing.
   int64_t size() const { return size_.load(std::memory_order_relaxed); }
 
   std::atomic<int64_t> forward_launches{0};
   std::atomic<int64_t> backward_launches{0};
+  std::atomic<int64_t> failed_launches{0};
 
  private:
   std::mutex mutex_;
@@ -257,23 +264,27 @@ std::string register_op(const std::string& key, const std::string& sizes, const 
 
 std::vector<int64_t> stats_op() {
   auto& r = registry();
-  return {r.size(), r.forward_launches.load(), r.backward_launches.load()};
+  return {r.size(), r.forward_launches.load(), r.backward_launches.load(), r.failed_launches.load()};
 }
 
 void clear_op() { registry().clear(); }
 
 #ifdef OTSEG_WITH_CUDA
 
-// Tensors this path may read the data pointers of: dense CUDA tensors, not
-// fake, functional or functorch wrappers, with no dispatch mode active (which
-// would expect to see the Python operators).
-bool plain_cuda(const at::Tensor& t) {
-  static const c10::DispatchKeySet kWrappers({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-                                             c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchBatched,
-                                             c10::DispatchKey::FuncTorchGradWrapper,
-                                             c10::DispatchKey::FuncTorchDynamicLayerFrontMode});
-  return t.defined() && t.is_cuda() && t.layout() == at::kStrided && !t.key_set().has_any(kWrappers) &&
-         t.has_storage();
+// Tensors this path may read the data pointers of, on `device`: dense CUDA
+// tensors whose memory holds their values, not fake, functional or functorch
+// wrappers, nor lazily negated or zero tensors (which the dispatcher's
+// fallbacks materialise before the Python operators see them). With a
+// dispatch mode active (it would expect to see the Python operators) the
+// caller skips this path altogether.
+bool plain_cuda(const at::Tensor& t, const at::Device& device) {
+  static const c10::DispatchKeySet kWrappers(
+      {c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::Functionalize,
+       c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
+       c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::Negative, c10::DispatchKey::Conjugate,
+       c10::DispatchKey::ZeroTensor});
+  return t.defined() && t.device() == device && t.layout() == at::kStrided && !t.key_set().has_any(kWrappers) &&
+         t.has_storage() && (t.numel() == 0 || t.data_ptr() != nullptr);
 }
 
 using LaunchKernelFn = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
@@ -305,6 +316,8 @@ const Driver& driver() {
   return d;
 }
 
+// Launches a registered kernel. A failed launch unregisters it (later calls
+// go through Triton's launcher) and raises.
 void launch(const Kernel& kernel, KernelArgs& args, int64_t programs, const at::Tensor& like, const char* what) {
   args.append_null_pointers(kernel.extra_params);
   const Driver& d = driver();
@@ -320,15 +333,19 @@ void launch(const Kernel& kernel, KernelArgs& args, int64_t programs, const at::
                                    1, 1, static_cast<unsigned>(32 * kernel.num_warps), 1, 1,
                                    static_cast<unsigned>(kernel.shared), stream.stream(), args.params(), nullptr);
   if (status != CUDA_SUCCESS) {
+    registry().remove(args.key());
+    registry().failed_launches.fetch_add(1);
     const char* text = nullptr;
     if (d.error_string == nullptr || d.error_string(status, &text) != CUDA_SUCCESS) text = "unknown error";
     TORCH_CHECK(false, "the triton backend's ", what, " launch from C++ failed: ", text, " (CUresult ",
-                static_cast<int>(status), ")");
+                static_cast<int>(status), "; it may be an earlier kernel's error). The kernel is unregistered: "
+                "later calls launch it through Triton's launcher");
   }
 }
 
 bool skip(const at::Tensor& scores) {
-  return registry().size() == 0 || c10::impl::dispatch_mode_enabled() || !plain_cuda(scores);
+  return registry().size() == 0 || c10::impl::dispatch_mode_enabled() || !scores.is_cuda() ||
+         !plain_cuda(scores, scores.device());
 }
 
 // The shapes the Python operators take without raising (their checks give
@@ -386,10 +403,14 @@ std::optional<at::Tensor> launch_backward(const std::optional<at::Tensor>& grad_
 #ifdef OTSEG_WITH_CUDA
   const bool has_ds = grad_score.has_value() && grad_score->defined();
   const bool has_dp = grad_plan.has_value() && grad_plan->defined();
-  if (skip(scores) || !supported(scores) || !(has_ds || has_dp) || !plain_cuda(f) || !plain_cuda(g)) {
+  const auto device = scores.device();
+  if (skip(scores) || !supported(scores) || !(has_ds || has_dp) || !plain_cuda(f, device) ||
+      !plain_cuda(g, device)) {
     return std::nullopt;
   }
-  if ((has_ds && !plain_cuda(*grad_score)) || (has_dp && !plain_cuda(*grad_plan))) return std::nullopt;
+  if ((has_ds && !plain_cuda(*grad_score, device)) || (has_dp && !plain_cuda(*grad_plan, device))) {
+    return std::nullopt;
+  }
   const int64_t M = scores.size(-2), N = scores.size(-1);
   // The shapes _check_backward_args (otseg/ops/mps/triton.py) accepts; it
   // raises for any other.

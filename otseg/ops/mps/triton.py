@@ -30,6 +30,7 @@ backend can run here. Without a GPU and without the interpreter it loads
 neither the kernels nor Triton's torch glue (``available`` is then False).
 """
 
+import contextlib
 import functools
 import logging
 import math
@@ -273,6 +274,14 @@ def launch_backward(grad_score, grad_plan, scores, f, g, eps, grad, num_warps=No
     )
 
 
+def _on_device(x):
+    """The device of CUDA tensor ``x`` made current, where it is not: Triton
+    compiles for, loads into and launches on the current device."""
+    if x.device.type != "cuda" or x.device.index is None or x.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)
+
+
 def _mps_forward_triton(
     scores: torch.Tensor, eps: float, max_iter: int, tol: float, return_plan: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -282,7 +291,8 @@ def _mps_forward_triton(
     score, plan, f, g, n_iter = empty_outputs(scores, return_plan)
     flat = _flat(scores, *scores.shape[-2:])
     plan_out = plan if return_plan else None
-    compiled = launch_forward(flat, eps, max_iter, tol, score, plan_out, f, g, n_iter)
+    with _on_device(flat):
+        compiled = launch_forward(flat, eps, max_iter, tol, score, plan_out, f, g, n_iter)
     if _launched(compiled, "python_forward"):
         _register(compiled, torch.ops.otseg.triton_launch_args_forward, flat,
                   (flat, score, plan_out, f, g, n_iter, int(max_iter), float(eps), float(tol)))
@@ -323,7 +333,8 @@ def _mps_backward_triton(
     ds = None if grad_score is None else _flat(grad_score, M)
     dp = None if grad_plan is None else _flat(grad_plan, M, N)
     flat, f, g = _flat(scores, M, N), f.contiguous(), g.contiguous()
-    compiled = launch_backward(ds, dp, flat, f, g, eps, grad)
+    with _on_device(flat):
+        compiled = launch_backward(ds, dp, flat, f, g, eps, grad)
     if _launched(compiled, "python_backward"):
         _register(compiled, torch.ops.otseg.triton_launch_args_backward, flat, (ds, dp, flat, f, g, grad, float(eps)))
     return grad
@@ -339,8 +350,11 @@ def _cpp_launch_status():
         return "otseg._C was built without CUDA"
     if not hasattr(torch.ops.otseg, "triton_launch_register"):
         return "otseg._C predates the C++ launches of Triton kernels; rebuild it"
-    if os.environ.get("OTSEG_TRITON_LAUNCH", "").strip().lower() == "python":
+    route = os.environ.get("OTSEG_TRITON_LAUNCH", "").strip().lower()
+    if route == "python":
         return "OTSEG_TRITON_LAUNCH=python"
+    if route not in ("", "cpp", "c++"):
+        _log.warning("otseg: OTSEG_TRITON_LAUNCH=%s is neither 'python' nor 'cpp'; launching from C++", route)
     return None
 
 
@@ -380,8 +394,33 @@ def _ptx_param_sizes(ptx):
     return "".join(sizes)
 
 
+def _triton_settings():
+    """Why Triton's own launcher must run each launch (None: it need not):
+    launch hooks (e.g. Proton's), or debug or instrumentation modes, which C++
+    would bypass or not see change."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    runtime = knobs.runtime
+    for name in ("launch_enter_hook", "launch_exit_hook"):
+        hook = getattr(runtime, name, None)
+        # A HookChain (triton 3.6, 3.8) with hooks in it, or a plain hook.
+        active = bool(hook.calls) if hasattr(hook, "calls") else hook is not None
+        if active:
+            return f"triton.knobs.runtime.{name} is set"
+    if getattr(runtime, "debug", False):
+        return "Triton's debug mode (TRITON_DEBUG) is on"
+    if getattr(getattr(knobs, "compilation", None), "instrumentation_mode", ""):
+        return "Triton's instrumentation mode (TRITON_INSTRUMENTATION_MODE) is on"
+    return None
+
+
 def _unregistrable(compiled):
     """Why a CompiledKernel cannot be launched from C++ (None: it can)."""
+    settings = _triton_settings()
+    if settings is not None:
+        return settings
     meta = compiled.metadata
     if getattr(meta, "num_ctas", 1) != 1:
         return f"it runs in clusters of {meta.num_ctas} CTAs"
@@ -399,15 +438,17 @@ def _register(compiled, args_op, flat, args):
     ``args_op`` (the extension's view of the launch, from the same tensors)
     gives, once per key; log, once, why one cannot be."""
     key, sizes, vec = args_op(*args)
-    if vec != _vector_width(flat, flat.shape[-1]):
-        raise RuntimeError(f"otseg: the C++ and Python launchers disagree on the vector width of scores of "
-                           f"shape {tuple(flat.shape)} and strides {flat.stride()} ({vec} against "
-                           f"{_vector_width(flat, flat.shape[-1])}); please report this")
     if key in _registered:
         return
     if getattr(compiled, "function", None) is None:
         compiled._init_handles()
     why = _unregistrable(compiled)
+    if why is None and vec != _vector_width(flat, flat.shape[-1]):
+        why = (f"the C++ and Python launchers disagree on the vector width of scores of shape "
+               f"{tuple(flat.shape)} and strides {flat.stride()} ({vec} against "
+               f"{_vector_width(flat, flat.shape[-1])}); please report this")
+    if why is None and flat.device.index != torch.cuda.current_device():
+        why = f"it was loaded for the current device, not the tensors' {flat.device}"
     if why is None:
         why = torch.ops.otseg.triton_launch_register(
             key, sizes, _ptx_param_sizes(compiled.asm["ptx"]), int(compiled.function),
@@ -423,19 +464,25 @@ def launch_stats():
 
     Returns:
         dict: ``route`` (where launches go after each kernel variant's first
-        call: "C++", or "Python" and why), ``kernels`` (variants registered
-        with C++), ``refused`` (variants that could not be, with the reason),
-        and the launch counts ``cpp_forward``, ``cpp_backward``,
-        ``python_forward``, ``python_backward``.
+        call: "C++", or "Python" and why; with the number of variants that
+        could not be registered), ``kernels`` (variants registered with C++),
+        ``refused`` (variants that could not be, with the reason), and the
+        launch counts ``cpp_forward``, ``cpp_backward``, ``cpp_failed`` (each
+        unregisters its kernel), ``python_forward``, ``python_backward``.
     """
-    kernels, cpp_fwd, cpp_bwd = (torch.ops.otseg.triton_launch_stats()
-                                 if hasattr(torch.ops.otseg, "triton_launch_stats") else (0, 0, 0))
+    kernels, cpp_fwd, cpp_bwd, failed = (torch.ops.otseg.triton_launch_stats()
+                                         if hasattr(torch.ops.otseg, "triton_launch_stats") else (0, 0, 0, 0))
+    refused = {k: v for k, v in _registered.items() if isinstance(v, str)}
+    route = "C++" if cpp_launch_error is None else f"Python ({cpp_launch_error})"
+    if cpp_launch_error is None and refused:
+        route += f", except {len(refused)} kernel variant(s) launched from Python (see 'refused')"
     return {
-        "route": "C++" if cpp_launch_error is None else f"Python ({cpp_launch_error})",
+        "route": route,
         "kernels": kernels,
-        "refused": {k: v for k, v in _registered.items() if isinstance(v, str)},
+        "refused": refused,
         "cpp_forward": cpp_fwd,
         "cpp_backward": cpp_bwd,
+        "cpp_failed": failed,
         **_python_launches,
     }
 
@@ -483,9 +530,9 @@ if available:
         torch.library.register_fake("otseg::mps_triton")(_mps_forward_triton_fake)
         _entry = torch.ops.otseg.mps_triton
         if hasattr(torch.ops.otseg, "mps_triton_backward"):
+            # No autograd of its own (a Python one would add its interpreter
+            # work to every call): torch's fallback refuses to differentiate it.
             torch.library.register_fake("otseg::mps_triton_backward")(_mps_backward_triton_fake)
-            torch.library.register_autograd("otseg::mps_triton_backward", no_double_backward,
-                                            setup_context=no_context)
     else:
         _entry = torch.ops.otseg.mps_forward_triton
 
