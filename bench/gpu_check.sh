@@ -90,10 +90,15 @@ if has_step ncu; then
   if [[ -n "$ncu" ]]; then
     timeout -k 10 120 "$ncu" --profile-from-start off --clock-control none --kernel-name regex:"mps_(fwd|bwd)_kernel" \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
       "$py" bench/gpu_kernels.py > "$out/ncu.txt" 2>&1 || echo "ncu step failed (optional: the check goes on)" | tee -a "$out/summary.txt"
     grep -E "^  [A-Za-z_].*\(|Duration|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|profiled" \
       "$out/ncu.txt" | head -80 | tee -a "$out/summary.txt"
+    # Why warps wait, per kernel: the stall reasons over 0.5 cycles an issued
+    # instruction (Warp State Statistics' breakdown, in ncu.txt in full).
+    awk '/^  [A-Za-z_].*\(/ {print} /issue_stalled/ && $NF+0 > 0.5 {print}' "$out/ncu.txt" \
+      | head -80 | tee -a "$out/summary.txt"
   else
     echo "ncu not found: skipped" | tee -a "$out/summary.txt"
   fi
