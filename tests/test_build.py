@@ -62,7 +62,8 @@ def test_cuda_forward_fits_three_blocks_an_sm_without_spills():
     128 threads (every problem up to 1024 pixels) within 168 registers, so
     three fit on an SM, with the scores in shared memory and no local memory
     up to 8 prompts (16 prompts: at most 16 B of spills); the backward
-    without spills up to 256 threads (1024 pixels)."""
+    without spills up to 256 threads (2048 pixels up to 8 prompts, 1024 with
+    16)."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
@@ -72,7 +73,7 @@ def test_cuda_forward_fits_three_blocks_an_sm_without_spills():
         sys.path.pop(0)
     rows = cuda_ptxas.parse(cuda_ptxas.ptxas_report(90))
     by_shape = {(r["kernel"], r["NP"], r["threads"]): r for r in rows}
-    assert len(by_shape) == 22, sorted(by_shape)  # every instantiation the dispatch can launch
+    assert len(by_shape) == 20, sorted(by_shape)  # every instantiation the dispatch can launch
     for np_ in (4, 8, 16):
         r = by_shape["forward", np_, 128]
         spill = 0 if np_ <= 8 else 16
@@ -80,4 +81,4 @@ def test_cuda_forward_fits_three_blocks_an_sm_without_spills():
         assert r["smem"] >= 4 * np_ * 128 * (8 if np_ <= 8 else 4), f"scores not in shared memory: {r}"
     for r in rows:
         if r["kernel"] == "backward" and r["threads"] <= 256:
-            assert r["spill_st"] == 0, r
+            assert r["spill_st"] == 0 and r["stack"] == 0, r

@@ -35,9 +35,12 @@ constexpr float kAbsorb = 30.0f;    // scalings outside [e^-30, e^30] are absorb
 // cheaper, and 128 threads for 1024 x 8 leave room for three problems an SM
 // (fwd_min_blocks; the Triton forward ran 1.6-1.9x faster with 4 warps than with 8 on an
 // H100: otseg/ops/mps/triton.py, _blocks). 16 prompts keep 4 rows (registers).
-// The backward keeps 4 rows and 256 threads for 1024 pixels.
+// The backward likewise (the Triton backward ran 1.4x faster with 4 warps than
+// with 8 on an H100, while this kernel, at 4 rows and 256 threads for
+// 1024 x 8, took twice the Triton backward's time): 203 registers, no
+// spills, two blocks of 128 threads an SM for sm_90 (bench/cuda_ptxas.py).
 __host__ __device__ constexpr int fwd_rows(int NP) { return NP <= 8 ? 8 : 4; }
-constexpr int kBwdRows = 4;
+__host__ __device__ constexpr int bwd_rows(int NP) { return NP <= 8 ? 8 : 4; }
 
 // Loads and stores in the input's dtype (Dtype, mps_cuda.h), computing in
 // float32; float16 and bfloat16 convert with round-to-nearest-even.
@@ -559,7 +562,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
 
 template <int NP, int kThreads>
 __global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
-  constexpr int kRows = kBwdRows;
+  constexpr int kRows = bwd_rows(NP);
   constexpr int kWarps = kThreads / 32;
   __shared__ float red[kWarps * NP];
   // Per warp, its partial sums of the prompt weights W[n][j] = sum_m
@@ -719,7 +722,7 @@ struct LaunchFwd {
 
 template <int NP, int T>
 struct LaunchBwd {
-  static constexpr int rows(int) { return kBwdRows; }
+  static constexpr int rows(int np) { return bwd_rows(np); }
   static void run(unsigned P, cudaStream_t stream, const BackwardArgs& a) {
     mps_bwd_kernel<NP, T><<<P, T, 0, stream>>>(a);
   }
