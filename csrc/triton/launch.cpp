@@ -4,6 +4,8 @@
 // the keys, and, in the CUDA build, the launches.
 #include "launch.h"
 
+#include "../common/checks.h"
+
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/library.h>
 
@@ -111,11 +113,12 @@ void common_tags(KernelArgs& args, const at::Tensor& flat, int64_t vec) {
 
 }  // namespace
 
-void forward_args(KernelArgs& args, const at::Tensor& flat, const at::Tensor& score,
-                  const std::optional<at::Tensor>& plan, const at::Tensor& f, const at::Tensor& g,
-                  const at::Tensor& n_iter, int64_t max_iter, double eps, double tol) {
+int64_t forward_args(KernelArgs& args, const at::Tensor& flat, const at::Tensor& score,
+                     const std::optional<at::Tensor>& plan, const at::Tensor& f, const at::Tensor& g,
+                     const at::Tensor& n_iter, int64_t max_iter, double eps, double tol) {
   const int64_t M = flat.size(1), N = flat.size(2);
-  common_tags(args, flat, vector_width(flat, N));
+  const int64_t vec = vector_width(flat, N);
+  common_tags(args, flat, vec);
   args.tag(plan.has_value());
   args.tensor(flat);
   args.tensor(score);
@@ -137,13 +140,15 @@ void forward_args(KernelArgs& args, const at::Tensor& flat, const at::Tensor& sc
   args.fp32(eps_lo);
   args.fp32(tol_hi);
   args.fp32(tol_lo);
+  return vec;
 }
 
-void backward_args(KernelArgs& args, const std::optional<at::Tensor>& ds, const std::optional<at::Tensor>& dp,
-                   const at::Tensor& flat, const at::Tensor& f, const at::Tensor& g, const at::Tensor& grad,
-                   double eps) {
+int64_t backward_args(KernelArgs& args, const std::optional<at::Tensor>& ds, const std::optional<at::Tensor>& dp,
+                      const at::Tensor& flat, const at::Tensor& f, const at::Tensor& g, const at::Tensor& grad,
+                      double eps) {
   const int64_t M = flat.size(1), N = flat.size(2);
-  common_tags(args, flat, vector_width(flat, N));
+  const int64_t vec = vector_width(flat, N);
+  common_tags(args, flat, vec);
   args.tag(ds.has_value());
   args.tag(dp.has_value());
   args.tensor(flat);
@@ -167,6 +172,7 @@ void backward_args(KernelArgs& args, const std::optional<at::Tensor>& ds, const 
   const auto [eps_hi, eps_lo] = split(eps);
   args.fp32(eps_hi);
   args.fp32(eps_lo);
+  return vec;
 }
 
 namespace {
@@ -233,8 +239,8 @@ ArgsResult forward_args_op(const at::Tensor& flat, const at::Tensor& score, cons
                            double eps, double tol) {
   TORCH_CHECK(flat.dim() == 3, "triton_launch_args_forward takes flat scores [P, M, N], got ", flat.sizes());
   KernelArgs args("mps_fwd");
-  forward_args(args, flat, score, plan, f, g, n_iter, max_iter, eps, tol);
-  return {args.key(), args.sizes(), vector_width(flat, flat.size(2))};
+  const int64_t vec = forward_args(args, flat, score, plan, f, g, n_iter, max_iter, eps, tol);
+  return {args.key(), args.sizes(), vec};
 }
 
 ArgsResult backward_args_op(const std::optional<at::Tensor>& ds, const std::optional<at::Tensor>& dp,
@@ -242,8 +248,8 @@ ArgsResult backward_args_op(const std::optional<at::Tensor>& ds, const std::opti
                             double eps) {
   TORCH_CHECK(flat.dim() == 3, "triton_launch_args_backward takes flat scores [P, M, N], got ", flat.sizes());
   KernelArgs args("mps_bwd");
-  backward_args(args, ds, dp, flat, f, g, grad, eps);
-  return {args.key(), args.sizes(), vector_width(flat, flat.size(2))};
+  const int64_t vec = backward_args(args, ds, dp, flat, f, g, grad, eps);
+  return {args.key(), args.sizes(), vec};
 }
 
 // Registers a compiled kernel under `key`; "" when registered, else why not.
@@ -365,30 +371,22 @@ std::optional<ForwardOutputs> launch_forward(const at::Tensor& scores, double ep
 #ifdef OTSEG_WITH_CUDA
   if (skip(scores) || !supported(scores) || max_iter < 0) return std::nullopt;
   c10::cuda::CUDAGuard guard(scores.device());
-  const int64_t M = scores.size(-2), N = scores.size(-1);
-  std::vector<int64_t> batch(scores.sizes().begin(), scores.sizes().end() - 2);
-  auto with = [&](std::initializer_list<int64_t> tail) {
-    std::vector<int64_t> s(batch);
-    s.insert(s.end(), tail);
-    return s;
-  };
+  const Problems pr = problems_of(scores);
   // The outputs of empty_outputs (otseg/ops/mps/fused.py).
   const auto acc = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = scores.options();
-  at::Tensor score = at::empty(with({M}), opts);
-  at::Tensor plan = return_plan ? at::empty(with({M, N}), opts) : at::empty({0}, opts);
-  at::Tensor f = at::empty(with({M}), opts.dtype(acc));
-  at::Tensor g = at::empty(with({N}), opts.dtype(acc));
-  at::Tensor n_iter = at::empty(batch, opts.dtype(at::kInt));
-  const at::Tensor flat = scores.reshape({-1, M, N});
-  const int64_t P = flat.size(0);
-  if (P == 0) return ForwardOutputs{score, plan, f, g, n_iter};
+  at::Tensor score = at::empty(pr.sizes({pr.M}), opts);
+  at::Tensor plan = return_plan ? at::empty(pr.sizes({pr.M, pr.N}), opts) : at::empty({0}, opts);
+  at::Tensor f = at::empty(pr.sizes({pr.M}), opts.dtype(acc));
+  at::Tensor g = at::empty(pr.sizes({pr.N}), opts.dtype(acc));
+  at::Tensor n_iter = at::empty(pr.batch, opts.dtype(at::kInt));
+  if (pr.P == 0) return ForwardOutputs{score, plan, f, g, n_iter};
   KernelArgs args("mps_fwd");
-  forward_args(args, flat, score, return_plan ? std::optional<at::Tensor>(plan) : std::nullopt, f, g, n_iter,
+  forward_args(args, pr.flat, score, return_plan ? std::optional<at::Tensor>(plan) : std::nullopt, f, g, n_iter,
                max_iter, eps, tol);
   const auto kernel = registry().find(args.key());
   if (!kernel) return std::nullopt;
-  launch(*kernel, args, P, scores, "forward");
+  launch(*kernel, args, pr.P, scores, "forward");
   registry().forward_launches.fetch_add(1, std::memory_order_relaxed);
   return ForwardOutputs{score, plan, f, g, n_iter};
 #else
@@ -411,34 +409,29 @@ std::optional<at::Tensor> launch_backward(const std::optional<at::Tensor>& grad_
   if ((has_ds && !plain_cuda(*grad_score, device)) || (has_dp && !plain_cuda(*grad_plan, device))) {
     return std::nullopt;
   }
-  const int64_t M = scores.size(-2), N = scores.size(-1);
+  const Problems pr = problems_of(scores);
   // The shapes _check_backward_args (otseg/ops/mps/triton.py) accepts; it
   // raises for any other.
   const auto acc = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  std::vector<int64_t> batch(scores.sizes().begin(), scores.sizes().end() - 2);
-  std::vector<int64_t> bm(batch), bn(batch);
-  bm.push_back(M);
-  bn.push_back(N);
-  if (f.sizes() != at::IntArrayRef(bm) || g.sizes() != at::IntArrayRef(bn) || f.scalar_type() != acc ||
-      g.scalar_type() != acc || (has_ds && grad_score->sizes() != at::IntArrayRef(bm)) ||
+  const auto bm = pr.sizes({pr.M});
+  if (f.sizes() != at::IntArrayRef(bm) || g.sizes() != at::IntArrayRef(pr.sizes({pr.N})) ||
+      f.scalar_type() != acc || g.scalar_type() != acc || (has_ds && grad_score->sizes() != at::IntArrayRef(bm)) ||
       (has_dp && grad_plan->sizes() != scores.sizes())) {
     return std::nullopt;
   }
   c10::cuda::CUDAGuard guard(scores.device());
   at::Tensor grad = at::empty_like(scores, at::MemoryFormat::Contiguous);
-  const at::Tensor flat = scores.reshape({-1, M, N});
-  const int64_t P = flat.size(0);
-  if (P == 0) return grad;
+  if (pr.P == 0) return grad;
   std::optional<at::Tensor> ds, dp;
-  if (has_ds) ds = grad_score->reshape({-1, M});
-  if (has_dp) dp = grad_plan->reshape({-1, M, N});
+  if (has_ds) ds = grad_score->reshape({pr.P, pr.M});
+  if (has_dp) dp = grad_plan->reshape({pr.P, pr.M, pr.N});
   // Held until the launch: copies when f, g are not contiguous.
   const at::Tensor fc = f.contiguous(), gc = g.contiguous();
   KernelArgs args("mps_bwd");
-  backward_args(args, ds, dp, flat, fc, gc, grad, eps);
+  backward_args(args, ds, dp, pr.flat, fc, gc, grad, eps);
   const auto kernel = registry().find(args.key());
   if (!kernel) return std::nullopt;
-  launch(*kernel, args, P, scores, "backward");
+  launch(*kernel, args, pr.P, scores, "backward");
   registry().backward_launches.fetch_add(1, std::memory_order_relaxed);
   return grad;
 #else

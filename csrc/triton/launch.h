@@ -10,7 +10,7 @@
 //
 // How: the first call of each kernel variant runs the Python operators as
 // before (Triton compiles and launches). They then register the compiled
-// kernel here (register_kernel): its CUfunction, warps and shared memory,
+// kernel here (the operator otseg::triton_launch_register): its CUfunction, warps and shared memory,
 // under the key of Triton's specialisation of that launch's arguments, which
 // KernelArgs computes from the tensors exactly as Triton's JIT does
 // (triton/runtime/jit.py, native_specialize_impl: pointer dtype and 16-byte
@@ -83,16 +83,17 @@ class KernelArgs {
 int64_t vector_width(const at::Tensor& x, int64_t N);
 
 // The arguments of _mps_fwd_kernel for flat scores [P, M, N] and the outputs,
-// as otseg/ops/mps/triton.py's launch_forward passes them.
-void forward_args(KernelArgs& args, const at::Tensor& flat, const at::Tensor& score,
-                  const std::optional<at::Tensor>& plan, const at::Tensor& f, const at::Tensor& g,
-                  const at::Tensor& n_iter, int64_t max_iter, double eps, double tol);
+// as otseg/ops/mps/triton.py's launch_forward passes them; returns the
+// vector width.
+int64_t forward_args(KernelArgs& args, const at::Tensor& flat, const at::Tensor& score,
+                     const std::optional<at::Tensor>& plan, const at::Tensor& f, const at::Tensor& g,
+                     const at::Tensor& n_iter, int64_t max_iter, double eps, double tol);
 
 // The arguments of _mps_bwd_kernel, as launch_backward passes them: ds [P, M]
-// and dp [P, M, N] may be absent; f, g contiguous.
-void backward_args(KernelArgs& args, const std::optional<at::Tensor>& ds, const std::optional<at::Tensor>& dp,
-                   const at::Tensor& flat, const at::Tensor& f, const at::Tensor& g, const at::Tensor& grad,
-                   double eps);
+// and dp [P, M, N] may be absent; f, g contiguous. Returns the vector width.
+int64_t backward_args(KernelArgs& args, const std::optional<at::Tensor>& ds, const std::optional<at::Tensor>& dp,
+                      const at::Tensor& flat, const at::Tensor& f, const at::Tensor& g, const at::Tensor& grad,
+                      double eps);
 
 // The C++ launches of the triton backend's operators: the outputs, or nullopt
 // when this call must go through Python (no kernel registered for it yet,
