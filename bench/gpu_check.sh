@@ -5,25 +5,31 @@
 # hard scores) and the model training step, and write logs and results into
 # the folder given as the first argument. Every step has its own time limit,
 # and a failing step does not stop the ones after it (the build excepted);
-# the quick steps (benchmarks) run before the tests. Measured on an H200
-# (2026-11-26, commit 6b9f91b): build 2 min 47 s, operator benchmark 21 s,
-# model step 17 s; the GPU tests had not finished after 4-4.5 min (8 and 16
-# pytest workers, each with its own inductor compile pool: now one thread).
+# the quick steps (benchmarks) run before the tests. First, a smoke test runs
+# each fused backend (and each Triton launch route) once in its own process
+# against the cpu backend in float64 (bench/gpu_smoke.py): a backend that
+# fails it is left out of the timing steps, and Triton launches from C++ that
+# fail it are replaced by Python launches (OTSEG_TRITON_LAUNCH=python), each
+# with a NOTE in summary.txt, so that one broken kernel cannot take the whole
+# run with it. Measured on an H100 (2026-11-26, commit 8667a72, before the
+# smoke step): build 107 s, operator benchmark 31 s, model step 16 s,
+# profile 20 s, Nsight Compute 18 s, GPU tests 101 s; 301 s in all.
 #
 #   bash bench/gpu_check.sh OUT_DIR
 #
 # Environment: PYTHON (default python3), MAX_JOBS (build jobs, default: the
-# cores), STEPS (default "bench model profile ncu tests"; e.g. STEPS=tests
-# runs one),
+# cores), STEPS (default "smoke bench model profile ncu tests"; e.g.
+# STEPS=tests runs one),
 # DEADLINE_S (default 560: seconds from the start by which the test step,
 # the last, is stopped; it gets at least 60 s),
-# BENCH_BACKENDS (default "reference cuda triton": the torch.compile peer is
+# BENCH_BACKENDS (default "reference" and the fused backends that passed the
+# smoke step, of cuda and triton: the torch.compile peer is
 # left out here because its compile time, per case and per direction, would
 # take a third of the budget), OTSEG_GIT_COMMIT (the commit, recorded in the
 # results where the copy has no .git).
 #
 # Files written (at most 8, so that a remote runner can return them all):
-# summary.txt (with the profile table), build.log, gpu-tests.log (per test,
+# summary.txt (with the smoke test's lines and the profile table), build.log, gpu-tests.log (per test,
 # then pytest's own output), bench.log, bench/latest.md, bench/results.jsonl,
 # bench-model.log, ncu.txt (Nsight Compute's details of one launch of each
 # fused kernel on coco, bench/gpu_kernels.py; only where ncu is installed).
@@ -33,7 +39,7 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-steps=${STEPS:-bench model profile ncu tests}
+steps=${STEPS:-smoke bench model profile ncu tests}
 status=0
 t_start=$(date +%s)
 step() { echo "== $(date +%T) (+$(( $(date +%s) - t_start )) s) $*" | tee -a "$out/summary.txt"; }
@@ -65,26 +71,63 @@ if ! TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-$(nproc)} timeout 300 \
 fi
 "$py" -m otseg backends 2>&1 | tee -a "$out/summary.txt"
 
+# The fused backends the timing steps run: those available on this card,
+# less any that fails the smoke step.
+fused=$("$py" -c "from otseg import ops
+print(' '.join(s.name for s in ops.backends() if s.available and 'cuda' in s.devices and s.name != 'reference'))")
+if has_step smoke; then
+  step "smoke test: each fused backend and Triton launch route once, against the cpu backend in float64 (bench/gpu_smoke.py)"
+  # One process each, so that a backend that faults (and leaves its CUDA
+  # context unusable) or crashes is left out of the timing steps, and says so
+  # here, instead of ending them. The GPU tests still run every backend.
+  declare -A smoke=([cuda]=0 [triton]=0 [triton-python]=0)
+  routes=${fused/triton/triton triton-python}
+  for route in $routes; do
+    timeout -k 5 120 "$py" bench/gpu_smoke.py "$route" 2>&1 | tee -a "$out/summary.txt"
+    smoke[$route]=${PIPESTATUS[0]}
+  done
+  if [[ ${smoke[cuda]} != 0 ]]; then
+    fused=${fused/cuda/}; status=1
+    echo "NOTE: the cuda backend failed its smoke test (status ${smoke[cuda]}): left out of the timing steps" | tee -a "$out/summary.txt"
+  fi
+  if [[ ${smoke[triton]} != 0 && ${smoke[triton-python]} == 0 ]]; then
+    export OTSEG_TRITON_LAUNCH=python
+    [[ ${smoke[triton]} != 3 ]] && status=1
+    echo "NOTE: the triton backend's launches from C++ failed their smoke test (status ${smoke[triton]}; 3: refused, not wrong): the timing steps launch every Triton kernel from Python (OTSEG_TRITON_LAUNCH=python)" | tee -a "$out/summary.txt"
+  elif [[ ${smoke[triton]} != 0 ]]; then
+    fused=${fused/triton/}; status=1
+    echo "NOTE: the triton backend failed its smoke test (status ${smoke[triton]} launched from C++, ${smoke[triton-python]} from Python): left out of the timing steps" | tee -a "$out/summary.txt"
+  elif [[ ${smoke[triton-python]} != 0 ]]; then
+    status=1
+    echo "NOTE: the triton backend's Python launches failed their smoke test (status ${smoke[triton-python]}), its C++ launches passed: the timing steps run it as usual (C++ after each kernel variant's first call)" | tee -a "$out/summary.txt"
+  fi
+  fused=$(echo $fused)  # trimmed
+fi
+echo "fused backends timed: ${fused:-none}" | tee -a "$out/summary.txt"
+
 if has_step bench; then
   step "operator benchmark (otseg bench)"
   # shellcheck disable=SC2086
   timeout -k 10 270 "$py" -m otseg bench --device cuda --cases voc coco coco16 --generators clip hard \
-    --backends ${BENCH_BACKENDS:-reference cuda triton} --out "$out/bench" --no-plot \
+    --backends ${BENCH_BACKENDS:-reference $fused} --out "$out/bench" --no-plot \
     > "$out/bench.log" 2>&1 || status=1
   grep -vE "^\[otseg bench\] \[" "$out/bench.log" | tail -40 | tee -a "$out/summary.txt"
 fi
 
 if has_step model; then
   step "model training step (otseg bench --model)"
-  timeout -k 10 150 "$py" -m otseg bench --model --device cuda > "$out/bench-model.log" 2>&1 || status=1
+  # shellcheck disable=SC2086
+  timeout -k 10 150 "$py" -m otseg bench --model --device cuda --backends reference $fused \
+    > "$out/bench-model.log" 2>&1 || status=1
   tail -14 "$out/bench-model.log" | tee -a "$out/summary.txt"
 fi
-if has_step profile; then
+if has_step profile && [[ -n "$fused" ]]; then
   step "kernel or host: eager vs CUDA-graph times (bench/gpu_profile.py)"
-  timeout -k 10 120 "$py" bench/gpu_profile.py 2>&1 | tee -a "$out/summary.txt" || status=1
+  # shellcheck disable=SC2086
+  timeout -k 10 120 "$py" bench/gpu_profile.py --backends $fused 2>&1 | tee -a "$out/summary.txt" || status=1
 fi
 
-if has_step ncu; then
+if has_step ncu && [[ -n "$fused" ]]; then
   step "Nsight Compute: one launch of each fused kernel (bench/gpu_kernels.py under ncu)"
   ncu=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)
   if [[ -n "$ncu" ]]; then
@@ -92,7 +135,7 @@ if has_step ncu; then
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
       --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      "$py" bench/gpu_kernels.py > "$out/ncu.txt" 2>&1 || echo "ncu step failed (optional: the check goes on)" | tee -a "$out/summary.txt"
+      "$py" bench/gpu_kernels.py --backends $fused > "$out/ncu.txt" 2>&1 || echo "ncu step failed (optional: the check goes on)" | tee -a "$out/summary.txt"
     grep -E "^  [A-Za-z_].*\(|Duration|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|profiled" \
       "$out/ncu.txt" | head -80 | tee -a "$out/summary.txt"
     # Why warps wait, per kernel: the stall reasons over 0.5 cycles an issued
@@ -119,7 +162,8 @@ if has_step tests; then
   (( limit < 60 )) && limit=60
   echo "test step limit: $limit s" | tee -a "$out/summary.txt"
   pytest_log=$(mktemp)
-  OTSEG_TEST_LOG="$out/gpu-tests.log" TORCHINDUCTOR_COMPILE_THREADS=1 timeout -k 10 "$limit" \
+  # The tests run every backend and route, whatever the smoke step found.
+  env -u OTSEG_TRITON_LAUNCH OTSEG_TEST_LOG="$out/gpu-tests.log" TORCHINDUCTOR_COMPILE_THREADS=1 timeout -k 10 "$limit" \
     "$py" -m pytest -m gpu tests \
     -p no:cacheprovider -p no:benchmark -q -rfEs --durations 25 "${par[@]}" > "$pytest_log" 2>&1 || status=1
   echo "$(grep -c '^PASSED' "$out/gpu-tests.log") passed, $(grep -c '^FAILED' "$out/gpu-tests.log") failed," \

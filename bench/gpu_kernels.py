@@ -14,7 +14,7 @@ time of a kernel goes (memory or compute throughput against the peak,
 occupancy and what limits it, registers, warp stalls), which the event and
 CUDA-graph times of ``gpu_profile.py`` cannot say.
 
-    python bench/gpu_kernels.py [--case coco] [--generators clip hard]
+    python bench/gpu_kernels.py [--case coco] [--generators clip hard] [--backends cuda triton]
 """
 
 import argparse
@@ -33,6 +33,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", default="coco", choices=sorted(CASES))
     parser.add_argument("--generators", nargs="+", default=["clip", "hard"])
+    parser.add_argument("--backends", nargs="*", choices=BACKENDS, default=list(BACKENDS),
+                        help="the fused backends to profile (default: both)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("gpu_kernels.py needs a CUDA GPU")
@@ -41,7 +43,7 @@ def main(argv=None):
     for gen in args.generators:
         scores = make_scores(case, gen, 0, "cuda").reshape(-1, case.M, case.N).contiguous()
         ds = torch.randn(scores.shape[:-1], device="cuda")
-        for backend in BACKENDS:
+        for backend in args.backends:
             if backend not in available:
                 print(f"{backend}: not available here, skipped", flush=True)
                 continue

@@ -21,7 +21,8 @@ Last, the host's side of a forward+backward call through autograd (as the
 benchmark makes it) per backend, on the first case: torch.profiler's table of
 its CPU-side operators.
 
-    python bench/gpu_profile.py [--cases voc coco coco16] [--warps 2 4 8] [--no-host-profile] [--out FILE]
+    python bench/gpu_profile.py [--cases voc coco coco16] [--warps 2 4 8] [--backends cuda triton]
+                                [--no-host-profile] [--out FILE]
 
 Needs a CUDA GPU (bench/gpu_check.sh runs it). Prints a markdown table.
 """
@@ -232,12 +233,16 @@ def main(argv=None):
                         help="warp counts of the triton sweep (none: no sweep)")
     parser.add_argument("--no-host-profile", dest="host_profile", action="store_false",
                         help="skip the torch.profiler tables of a forward+backward call (first case)")
+    parser.add_argument("--backends", nargs="*", choices=("cuda", "triton"), default=["cuda", "triton"],
+                        help="the fused backends to time, where available (default: both; triton also through its "
+                             "Python launches)")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("gpu_profile.py needs a CUDA GPU")
     copy = copy_bandwidth_gbs("cuda")
-    backends = [s.name for s in ops.backends() if s.available and "cuda" in s.devices and s.name != "reference"]
+    backends = [s.name for s in ops.backends()
+                if s.available and "cuda" in s.devices and s.name in args.backends]
     if "triton" in backends:
         backends.append(PY_TRITON)
     lines = [

@@ -112,6 +112,27 @@ def test_queued_columns_and_speedups_on_gpu_runs_only():
     assert "queued" not in report.format_table(cpu_rows) and "queued" not in report.markdown_table(cpu_rows)
 
 
+def test_notes_say_how_the_triton_rows_were_launched():
+    """A run with triton rows says which route launched its kernels, with the
+    counts of launch_stats(), and which variants were refused; others do not."""
+    from otseg.benchmark import report
+    from otseg.benchmark.measure import PeakMemory
+    from otseg.ops.mps import triton as tb
+
+    env = report.environment(torch.device("cpu"))
+    row = dict(case="coco", generator="clip", mode="converged", backend="triton", status="ok", auto_backend="cpu",
+               **env)
+    assert not any("triton launches" in n for n in report.notes([row], env, PeakMemory(torch.device("cpu")), "step"))
+    stats = dict(tb.launch_stats(), route="C++", kernels=3, cpp_forward=40, cpp_backward=20, cpp_failed=0,
+                 python_forward=3, python_backward=1, refused={"k": "the kernel needs scratch memory"})
+    env["triton_launch"] = stats
+    notes = report.notes([dict(row, **env)], env, PeakMemory(torch.device("cpu")), "step")
+    line = next(n for n in notes if n.startswith("triton launches"))
+    assert line.startswith("triton launches: C++; in this run 40 forward and 20 backward launches from C++ "
+                           "(3 kernel variants registered, 0 failed), 3 forward and 1 backward"), line
+    assert "refused: the kernel needs scratch memory" in line, line
+
+
 def test_queued_ms_times_every_call_and_refuses_no_calls():
     from otseg.benchmark.measure import queued_ms
 
@@ -121,3 +142,52 @@ def test_queued_ms_times_every_call_and_refuses_no_calls():
     assert 2.0 <= ms < 50.0
     with pytest.raises(ValueError, match="repeats"):
         queued_ms(lambda: None, "cpu", 0)
+
+
+def _bench_script(name):
+    """Import a script of bench/ (not a package) as a module."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_gpu_smoke_script_passes_a_correct_backend():
+    # bench/gpu_smoke.py, which bench/gpu_check.sh runs before timing
+    # anything, on the CPU: the cpu backend in float32 and bfloat16 against
+    # itself in float64, run as the check script runs it.
+    proc = subprocess.run([sys.executable, "bench/gpu_smoke.py", "cpu", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("ok   cpu ") for line in lines) == 3, proc.stdout
+    assert lines[-1] == "gpu_smoke cpu: passed"
+
+
+@pytest.mark.parametrize("fault", ["wrong score", "calls differ", "raises"])
+def test_gpu_smoke_script_fails_a_wrong_backend(monkeypatch, capsys, fault):
+    # The smoke test must fail a backend that returns a wrong result, whose
+    # two calls disagree, or that raises, and go on to the next problem.
+    smoke = _bench_script("gpu_smoke")
+    run, calls = smoke._run, []
+
+    def faulty(backend, x, w):
+        out = run(backend, x, w)
+        if x.dtype == torch.float64:  # the float64 cpu reference stays right
+            return out
+        calls.append(1)
+        if fault == "raises":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if fault == "wrong score" or len(calls) % 2 == 0:
+            return (out[0] * 1.1,) + out[1:]
+        return out
+
+    monkeypatch.setattr(smoke, "_run", faulty)
+    assert smoke.main(["cpu", "--device", "cpu", "--small"]) == 1
+    text = capsys.readouterr().out
+    assert text.count("FAIL cpu ") == len(smoke.SMALL_PROBLEMS), text
+    says = {"wrong score": "score err", "calls differ": "the two calls differ",
+            "raises": "RuntimeError: CUDA error: an illegal memory access"}[fault]
+    assert says in text and "FAILED on 2 problem(s)" in text, text

@@ -848,3 +848,24 @@ def test_gpu_profile_forward_variants_table(device):
     assert len(rows) == len(gpu_profile.FWD_VARIANTS), lines
     assert not any("failed" in row for row in rows), rows
     assert [row.split("|")[-2].strip() for row in rows] == ["-"] + ["True"] * (len(rows) - 1), rows
+
+
+def test_gpu_smoke_script_on_triton(device, monkeypatch, capsys):
+    # bench/gpu_smoke.py, which bench/gpu_check.sh runs on each fused backend
+    # before timing anything, passes the triton backend (small problems):
+    # results against the float64 cpu backend, two calls bitwise equal, and
+    # the launch route it asked for.
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    try:
+        import gpu_smoke
+    finally:
+        sys.path.pop(0)
+    if device.type == "cpu":
+        monkeypatch.setenv("OTSEG_TRITON_LAUNCH", "python")  # restored after the test
+        args, expect = ["triton-python", "--device", "cpu", "--small"], 0
+    else:  # this process's route: C++ unless something turned it off
+        args, expect = ["triton", "--small"], 0 if tb.cpp_launch_error is None else 3
+    status = gpu_smoke.main(args)
+    text = capsys.readouterr().out
+    assert status == expect, text
+    assert text.count("ok   triton") == len(gpu_smoke.SMALL_PROBLEMS), text

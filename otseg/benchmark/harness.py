@@ -320,6 +320,11 @@ def run(cases, generators, modes, methods=None, device="cpu", repeats=None, budg
         report.add_speedups(problem_rows)
         rows += problem_rows
 
+    if any(r["backend"] == "triton" and r["status"] == "ok" for r in rows):
+        # How the triton rows' kernels were launched (C++ or Python), with counts.
+        from ..ops.mps import triton as triton_backend
+
+        env["triton_launch"] = triton_backend.launch_stats()
     rows = [dict(r, **env) for r in rows]
     notes = report.notes(rows, env, peak_memory, compile_scope)
     print(report.format_table(rows))

@@ -238,6 +238,16 @@ def notes(rows, env, peak_memory, compile_scope):
                      f"the refined score; no plan) / queued fwd time; in brackets, the share of this device's "
                      f"device-to-device copy bandwidth measured at the start of this run, {copy:.0f} GB/s "
                      "(bytes read + written, 1 GiB copy, median of 10).")
+    launch = env.get("triton_launch")
+    if launch:
+        refused = "; ".join(sorted(set(launch["refused"].values())))
+        lines.append(
+            f"triton launches: {launch['route']}; in this run {launch['cpp_forward']} forward and "
+            f"{launch['cpp_backward']} backward launches from C++ ({launch['kernels']} kernel variants registered, "
+            f"{launch['cpp_failed']} failed), {launch['python_forward']} forward and {launch['python_backward']} "
+            "backward through Triton's Python launcher (each variant's first call"
+            + (", and every call of a refused variant" if refused else "") + ")"
+            + (f"; refused: {refused}" if refused else "") + ".")
     if "compile" in ran:
         scope = ("one compiled (f, g) update called in a Python loop; compile time does not grow with the "
                  "iterations" if compile_scope == "step" else "the whole unrolled loop is one graph")
