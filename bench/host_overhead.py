@@ -10,6 +10,10 @@ forward and for a forward + backward, interleaved, medians of ``--rounds``.
 
     python bench/host_overhead.py [--calls 2000] [--rounds 5]
 
+Under the interpreter every operator call costs a few microseconds more than
+without it (Triton's interpreter is imported); ``bench/host_layers.py`` times
+the layers of a call without it.
+
 A GPU host runs the same Python and dispatch code (with ``triton_op`` in
 place of the interpreter's ``custom_op``), plus the real launches.
 """
@@ -58,8 +62,8 @@ def main(argv=None):
     def forward_backward():
         (mps(xg, backend="triton", check_finite=False) * w).sum().backward()
 
-    entries = {"C++ (otseg::mps_triton)": torch.ops.otseg.mps_triton,
-               "Python (mps_forward_triton)": torch.ops.otseg.mps_forward_triton}
+    entries = {"C++ (otseg::mps_triton)": torch.ops.otseg.mps_triton.default,
+               "Python (mps_forward_triton)": torch.ops.otseg.mps_forward_triton.default}
     times = {(e, what): [] for e in entries for what in ("forward", "forward+backward")}
     try:
         for _ in range(args.rounds):
@@ -68,7 +72,7 @@ def main(argv=None):
                 times[name, "forward"].append(_us_per_call(forward, args.calls))
                 times[name, "forward+backward"].append(_us_per_call(forward_backward, args.calls))
     finally:
-        tb._entry = torch.ops.otseg.mps_triton
+        tb._entry = torch.ops.otseg.mps_triton.default
     print(f"host work per call of mps(backend='triton'), kernels replaced by no-ops; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; medians of {args.rounds} rounds of {args.calls} calls, in us")
     print()

@@ -19,6 +19,19 @@ def _watchdog():
     faulthandler.cancel_dump_traceback_later()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_backend_choices():
+    """otseg.ops.mps remembers, per call signature, the backend a call resolved
+    to; a test that monkeypatches what is available (or how a backend is
+    chosen) must neither see earlier tests' choices nor leave its own."""
+    import importlib
+
+    dispatch = importlib.import_module("otseg.ops.mps")
+    dispatch.forget_resolutions()
+    yield
+    dispatch.forget_resolutions()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``interpreter`` run only in a process started with
     TRITON_INTERPRET=1 (test_triton_interpreter.py starts one and checks it);

@@ -347,3 +347,50 @@ def test_mps_checks_the_cuda_backend_before_its_kernel(monkeypatch):
     x[1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         mps(x, backend="cuda")
+
+
+def test_repeated_calls_skip_the_checks_but_not_their_errors(monkeypatch):
+    """A call like an earlier one (same backend asked for, device, dtype,
+    M and N, eps, max_iter, tol, check_finite and plan; any batch shape)
+    reuses its backend choice without checking its arguments again: the host's
+    work before a kernel starts. Anything else, and every call that fails a
+    check, goes through the checks and raises their errors."""
+    resolved = []
+    resolve = dispatch._resolve
+
+    def counting(*args):
+        resolved.append(args[5])
+        return resolve(*args)
+
+    monkeypatch.setattr(dispatch, "_resolve", counting)
+    x = hard_scores((2, 3, 9, 4), dtype=torch.float32)
+    first = mps(x, backend="cpu")
+    assert torch.equal(mps(x, backend="cpu"), first)
+    mps(hard_scores((5, 9, 4), dtype=torch.float32), backend="cpu")  # another batch shape: same choice
+    assert len(resolved) == 1
+    mps(x, eps=0.1, backend="cpu")
+    mps(x.double(), backend="cpu")
+    mps(x[..., :3], backend="cpu")
+    mps(x, backend="auto")
+    mps(x, backend="cpu", check_finite=False)
+    mps(x, backend="cpu", return_plan=True)
+    sinkhorn(1 - x, backend="cpu")
+    assert len(resolved) == 8
+    # Equal to cached arguments, but of the wrong type: the checks still run.
+    with pytest.raises(TypeError, match="max_iter must be an integer"):
+        mps(x, max_iter=100.0, backend="cpu")
+    mps(x, max_iter=1, backend="cpu")
+    with pytest.raises(TypeError, match="max_iter must be an integer"):
+        mps(x, max_iter=True, backend="cpu")
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        mps(x, eps=[0.05], backend="cpu")  # unhashable
+    with pytest.raises(ValueError, match="NaN or inf"):  # the values are checked on every call
+        mps(torch.where(x > 0.9, float("nan"), x), backend="cpu")
+    n = len(resolved)
+    for _ in range(2):  # a failed check is not remembered
+        with pytest.raises(ValueError, match="runs on cpu tensors, got a meta tensor"):
+            mps(x.to("meta"), backend="cpu")
+    assert len(resolved) == n + 2
+    before = len(dispatch._resolved)
+    dispatch.forget_resolutions()
+    assert before > 0 and not dispatch._resolved

@@ -50,6 +50,33 @@ def test_double_backward_raises_a_clear_error():
         g.sum().backward()
 
 
+def test_calls_without_gradients_build_no_graph_and_give_the_same_results():
+    # The operator's autograd kernel skips the graph node when nothing is to
+    # be differentiated (grad mode off, or scores without requires_grad); the
+    # results are bitwise those of a differentiable call, which gets a node.
+    x = hard_scores((2, 3, 9, 4), seed=5, dtype=torch.float32)
+    op = torch.ops.otseg.mps_forward
+    graph = op(x.clone().requires_grad_(), 0.05, 100, 1e-6, True, False)
+    assert graph[0].grad_fn is not None and graph[1].grad_fn is not None
+    with torch.no_grad():
+        no_grad = op(x.clone().requires_grad_(), 0.05, 100, 1e-6, True, False)
+    for out in (op(x, 0.05, 100, 1e-6, True, False), no_grad):
+        assert all(t.grad_fn is None and not t.requires_grad for t in out)
+        assert all(torch.equal(a.detach(), b) for a, b in zip(graph, out))
+
+
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+    import torch.autograd.forward_ad as fwAD
+
+    x = hard_scores((2, 9, 4), seed=2)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            mps(dual, **CPU)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="jvp is not implemented"):
+            mps(dual, **CPU)
+
+
 @pytest.mark.parametrize("M,N", sizes((1, 4), (5, 1), (3, 2), (2, 9)))
 def test_gradcheck_float64_edge_sizes(M, N):
     x = hard_scores((2, M, N), seed=2).requires_grad_()

@@ -240,18 +240,40 @@ def _available_text():
 # Fused forwards on [..., M, N] scores: (scores, eps, max_iter, tol, return_plan,
 # check_finite) -> (score [..., M], plan or None, n_iter [...]).
 _FUSED = {
-    "cpu": lambda s, *a: fused.mps_forward(s, *a),
-    "cuda": lambda s, *a: fused.mps_forward(s, *a),
+    "cpu": fused.mps_forward,
+    "cuda": fused.mps_forward,
     "triton": lambda s, eps, max_iter, tol, want_plan, _check: triton_backend.mps_forward(
         s, eps, max_iter, tol, want_plan
     ),
 }
 
 
-def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_plan):
-    if check_finite and torch.compiler.is_compiling():
-        # A data-dependent check would break the graph; compiled callers skip it.
-        check_finite = False
+# What each call resolved to (``_resolve``), per everything about it but the
+# values and batch shape of its tensor: repeated calls (each step of a training
+# loop, each timed call of a benchmark) skip the argument checks and the backend
+# choice, most of the host's work before a GPU kernel starts (about 5 us of 16
+# for a tiny CPU call on a 2-core EPYC). Only calls that passed every check are
+# here. ``forget_resolutions`` empties it (tests that change what is available).
+_resolved = {}
+_RESOLVED_MAX = 1024
+# Exact tensor types the cache serves; subclasses (fake, functional tensors,
+# ...) take the checked path.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def forget_resolutions():
+    """Forget the backend choices of earlier calls (after a change to what is
+    available, e.g. a test's monkeypatch); the next calls check again."""
+    _resolved.clear()
+
+
+def _resolve(x, name, eps, max_iter, tol, backend, check_finite, want_plan):
+    """Check a call's arguments and choose its backend.
+
+    Returns:
+        (backend to run, whether the scores need a separate finiteness pass
+        before it; the cpu kernel checks as it reads, with ``check_finite``).
+    """
     check_inputs(x, name, eps, max_iter, tol)
     chosen = resolve_backend(backend, x.device)
     if backend == "auto" and chosen != "reference":
@@ -265,7 +287,35 @@ def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_
     # check raises from the CUDA library, and a C++ exception raised there
     # crashed the process on the one GPU run so far (bench/README.md, "GPU
     # runs"); a separate pass costs one more read of the scores.
-    if check_finite and chosen in ("reference", "triton", "cuda"):
+    return chosen, bool(check_finite) and chosen in ("reference", "triton", "cuda")
+
+
+def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_plan):
+    if torch.compiler.is_compiling():
+        # A data-dependent check would break the graph; compiled callers skip
+        # it. Traced calls always take the checked path.
+        check_finite = False
+        chosen, separate = _resolve(x, name, eps, max_iter, tol, backend, False, want_plan)
+    else:
+        key = None
+        if type(x) in _PLAIN_TENSORS and x.dim() >= 2:
+            # The types keep True apart from 1 (equal, and equally hashed).
+            key = (name, backend, x.device, x.dtype, x.shape[-2:], eps, type(eps), max_iter, type(max_iter),
+                   tol, type(tol), bool(check_finite), bool(want_plan))
+            try:
+                hit = _resolved.get(key)
+            except TypeError:  # an unhashable argument: the checks say what is wrong with it
+                hit = key = None
+        else:
+            hit = None
+        if hit is None:
+            hit = _resolve(x, name, eps, max_iter, tol, backend, check_finite, want_plan)
+            if key is not None:
+                if len(_resolved) >= _RESOLVED_MAX:
+                    _resolved.clear()
+                _resolved[key] = hit
+        chosen, separate = hit
+    if separate:
         check_finite_values(x, name)
         check_finite = False
     if chosen == "reference":

@@ -98,7 +98,12 @@ def mps_forward(scores, eps, max_iter, tol, return_plan, check_finite):
 
     Returns (refined score [..., M], plan [..., M, N] or None, iterations [...]).
     """
-    score, plan, _f, _g, n_iter = torch.ops.otseg.mps_forward(
+    score, plan, _f, _g, n_iter = _forward_op(
         scores, float(eps), int(max_iter), float(tol), bool(return_plan), bool(check_finite)
     )
     return score, plan if return_plan else None, n_iter
+
+
+# The operator's one overload, bound once: calling it skips the overload
+# packet's lookups on every call.
+_forward_op = torch.ops.otseg.mps_forward.default if _extension.available else None

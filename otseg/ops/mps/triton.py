@@ -528,13 +528,13 @@ if available:
     # extension, mps_forward_triton with the same glue in Python.
     if _extension.available and hasattr(torch.ops.otseg, "mps_triton"):
         torch.library.register_fake("otseg::mps_triton")(_mps_forward_triton_fake)
-        _entry = torch.ops.otseg.mps_triton
+        _entry = torch.ops.otseg.mps_triton.default  # the one overload, bound once
         if hasattr(torch.ops.otseg, "mps_triton_backward"):
             # No autograd of its own (a Python one would add its interpreter
             # work to every call): torch's fallback refuses to differentiate it.
             torch.library.register_fake("otseg::mps_triton_backward")(_mps_backward_triton_fake)
     else:
-        _entry = torch.ops.otseg.mps_forward_triton
+        _entry = torch.ops.otseg.mps_forward_triton.default
 
 
 def mps_forward(scores, eps, max_iter, tol, return_plan):
