@@ -630,7 +630,7 @@ def test_opcheck_forward(device, dtype, return_plan):
 
 
 def test_entry_has_its_autograd_in_cpp_and_refuses_double_backward(device):
-    assert tb._entry is torch.ops.otseg.mps_triton, "the C++ autograd glue is not used"
+    assert tb._entry is torch.ops.otseg.mps_triton.default, "the C++ autograd glue is not used"
     x = hard_scores((2, 9, 4), seed=26, dtype=torch.float32).to(device).requires_grad_()
     score = mps(x, eps=0.1, max_iter=50, tol=0.0, **TRI)
     assert type(score.grad_fn).__name__ == "CppFunction"
@@ -649,7 +649,7 @@ def test_python_glue_gives_the_same_gradients(device, monkeypatch):
     x = hard_scores((2, 9, 6), seed=27, dtype=torch.float32).to(device)
     w = torch.randn(2, 9, generator=torch.Generator().manual_seed(28)).to(device)
     results = []
-    for entry in (torch.ops.otseg.mps_triton, torch.ops.otseg.mps_forward_triton):
+    for entry in (torch.ops.otseg.mps_triton.default, torch.ops.otseg.mps_forward_triton.default):
         monkeypatch.setattr(tb, "_entry", entry)
         xg = x.clone().requires_grad_()
         score, plan = mps(xg, eps=0.1, max_iter=50, tol=0.0, return_plan=True, **TRI)
