@@ -6,7 +6,9 @@ around the Python call), and replayed from a CUDA graph captured from the
 same call, which leaves only the GPU's work. The difference is what the host
 adds per call (Python, dispatch, allocation, launches); the graph time is
 what a kernel change can improve, and its GB/s is set against the
-device-to-device copy bandwidth measured here. The triton backend is timed
+device-to-device copy bandwidth measured here. The forward is also timed
+through ``otseg.ops.mps`` as ``otseg bench`` calls it ("mps eager"): the
+Python in front of the operator is the difference from "fwd eager". The triton backend is timed
 twice: through its C++ entries (launches from C++ after the first call) and
 through its Python operators (every launch through Triton's launcher).
 
@@ -247,16 +249,20 @@ def main(argv=None):
         backends.append(PY_TRITON)
     lines = [
         f"GPU {torch.cuda.get_device_name()}, copy bandwidth {copy:.0f} GB/s (read + write); times in us, "
-        "medians; eager: the Python call between CUDA events; graph: the same call replayed from a CUDA graph "
-        "(GPU work only); host = eager - graph; GB/s: read S + write the refined score, over the graph time.",
+        "medians; mps eager: otseg.ops.mps(scores [B, K, M, N], check_finite=False) as `otseg bench` calls it; "
+        "fwd/bwd eager: the raw operator's Python call between CUDA events; graph: the same call replayed from a "
+        "CUDA graph (GPU work only); host = eager - graph; GB/s: read S + write the refined score, over the graph "
+        "time.",
         "",
-        "| case | scores | backend | fwd eager | fwd graph | fwd host | fwd GB/s (% copy) | bwd eager | bwd graph |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | scores | backend | mps eager | fwd eager | fwd graph | fwd host | fwd GB/s (% copy) | bwd eager "
+        "| bwd graph |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case_name in args.cases:
         case = CASES[case_name]
         for gen in args.generators:
-            scores = make_scores(case, gen, 0, "cuda").reshape(-1, case.M, case.N).contiguous()
+            scores4d = make_scores(case, gen, 0, "cuda")
+            scores = scores4d.reshape(-1, case.M, case.N).contiguous()
             nbytes = scores.numel() * 4 + scores.shape[0] * case.M * 4
             for backend in backends:
                 try:
@@ -264,6 +270,11 @@ def main(argv=None):
                     _, _, f, g, _ = fwd(scores)
                     ds = torch.randn(scores.shape[:-1], device="cuda")
                     fe = _events_ms(lambda: fwd(scores)) * 1e3
+                    # The same forward as `otseg bench` calls it: through
+                    # ops.mps (checks, backend choice) on the 4-D scores.
+                    me = (_events_ms(lambda: ops.mps(scores4d, EPS, 100, 1e-6, backend=backend, return_info=True,
+                                                     check_finite=False)) * 1e3
+                          if backend != PY_TRITON else None)
                     fg = _graph_ms(lambda: fwd(scores)) * 1e3
                     be = _events_ms(lambda: bwd(ds, None, scores, f, g, EPS)) * 1e3
                     bg = _graph_ms(lambda: bwd(ds, None, scores, f, g, EPS)) * 1e3
@@ -272,7 +283,8 @@ def main(argv=None):
                                  f"{str(exc).splitlines()[0][:200]} |")
                     continue
                 gbs = nbytes / (fg * 1e-6) / 1e9
-                lines.append(f"| {case_name} | {gen} | {backend} | {fe:.1f} | {fg:.1f} | {fe - fg:.1f} | "
+                mps_cell = "-" if me is None else f"{me:.1f}"
+                lines.append(f"| {case_name} | {gen} | {backend} | {mps_cell} | {fe:.1f} | {fg:.1f} | {fe - fg:.1f} | "
                              f"{gbs:.0f} ({gbs / copy:.0%}) | {be:.1f} | {bg:.1f} |")
     if "triton" in backends:
         from otseg.ops.mps import triton as tb
