@@ -225,8 +225,9 @@ def test_auto_falls_back_to_the_reference_with_a_warning(monkeypatch):
     monkeypatch.setattr(_extension, "available", False)
     monkeypatch.setattr(_extension, "error", "pretend the extension is missing")
     monkeypatch.setattr(dispatch, "_warned_fallback", set())
-    with pytest.warns(RuntimeWarning, match="pretend the extension is missing"):
+    with pytest.warns(RuntimeWarning, match="pretend the extension is missing") as record:
         assert resolve_backend("auto", "cpu") == "reference"
+    assert record[0].filename == __file__, "the warning should name the caller's line"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
         _, info = mps(good(), return_info=True)
@@ -394,3 +395,11 @@ def test_repeated_calls_skip_the_checks_but_not_their_errors(monkeypatch):
     before = len(dispatch._resolved)
     dispatch.forget_resolutions()
     assert before > 0 and not dispatch._resolved
+
+
+def test_auto_warns_at_the_callers_line_when_no_fused_backend_takes_the_input(monkeypatch):
+    monkeypatch.setattr(dispatch, "_warned_fallback", set())
+    with pytest.warns(RuntimeWarning, match="no fused backend takes this input") as record:
+        _, info = mps(hard_scores((2, 9, 70), dtype=torch.float32), return_info=True)
+    assert info.backend == "reference"
+    assert [w.filename for w in record] == [__file__], "the warning should name the caller's line"

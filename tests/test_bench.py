@@ -130,7 +130,15 @@ def test_notes_say_how_the_triton_rows_were_launched():
     line = next(n for n in notes if n.startswith("triton launches"))
     assert line.startswith("triton launches: C++; in this run 40 forward and 20 backward launches from C++ "
                            "(3 kernel variants registered, 0 failed), 3 forward and 1 backward"), line
+    assert "(each variant's first call, and every call of a refused variant)" in line, line
     assert "refused: the kernel needs scratch memory" in line, line
+    env["triton_launch"] = dict(stats, route="Python (OTSEG_TRITON_LAUNCH=python)", kernels=0, cpp_forward=0,
+                                cpp_backward=0, python_forward=64, python_backward=21, refused={})
+    notes = report.notes([dict(row, **env)], env, PeakMemory(torch.device("cpu")), "step")
+    line = next(n for n in notes if n.startswith("triton launches"))
+    assert line == ("triton launches: Python (OTSEG_TRITON_LAUNCH=python); in this run 0 forward and 0 backward "
+                    "launches from C++ (0 kernel variants registered, 0 failed), 64 forward and 21 backward through "
+                    "Triton's Python launcher (every launch)."), line
 
 
 def test_queued_ms_times_every_call_and_refuses_no_calls():

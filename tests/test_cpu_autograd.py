@@ -65,6 +65,20 @@ def test_calls_without_gradients_build_no_graph_and_give_the_same_results():
         assert all(torch.equal(a.detach(), b) for a, b in zip(graph, out))
 
 
+@pytest.mark.parametrize("in_dim", [0, 2])
+def test_vmap_solves_every_problem_in_one_call(in_dim, capfd):
+    # The operator's vmap rule moves the mapped dim to the front and makes one
+    # call (functorch's fallback, one call per element, warns on stderr).
+    x = hard_scores((3, 4, 9, 5), seed=6)
+    score, plan = torch.func.vmap(lambda s: mps(s, return_plan=True, **CPU), in_dims=in_dim)(x.movedim(0, in_dim))
+    expected = mps(x, return_plan=True, **CPU)
+    assert torch.equal(score, expected[0]) and torch.equal(plan, expected[1])
+    assert torch.equal(torch.func.vmap(lambda c: sinkhorn(c, **CPU))(1 - x), sinkhorn(1 - x, **CPU))
+    assert "performance drop" not in capfd.readouterr().err
+    with pytest.raises(RuntimeError, match="functorch transforms"):  # gradients through torch.func: not supported
+        torch.func.grad(lambda s: mps(s, **CPU).sum())(x)
+
+
 def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
     import torch.autograd.forward_ad as fwAD
 

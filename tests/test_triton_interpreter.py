@@ -643,6 +643,16 @@ def test_entry_has_its_autograd_in_cpp_and_refuses_double_backward(device):
     assert torch.equal(inf, score.detach())
 
 
+def test_vmap_solves_every_problem_in_one_call(device):
+    # check_finite=False: the backend's separate finiteness pass reads a
+    # value on the host, which vmap cannot batch.
+    x = hard_scores((3, 2, 9, 5), seed=29, dtype=torch.float32).to(device)
+    score, plan = torch.func.vmap(lambda s: mps(s, return_plan=True, check_finite=False, **TRI),
+                                  in_dims=1)(x.movedim(0, 1))
+    expected = mps(x, return_plan=True, **TRI)
+    assert torch.equal(score, expected[0]) and torch.equal(plan, expected[1])
+
+
 def test_python_glue_gives_the_same_gradients(device, monkeypatch):
     """Without the C++ extension's mps_triton, the backend glues the same
     operators in Python: same values and gradients."""

@@ -245,9 +245,10 @@ def notes(rows, env, peak_memory, compile_scope):
             f"triton launches: {launch['route']}; in this run {launch['cpp_forward']} forward and "
             f"{launch['cpp_backward']} backward launches from C++ ({launch['kernels']} kernel variants registered, "
             f"{launch['cpp_failed']} failed), {launch['python_forward']} forward and {launch['python_backward']} "
-            "backward through Triton's Python launcher (each variant's first call"
-            + (", and every call of a refused variant" if refused else "") + ")"
-            + (f"; refused: {refused}" if refused else "") + ".")
+            "backward through Triton's Python launcher ("
+            + ("each variant's first call" + (", and every call of a refused variant" if refused else "")
+               if launch["route"].startswith("C++") else "every launch")
+            + ")" + (f"; refused: {refused}" if refused else "") + ".")
     if "compile" in ran:
         scope = ("one compiled (f, g) update called in a Python loop; compile time does not grow with the "
                  "iterations" if compile_scope == "step" else "the whole unrolled loop is one graph")

@@ -13,6 +13,8 @@ Backends (see ``backends()``):
 """
 
 import logging
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -105,6 +107,19 @@ def backends():
 
 
 # Preference of "auto" per device type, fastest first.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
+
+
+def _caller_stacklevel():
+    """The ``stacklevel`` of ``warnings.warn``, called by the caller of this
+    function, that names the first frame outside the otseg package: the
+    user's line, however many otseg frames lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 _warned_fallback = set()
 
@@ -133,7 +148,7 @@ def resolve_backend(backend, device):
                 f"otseg: no fused backend is available for {device.type} tensors, backend='auto' runs the "
                 f"slow reference ({why or 'no fused backend for this device'})",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=_caller_stacklevel(),
             )
         return "reference"
     if backend not in BACKEND_NAMES:
@@ -214,7 +229,7 @@ def _auto_for(x, want_plan):
             warnings.warn(
                 f"otseg: no fused backend takes this input ({why}); backend='auto' runs the slow reference",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_caller_stacklevel(),
             )
         return "reference"
     if len(fits) == 1:

@@ -43,7 +43,7 @@ import torch
 
 from ... import _extension
 from ... import kernels as _kernels
-from .fused import _acc_dtype, autograd_pair, empty_outputs, no_context, no_double_backward
+from .fused import _acc_dtype, autograd_pair, empty_outputs, no_context, no_double_backward, vmap_rule
 
 __all__ = [
     "available", "error", "interpreted", "interpreter_requested", "MAX_M", "MAX_N", "check_limits",
@@ -529,6 +529,7 @@ if available:
     if _extension.available and hasattr(torch.ops.otseg, "mps_triton"):
         torch.library.register_fake("otseg::mps_triton")(_mps_forward_triton_fake)
         _entry = torch.ops.otseg.mps_triton.default  # the one overload, bound once
+        torch.library.register_vmap("otseg::mps_triton", vmap_rule(_entry))
         if hasattr(torch.ops.otseg, "mps_triton_backward"):
             # No autograd of its own (a Python one would add its interpreter
             # work to every call): torch's fallback refuses to differentiate it.
