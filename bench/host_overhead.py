@@ -22,23 +22,14 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
 
 import torch  # noqa: E402
+from host_layers import _us_per_call  # noqa: E402  (bench/, beside this script)
 
 from otseg.ops import mps  # noqa: E402
 from otseg.ops.mps import triton as tb  # noqa: E402
-
-
-def _us_per_call(fn, calls):
-    for _ in range(calls // 20):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def main(argv=None):
