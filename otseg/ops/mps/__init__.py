@@ -106,7 +106,6 @@ def backends():
     return [BackendStatus(n, *_status(n)) for n in BACKEND_NAMES]
 
 
-# Preference of "auto" per device type, fastest first.
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
 
 
@@ -120,6 +119,7 @@ def _caller_stacklevel():
     return level
 
 
+# Preference of "auto" per device type, fastest first.
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 _warned_fallback = set()
 
