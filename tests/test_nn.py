@@ -22,6 +22,7 @@ from otseg.nn import (
     MultiPromptSinkhornAttention,
     fuse_masks,
     set_backend,
+    set_check_finite,
     sinkhorn_modules,
     to_image,
 )
@@ -157,6 +158,26 @@ def test_record_info_keeps_iterations_and_backend():
     for m in sinkhorn_modules(dec):
         assert m.last_info.backend == "reference" and m.last_info.n_iter.shape == (2, 3)
         assert int(m.last_info.n_iter.min()) >= 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_check_finite_switch(backend):
+    # On by default, as in otseg.ops.mps; off, NaN scores pass through (a
+    # GPU training loop saves a host synchronisation per Sinkhorn).
+    cpu_backend_or_skip(backend)
+    dec = MPSADecoder(16, num_layers=2, ffn_dim=32, backend=backend).double().eval()
+    q, z = inputs()
+    z[0, 1] = float("nan")
+    assert all(m.check_finite for m in sinkhorn_modules(dec))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        dec(q, z)
+    assert set_check_finite(dec, False) is dec
+    assert not any(m.check_finite for m in sinkhorn_modules(dec))
+    logits, _ = dec(q, z)
+    assert logits[0].isnan().any() and not logits[1].isnan().any()
+    set_check_finite(dec, True)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        dec(q, z)
 
 
 # ------------------------------------------------- backends against reference

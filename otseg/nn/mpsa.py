@@ -21,6 +21,7 @@ __all__ = [
     "fuse_masks",
     "to_image",
     "set_backend",
+    "set_check_finite",
     "sinkhorn_modules",
 ]
 
@@ -49,6 +50,11 @@ class SinkhornModule(nn.Module):
         record_info: when True, each call keeps the op's SinkhornInfo
             (iterations per problem, backend that ran) in ``last_info``.
             Off by default (a side effect that torch.compile need not trace).
+        check_finite: raise on NaN or inf scores (default True, as
+            ``otseg.ops.mps``). The cpu kernel checks as it reads; on a GPU the
+            check is a separate pass and a host synchronisation per call, so
+            a GPU training loop (or a CUDA graph capture) may turn it off
+            (``set_check_finite``).
     """
 
     def __init__(self, eps=0.05, max_iter=100, tol=1e-6, backend="auto"):
@@ -56,6 +62,7 @@ class SinkhornModule(nn.Module):
         self.eps, self.max_iter, self.tol = eps, max_iter, tol
         self.backend = backend
         self.record_info = False
+        self.check_finite = True
         self.last_info = None
 
     @property
@@ -70,7 +77,7 @@ class SinkhornModule(nn.Module):
         """``otseg.ops.mps`` with this module's settings: refined score [..., M]
         (and plan [..., M, N] with ``return_plan``) of scores [..., M, N]."""
         out = ops.mps(scores, self.eps, self.max_iter, self.tol, return_plan=return_plan, backend=self.backend,
-                      return_info=self.record_info)
+                      return_info=self.record_info, check_finite=self.check_finite)
         if not self.record_info:
             return out
         self.last_info = out[-1]
@@ -94,6 +101,18 @@ def set_backend(module, backend):
     check_backend(backend)
     for m in sinkhorn_modules(module):
         m.backend = backend
+    return module
+
+
+def set_check_finite(module, enabled):
+    """Turn the NaN / inf check of every Sinkhorn of ``module`` (itself
+    included) on or off (``SinkhornModule.check_finite``).
+
+    Returns:
+        ``module``.
+    """
+    for m in sinkhorn_modules(module):
+        m.check_finite = bool(enabled)
     return module
 
 
