@@ -7,7 +7,10 @@ truth for the reference backend. The reference backend (run in float64) is the
 ground truth for the fused backends.
 """
 
+import importlib
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -313,3 +316,12 @@ def assert_extreme_result_close(score, plan, gt_score, gt_plan, x, eps):
                         what="plan*M*N")
     assert_close_report(score, gt_score, atol=rel * max(1.0, float(gt_score.abs().max())) * 10,
                         what="refined score")
+
+
+def import_bench_script(name):
+    """Import a script of bench/ (not a package) as a module."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)

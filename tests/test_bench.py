@@ -13,6 +13,8 @@ import torch
 from otseg.benchmark.generators import make_scores
 from otseg.ops import mps
 
+from helpers import import_bench_script
+
 
 @pytest.mark.parametrize("case", ["voc", "context"])
 def test_clip_scores_converge_in_about_four_reference_iterations(case):
@@ -152,15 +154,6 @@ def test_queued_ms_times_every_call_and_refuses_no_calls():
         queued_ms(lambda: None, "cpu", 0)
 
 
-def _bench_script(name):
-    """Import a script of bench/ (not a package) as a module."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
-
-
 def test_gpu_smoke_script_passes_a_correct_backend():
     # bench/gpu_smoke.py, which bench/gpu_check.sh runs before timing
     # anything, on the CPU: the cpu backend in float32 and bfloat16 against
@@ -178,7 +171,7 @@ def test_gpu_smoke_script_passes_a_correct_backend():
 def test_gpu_smoke_script_fails_a_wrong_backend(monkeypatch, capsys, fault):
     # The smoke test must fail a backend that returns a wrong result, whose
     # two calls disagree, or that raises, and go on to the next problem.
-    smoke = _bench_script("gpu_smoke")
+    smoke = import_bench_script("gpu_smoke")
     run, calls = smoke._run, []
 
     def faulty(backend, x, w):

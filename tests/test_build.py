@@ -10,6 +10,8 @@ import torch
 
 from otseg import _extension
 
+from helpers import import_bench_script
+
 
 def test_cpu_extension_loaded():
     assert _extension.available, _extension.error
@@ -64,13 +66,7 @@ def test_cuda_forward_fits_three_blocks_an_sm_without_spills():
     up to 8 prompts (16 prompts: at most 16 B of spills); the backward
     without spills up to 256 threads (2048 pixels up to 8 prompts, 1024 with
     16)."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-    try:
-        import cuda_ptxas
-    finally:
-        sys.path.pop(0)
+    cuda_ptxas = import_bench_script("cuda_ptxas")
     rows = cuda_ptxas.parse(cuda_ptxas.ptxas_report(90))
     by_shape = {(r["kernel"], r["NP"], r["threads"]): r for r in rows}
     assert len(by_shape) == 20, sorted(by_shape)  # every instantiation the dispatch can launch

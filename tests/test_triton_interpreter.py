@@ -41,6 +41,7 @@ from helpers import (
     eager_and_compiled,
     extreme_scores,
     hard_scores,
+    import_bench_script,
     max_abs_err,
     reference_per_problem,
     unit_roundoff,
@@ -840,11 +841,7 @@ def test_gpu_profile_forward_variants_table(device):
     # bench/gpu_profile.py's table of the forward's variants (FWD_VARIANTS),
     # run on a tiny case with a stand-in timer: every variant launches (the
     # register cap included) and reports the default's outputs.
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-    try:
-        import gpu_profile
-    finally:
-        sys.path.pop(0)
+    gpu_profile = import_bench_script("gpu_profile")
     from otseg.benchmark.generators import Case
 
     case = Case("tiny", 1, 2, 37, 6, "voc20")
@@ -865,11 +862,7 @@ def test_gpu_smoke_script_on_triton(device, monkeypatch, capsys):
     # before timing anything, passes the triton backend (small problems):
     # results against the float64 cpu backend, two calls bitwise equal, and
     # the launch route it asked for.
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-    try:
-        import gpu_smoke
-    finally:
-        sys.path.pop(0)
+    gpu_smoke = import_bench_script("gpu_smoke")
     if device.type == "cpu":
         monkeypatch.setenv("OTSEG_TRITON_LAUNCH", "python")  # restored after the test
         args, expect = ["triton-python", "--device", "cpu", "--small"], 0

@@ -305,6 +305,28 @@ def _resolve(x, name, eps, max_iter, tol, backend, check_finite, want_plan):
     return chosen, bool(check_finite) and chosen in ("reference", "triton", "cuda")
 
 
+def _remembered_resolve(x, name, eps, max_iter, tol, backend, check_finite, want_plan):
+    """``_resolve``, answered from ``_resolved`` for a call like an earlier one."""
+    key = None
+    if type(x) in _PLAIN_TENSORS and x.dim() >= 2:
+        # The types keep True apart from 1 (equal, and equally hashed).
+        key = (name, backend, x.device, x.dtype, x.shape[-2:], eps, type(eps), max_iter, type(max_iter),
+               tol, type(tol), bool(check_finite), bool(want_plan))
+        try:
+            hit = _resolved.get(key)
+        except TypeError:  # an unhashable argument: the checks say what is wrong with it
+            key = None
+        else:
+            if hit is not None:
+                return hit
+    hit = _resolve(x, name, eps, max_iter, tol, backend, check_finite, want_plan)
+    if key is not None:
+        if len(_resolved) >= _RESOLVED_MAX:
+            _resolved.clear()
+        _resolved[key] = hit
+    return hit
+
+
 def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_plan):
     if torch.compiler.is_compiling():
         # A data-dependent check would break the graph; compiled callers skip
@@ -312,24 +334,7 @@ def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_
         check_finite = False
         chosen, separate = _resolve(x, name, eps, max_iter, tol, backend, False, want_plan)
     else:
-        key = None
-        if type(x) in _PLAIN_TENSORS and x.dim() >= 2:
-            # The types keep True apart from 1 (equal, and equally hashed).
-            key = (name, backend, x.device, x.dtype, x.shape[-2:], eps, type(eps), max_iter, type(max_iter),
-                   tol, type(tol), bool(check_finite), bool(want_plan))
-            try:
-                hit = _resolved.get(key)
-            except TypeError:  # an unhashable argument: the checks say what is wrong with it
-                hit = key = None
-        else:
-            hit = None
-        if hit is None:
-            hit = _resolve(x, name, eps, max_iter, tol, backend, check_finite, want_plan)
-            if key is not None:
-                if len(_resolved) >= _RESOLVED_MAX:
-                    _resolved.clear()
-                _resolved[key] = hit
-        chosen, separate = hit
+        chosen, separate = _remembered_resolve(x, name, eps, max_iter, tol, backend, check_finite, want_plan)
     if separate:
         check_finite_values(x, name)
         check_finite = False
