@@ -291,11 +291,11 @@ def _mps_forward_triton(
     score, plan, f, g, n_iter = empty_outputs(scores, return_plan)
     flat = _flat(scores, *scores.shape[-2:])
     plan_out = plan if return_plan else None
-    with _on_device(flat):
+    with _on_device(flat):  # registration too: it loads the kernel for the current device
         compiled = launch_forward(flat, eps, max_iter, tol, score, plan_out, f, g, n_iter)
-    if _launched(compiled, "python_forward"):
-        _register(compiled, torch.ops.otseg.triton_launch_args_forward, flat,
-                  (flat, score, plan_out, f, g, n_iter, int(max_iter), float(eps), float(tol)))
+        if _launched(compiled, "python_forward"):
+            _register(compiled, torch.ops.otseg.triton_launch_args_forward, flat,
+                      (flat, score, plan_out, f, g, n_iter, int(max_iter), float(eps), float(tol)))
     return score, plan, f, g, n_iter
 
 
@@ -333,10 +333,11 @@ def _mps_backward_triton(
     ds = None if grad_score is None else _flat(grad_score, M)
     dp = None if grad_plan is None else _flat(grad_plan, M, N)
     flat, f, g = _flat(scores, M, N), f.contiguous(), g.contiguous()
-    with _on_device(flat):
+    with _on_device(flat):  # registration too: it loads the kernel for the current device
         compiled = launch_backward(ds, dp, flat, f, g, eps, grad)
-    if _launched(compiled, "python_backward"):
-        _register(compiled, torch.ops.otseg.triton_launch_args_backward, flat, (ds, dp, flat, f, g, grad, float(eps)))
+        if _launched(compiled, "python_backward"):
+            _register(compiled, torch.ops.otseg.triton_launch_args_backward, flat,
+                      (ds, dp, flat, f, g, grad, float(eps)))
     return grad
 
 
@@ -436,19 +437,18 @@ def _unregistrable(compiled):
 def _register(compiled, args_op, flat, args):
     """Register the kernel of a Python launch with C++, under the key that
     ``args_op`` (the extension's view of the launch, from the same tensors)
-    gives, once per key; log, once, why one cannot be."""
+    gives, once per key; log, once, why one cannot be. Called on the tensors'
+    device (``_on_device``), the device the kernel is loaded for."""
     key, sizes, vec = args_op(*args)
     if key in _registered:
         return
     if getattr(compiled, "function", None) is None:
         compiled._init_handles()
     why = _unregistrable(compiled)
-    if why is None and vec != _vector_width(flat, flat.shape[-1]):
+    python_vec = _vector_width(flat, flat.shape[-1])
+    if why is None and vec != python_vec:
         why = (f"the C++ and Python launchers disagree on the vector width of scores of shape "
-               f"{tuple(flat.shape)} and strides {flat.stride()} ({vec} against "
-               f"{_vector_width(flat, flat.shape[-1])}); please report this")
-    if why is None and flat.device.index != torch.cuda.current_device():
-        why = f"it was loaded for the current device, not the tensors' {flat.device}"
+               f"{tuple(flat.shape)} and strides {flat.stride()} ({vec} against {python_vec}); please report this")
     if why is None:
         why = torch.ops.otseg.triton_launch_register(
             key, sizes, _ptx_param_sizes(compiled.asm["ptx"]), int(compiled.function),
