@@ -1,7 +1,8 @@
 """Static statistics of the CUDA MPS kernels' machine code, without a GPU.
 
-Compiles ``csrc/cuda/mps_cuda_kernels.cu`` (which holds no ATen code, so it
-needs only nvcc and the CUDA headers) for one architecture with
+Compiles the kernel files ``csrc/cuda/mps_cuda_forward.cu`` and
+``mps_cuda_backward.cu`` (which hold no ATen code, so they need only nvcc and
+the CUDA headers) for one architecture with
 ``-Xptxas -v`` and the extension's nvcc flags, and prints what ptxas reports
 for every instantiated kernel: registers, stack frame and spilled bytes per
 thread, static shared memory per block, and the blocks of that size the
@@ -39,22 +40,28 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
+KERNEL_FILES = ("mps_cuda_forward.cu", "mps_cuda_backward.cu")
+
+
 def ptxas_report(arch, nvcc=None):
-    """ptxas's -v output for the kernels file compiled for sm_<arch>."""
+    """ptxas's -v output for the kernel files compiled for sm_<arch>."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise FileNotFoundError("no CUDA toolkit with nvcc found (set CUDA_HOME)")
+    report = ""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-c", os.path.join(ROOT, "csrc", "cuda", "mps_cuda_kernels.cu"), "-o",
-               os.path.join(tmp, "k.o"), f"-I{os.path.join(ROOT, 'csrc')}",
-               "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-std=c++17",
-               "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-               "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"nvcc failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return out.stderr + out.stdout
+        for name in KERNEL_FILES:
+            cmd = [nvcc, "-c", os.path.join(ROOT, "csrc", "cuda", name), "-o",
+                   os.path.join(tmp, name + ".o"), f"-I{os.path.join(ROOT, 'csrc')}",
+                   "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-std=c++17",
+                   "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                   "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                   f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"nvcc failed on {name} ({out.returncode}):\n{out.stderr[-3000:]}")
+            report += out.stderr + out.stdout
+    return report
 
 
 def parse(report):
@@ -81,7 +88,7 @@ def main(argv=None):
     rows = parse(ptxas_report(args.arch))
     if not rows:
         sys.exit("ptxas reported no MPS kernel")
-    print(f"csrc/cuda/mps_cuda_kernels.cu for sm_{args.arch} (ptxas -v); prompts NP is the kernel's bucket "
+    print(f"csrc/cuda/{', '.join(KERNEL_FILES)} for sm_{args.arch} (ptxas -v); prompts NP is the kernel's bucket "
           "(N <= 4, 8, 16), threads the block size (rows a thread x threads >= M)")
     print()
     print("| kernel | NP | threads | registers | stack B | spill stores B | spill loads B | static smem B "

@@ -11,17 +11,23 @@
 # fails it is left out of the timing steps, and Triton launches from C++ that
 # fail it are replaced by Python launches (OTSEG_TRITON_LAUNCH=python), each
 # with a NOTE in summary.txt, so that one broken kernel cannot take the whole
-# run with it. Measured on an H100 (2026-11-26, commit 8667a72, before the
+# run with it. Then bench/gpu_errors.py checks that the C++ operators' errors
+# reach Python as exceptions (a crash gets its cuda-gdb backtrace). Measured on an H100 (2026-11-26, commit 8667a72, before the
 # smoke step): build 107 s, operator benchmark 31 s, model step 16 s,
 # profile 20 s, Nsight Compute 18 s, GPU tests 101 s; 301 s in all.
 #
 #   bash bench/gpu_check.sh OUT_DIR
 #
 # Environment: PYTHON (default python3), MAX_JOBS (build jobs, default: the
-# cores), STEPS (default "smoke bench model profile ncu tests"; e.g.
+# cores), STEPS (default "smoke errors bench model profile ncu tests"; e.g.
 # STEPS=tests runs one),
 # DEADLINE_S (default 560: seconds from the start by which the test step,
 # the last, is stopped; it gets at least 60 s),
+# TEST_ARGS (default "tests": the paths pytest -m gpu collects), TEST_K (a
+# pytest -k expression; with TEST_ARGS, to rerun a part within a short
+# lease), PROFILE_ARGS
+# (extra arguments of bench/gpu_profile.py, e.g. "--cases coco16
+# --no-host-profile"),
 # BENCH_BACKENDS (default "reference" and the fused backends that passed the
 # smoke step, of cuda and triton: the torch.compile peer is
 # left out here because its compile time, per case and per direction, would
@@ -39,7 +45,7 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-steps=${STEPS:-smoke bench model profile ncu tests}
+steps=${STEPS:-smoke errors bench model profile ncu tests}
 status=0
 t_start=$(date +%s)
 step() { echo "== $(date +%T) (+$(( $(date +%s) - t_start )) s) $*" | tee -a "$out/summary.txt"; }
@@ -106,6 +112,21 @@ if has_step smoke; then
 fi
 echo "fused backends timed: ${fused:-none}" | tee -a "$out/summary.txt"
 
+if has_step errors; then
+  step "errors of the C++ operators reach Python (bench/gpu_errors.py)"
+  if ! timeout -k 5 150 "$py" bench/gpu_errors.py 2>&1 | tee -a "$out/summary.txt"; then
+    status=1
+    # Where a probe crashed, the stack of the crash (cuda-gdb debugs host
+    # code too; there is no gdb on the GPU machines).
+    probe=$(grep -m1 "^FAIL .*killed by signal" "$out/summary.txt" | sed -E 's/^FAIL ([^:]+):.*/\1/')
+    if [[ -n "$probe" ]] && command -v cuda-gdb > /dev/null; then
+      echo "cuda-gdb backtrace of probe $probe:" | tee -a "$out/summary.txt"
+      timeout -k 5 90 cuda-gdb -batch -ex run -ex "bt 16" --args "$py" bench/gpu_errors.py --probe "$probe" 2>&1 \
+        | grep -E "^#|signal|Signal" | cut -c1-400 | head -24 | tee -a "$out/summary.txt"
+    fi
+  fi
+fi
+
 if has_step bench; then
   step "operator benchmark (otseg bench)"
   # shellcheck disable=SC2086
@@ -125,7 +146,7 @@ fi
 if has_step profile && [[ -n "$fused" ]]; then
   step "kernel or host: eager vs CUDA-graph times (bench/gpu_profile.py)"
   # shellcheck disable=SC2086
-  timeout -k 10 120 "$py" bench/gpu_profile.py --backends $fused 2>&1 | tee -a "$out/summary.txt" || status=1
+  timeout -k 10 120 "$py" bench/gpu_profile.py --backends $fused ${PROFILE_ARGS:-} 2>&1 | tee -a "$out/summary.txt" || status=1
 fi
 
 if has_step ncu && [[ -n "$fused" ]]; then
@@ -156,16 +177,21 @@ if has_step tests; then
   par=()
   "$py" -c "import xdist" 2>/dev/null && par=(-n "$(( $(nproc) < 12 ? $(nproc) : 12 ))")
   "$py" -c "import pytest_timeout" 2>/dev/null && par+=(--timeout 150)
-  # One inductor compile thread per pytest worker: eight workers each with a
-  # pool of one process per core oversubscribe the CPU many times over.
+  # One inductor compile thread and one torch thread per pytest worker: twelve
+  # workers each with a thread or a process per core oversubscribe the CPU
+  # many times over (an H200 run of 0b64572, with torch's 16 threads a worker,
+  # took 50-120 s for single float64 reference tests).
   rm -f "$out/gpu-tests.log"
   limit=$(( ${DEADLINE_S:-560} - ($(date +%s) - t_start) ))
   (( limit < 60 )) && limit=60
   echo "test step limit: $limit s" | tee -a "$out/summary.txt"
   pytest_log=$(mktemp)
   # The tests run every backend and route, whatever the smoke step found.
-  env -u OTSEG_TRITON_LAUNCH OTSEG_TEST_LOG="$out/gpu-tests.log" TORCHINDUCTOR_COMPILE_THREADS=1 timeout -k 10 "$limit" \
-    "$py" -m pytest -m gpu tests \
+  threads=1; (( ${#par[@]} == 0 )) && threads=$(nproc)
+  # shellcheck disable=SC2086
+  env -u OTSEG_TRITON_LAUNCH OTSEG_TEST_LOG="$out/gpu-tests.log" TORCHINDUCTOR_COMPILE_THREADS=1 \
+    OMP_NUM_THREADS=$threads timeout -k 10 "$limit" \
+    "$py" -m pytest -m gpu ${TEST_ARGS:-tests} ${TEST_K:+-k "$TEST_K"} \
     -p no:cacheprovider -p no:benchmark -q -rfEs --durations 25 "${par[@]}" > "$pytest_log" 2>&1 || status=1
   echo "$(grep -c '^PASSED' "$out/gpu-tests.log") passed, $(grep -c '^FAILED' "$out/gpu-tests.log") failed," \
     "$(grep -c '^SKIPPED' "$out/gpu-tests.log") skipped (gpu-tests.log: per test; skips of a whole module only in pytest's line below)" | tee -a "$out/summary.txt"

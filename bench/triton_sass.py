@@ -104,16 +104,21 @@ def main(argv=None):
     print("| kernel | warps | registers | local memory B | shared B | instructions | per iteration "
           "(thread / warp-instructions of a program) | barriers | MUFU | SHFL |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    runs = [("forward", _mps_fwd_kernel, dict(HAS_PLAN=False, HOLD_S=True), blocks.fwd_warps),
-            ("forward, scores reread (HOLD_S=False)", _mps_fwd_kernel, dict(HAS_PLAN=False, HOLD_S=False),
-             blocks.fwd_warps),
+    # (name, kernel, constexprs, warps, register cap): the forward as the
+    # launchers run it eagerly (FWD_HOLD_S, FWD_MAXNREG), and as torch.compile
+    # traces it (the scores held, no cap).
+    fwd_default = f"forward (HOLD_S={tb.FWD_HOLD_S}, maxnreg {tb.FWD_MAXNREG})"
+    runs = [(fwd_default, _mps_fwd_kernel, dict(HAS_PLAN=False, HOLD_S=tb.FWD_HOLD_S), blocks.fwd_warps,
+             tb.FWD_MAXNREG),
+            ("forward, scores held, no cap (HOLD_S=True; traced launches)", _mps_fwd_kernel,
+             dict(HAS_PLAN=False, HOLD_S=True), blocks.fwd_warps, None),
             ("backward", _mps_bwd_kernel, dict(HAS_DSCORE=True, HAS_DPLAN=False, W_ONE_PASS=blocks.one_pass),
-             blocks.bwd_warps)]
+             blocks.bwd_warps, None)]
     with tempfile.TemporaryDirectory() as workdir:
-        for name, kernel, flags, default in runs:
+        for name, kernel, flags, default, maxnreg in runs:
             for warps in sorted({default, *(args.warps or ())}):
                 consts = dict(flags, BLOCK_M=block_m, NG=block_n // vec, VEC=vec)
-                compiled = compile_mps_kernel(kernel, consts, _TYPES[dtype], acc, warps, args.arch)
+                compiled = compile_mps_kernel(kernel, consts, _TYPES[dtype], acc, warps, args.arch, maxnreg=maxnreg)
                 sass, res, ops = _stats(compiled, workdir, f"{name}{warps}")
                 per_it = _iteration_path(sass) if name.startswith("forward") else None
                 it_text = f"{per_it} / {per_it * warps}" if per_it else "-"

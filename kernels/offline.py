@@ -14,7 +14,8 @@ from triton.compiler import ASTSource, compile as triton_compile
 _SCALARS = {"eps_hi": "fp32", "eps_lo": "fp32", "tol_hi": "fp32", "tol_lo": "fp32", "stride_sp": "i64"}
 
 
-def compile_mps_kernel(kernel, consts, dtype="fp32", acc="fp32", num_warps=4, arch=90, float_args="fp32"):
+def compile_mps_kernel(kernel, consts, dtype="fp32", acc="fp32", num_warps=4, arch=90, float_args="fp32",
+                       maxnreg=None):
     """Compile an MPS kernel for ``sm_<arch>``.
 
     Args:
@@ -26,6 +27,8 @@ def compile_mps_kernel(kernel, consts, dtype="fp32", acc="fp32", num_warps=4, ar
         float_args: type of the float scalars (eps, tol): "fp32" as Triton's
             launcher passes Python floats, "fp64" as Inductor does under
             torch.compile.
+        maxnreg: a register cap per thread (None: none), as the launchers
+            pass (otseg/ops/mps/triton.py, FWD_MAXNREG).
 
     Returns:
         Triton's CompiledKernel (``asm["ttgir"]``, ``asm["cubin"]``, ...).
@@ -49,4 +52,5 @@ def compile_mps_kernel(kernel, consts, dtype="fp32", acc="fp32", num_warps=4, ar
     aligned = [n for n, t in sig.items() if t.startswith("*") or n == "stride_sp"]
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    return triton_compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": int(maxnreg)}
+    return triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options)

@@ -403,3 +403,27 @@ def test_auto_warns_at_the_callers_line_when_no_fused_backend_takes_the_input(mo
         _, info = mps(hard_scores((2, 9, 70), dtype=torch.float32), return_info=True)
     assert info.backend == "reference"
     assert [w.filename for w in record] == [__file__], "the warning should name the caller's line"
+
+
+def test_triton_forward_variant_is_eager_only_where_launches_run():
+    # The triton forward's register cap (FWD_MAXNREG) goes to eager launches
+    # only: torch.compile's tracing would take it for a kernel argument, so a
+    # launch on fake or functional tensors, or under any dispatch mode, keeps
+    # the traced variant (otseg/ops/mps/triton.py, launch_forward).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from otseg.ops.mps import triton as tb
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x = torch.zeros(2, 3, 4)
+    assert not tb._traced_launch(x)
+    assert tb._traced_launch(torch.nn.Parameter(x))
+    with FakeTensorMode() as mode:
+        assert tb._traced_launch(mode.from_tensor(x))
+    with Passthrough():
+        assert tb._traced_launch(x)
+    assert not tb._traced_launch(x)

@@ -472,8 +472,12 @@ def test_forward_writes_every_output(device):
 def test_forward_rereading_the_scores_matches_holding_them(device, case):
     # HOLD_S=False (the kernel reads the scores again where it rebuilds K and
     # for the refined score) computes the same values in the same order as
-    # HOLD_S=True: every output is bitwise the same, through absorptions
-    # (extreme scores), any strides, 16-bit inputs and padding (M, N odd).
+    # HOLD_S=True, through absorptions (extreme scores), any strides, 16-bit
+    # inputs and padding (M, N odd). The interpreter runs the written
+    # operations: every output bitwise the same. On a GPU the compiler is free
+    # to contract and schedule the two programs differently (an H200 run of
+    # 0b64572 gave last-bit differences): the same iteration counts, and the
+    # outputs within a few float32 roundings of each other.
     P, M, N = 3, 37, 6
     if case == "extreme":
         x = extreme_scores("onehot50", (P, M, N), seed=21, dtype=torch.float32)
@@ -494,11 +498,17 @@ def test_forward_rereading_the_scores_matches_holding_them(device, case):
                torch.full((P, M), math.nan, dtype=acc, device=device),
                torch.full((P, N), math.nan, dtype=acc, device=device),
                torch.full((P,), -1, dtype=torch.int32, device=device))
-        tb.launch_forward(x, eps, max_iter, tol, *out, hold_scores=hold)
+        tb.launch_forward(x, eps, max_iter, tol, *out, hold_scores=hold, maxnreg=None)
         outs[hold] = out
     for name, held, reread in zip(("score", "plan", "f", "g", "n_iter"), outs[True], outs[False]):
         assert torch.isfinite(held.double()).all(), f"{case}: {name} not fully written"
-        assert torch.equal(held, reread), f"{case}: {name} differs between HOLD_S=True and False"
+        if device.type == "cpu" or name == "n_iter":
+            assert torch.equal(held, reread), f"{case}: {name} differs between HOLD_S=True and False"
+        else:
+            scale = float(held.double().abs().max()) + 1.0
+            rtol = 1e-5 if x.dtype == torch.float32 or name in ("f", "g") else 1e-2
+            assert_close_report(reread.double(), held.double(), atol=rtol * scale,
+                                what=f"{case}: {name}, HOLD_S=False against True")
     ref_score = mps(x.cpu().double(), eps=eps, max_iter=max_iter, tol=tol, **REF)
     assert_close_report(outs[False][0].cpu().double(), ref_score, atol=2e-2 * float(ref_score.abs().max()),
                         what="score (HOLD_S=False)")
@@ -854,7 +864,11 @@ def test_gpu_profile_forward_variants_table(device):
     rows = [line for line in lines if line.startswith("| hard |")]
     assert len(rows) == len(gpu_profile.FWD_VARIANTS), lines
     assert not any("failed" in row for row in rows), rows
-    assert [row.split("|")[-2].strip() for row in rows] == ["-"] + ["True"] * (len(rows) - 1), rows
+    diffs = [row.split("|")[-2].strip() for row in rows]
+    assert diffs[0] == "-", rows
+    # Bitwise on the interpreter; on a GPU within float32 roundings (see
+    # test_forward_rereading_the_scores_matches_holding_them).
+    assert all(float(d) <= (0.0 if device.type == "cpu" else 1e-5) for d in diffs[1:]), rows
 
 
 def test_gpu_smoke_script_on_triton(device, monkeypatch, capsys):

@@ -5,6 +5,7 @@
 
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -16,15 +17,32 @@
   TORCH_CHECK((tol) >= 0, "tol must be >= 0, got ", tol)
 
 // `want` (a std::vector) is evaluated once, into a named local, so that the
-// message never refers to a temporary.
+// message never refers to a temporary. The shapes go into the message as
+// strings (format_sizes): see there.
 #define OTSEG_CHECK_SIZES(x, want)                                                        \
   do {                                                                                    \
     const std::vector<int64_t> otseg_want_ = (want);                                      \
     TORCH_CHECK((x).sizes() == at::IntArrayRef(otseg_want_), #x " must have shape ",      \
-                at::IntArrayRef(otseg_want_), ", got ", (x).sizes());                     \
+                ::otseg::format_sizes(otseg_want_), ", got ", ::otseg::format_sizes((x).sizes())); \
   } while (false)
 
 namespace otseg {
+
+// "[2, 10]", built with std::to_string rather than by streaming the sizes
+// into c10::str's std::ostream. On the GPU machines (H100 runs of 41c01fa and
+// 8667a72, H200 run of 0b64572) exactly this check's message, a c10::str of
+// two IntArrayRefs, ended the process with SIGSEGV inside the formatting
+// (cuda-gdb backtrace in bench/results/gpu/h100-summary.md), while messages
+// without integers streamed raised cleanly in the same process; the cause is
+// not established (bench/gpu_errors.py probes it).
+inline std::string format_sizes(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) out += ", ";
+    out += std::to_string(sizes[i]);
+  }
+  return out + "]";
+}
 
 // Scores [..., M, N] seen as P independent problems [P, M, N]: the kernels
 // work on `flat` (a view where the batch dims merge, else a copy), and the

@@ -1,7 +1,8 @@
 // The CUDA backend's host code: argument checks, outputs, the device guard
 // and the launch on the current stream, registered for the CUDA dispatch key.
-// Compiled by the C++ compiler; the kernels are in mps_cuda_kernels.cu, behind
-// the plain interface of mps_cuda.h (which says why the two are apart).
+// Compiled by the C++ compiler; the kernels are in mps_cuda_forward.cu and
+// mps_cuda_backward.cu, behind the plain interface of mps_cuda.h (which says
+// why the two are apart).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

@@ -1,19 +1,17 @@
 // The interface between the CUDA backend's host code (mps_cuda.cpp, compiled
-// by the C++ compiler with ATen) and its kernels (mps_cuda_kernels.cu,
-// compiled by nvcc without any ATen or c10 host code): plain structs of
-// pointers, strides and scalars, and two launch functions that return a CUDA
-// status instead of throwing.
+// by the C++ compiler with ATen) and its kernels (mps_cuda_forward.cu and
+// mps_cuda_backward.cu, compiled by nvcc without any ATen or c10 host code):
+// plain structs of pointers, strides and scalars, and two launch functions
+// that return a CUDA status instead of throwing.
 //
-// Why the split: on an H100, a failed shape check of the cuda backward
-// crashed the process (SIGSEGV while formatting the check's message; README
-// "GPU runs", backtrace in bench/results/gpu/h100-summary.md). The crashing
-// frame was the shared inline check of csrc/common/checks.h, compiled both by
-// nvcc (into the old .cu) and by the C++ compiler (into the CPU backend), the
-// linker taking one copy for both; checks from nvcc's own code had raised
-// cleanly in the same process. Now checks.h, and every check, allocation and
-// exception of the backend, is compiled by the C++ compiler only, and nvcc
-// compiles only the kernels and their launches (which also builds faster: no
-// ATen headers in the .cu).
+// Why the split: every check, allocation and exception of the backend is
+// compiled by the C++ compiler only, as in the CPU backend, and nvcc compiles
+// only the kernels and their launches (which also builds faster: no ATen
+// headers in the .cu files). It was made after a failed shape check of the
+// cuda backward crashed the process on an H100 (SIGSEGV while formatting the
+// check's message, whose shared inline code nvcc had compiled too; README
+// "GPU runs"); it did not end that crash (H200 run of 0b64572): see
+// format_sizes in csrc/common/checks.h.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -40,6 +40,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ... import _extension
 from ... import kernels as _kernels
@@ -92,6 +93,26 @@ if available:
             from triton.compiler import CompiledKernel
         except ImportError:
             CompiledKernel = ()
+
+
+# The forward's variant: the scores read again where needed rather than held
+# in registers (kernels/mps.py, HOLD_S=False) and a cap of 168 registers a
+# thread, which fits three programs of 4 warps an SM instead of two. In
+# bench/gpu_profile.py's table on an H200 (commit 0b64572, coco16, 1024 x 8,
+# CUDA-graph times) it took 116.7 / 630.5 us on the clip / hard scores,
+# against 119.5 / 774.9 us with the scores held and no cap (255 registers).
+# torch.compile's tracing of a launch takes a register cap for a kernel
+# argument, so a traced launch keeps the scores held, with no cap.
+FWD_HOLD_S = False
+FWD_MAXNREG = 168
+_DEFAULT = object()
+
+
+def _traced_launch(x):
+    """True where a launch on ``x`` may be recorded rather than run:
+    torch.compile's tracing (fake or functional tensors) or any other
+    dispatch mode."""
+    return type(x) is not torch.Tensor or is_in_torch_dispatch_mode()
 
 
 def check_limits(M, N):
@@ -191,8 +212,8 @@ def _flat(x, *tail):
     return x.reshape(-1, *tail)
 
 
-def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_warps=None, hold_scores=True,
-                   maxnreg=None):
+def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_warps=None, hold_scores=_DEFAULT,
+                   maxnreg=_DEFAULT):
     """Run ``_mps_fwd_kernel`` into given outputs (``plan`` may be None).
 
     Args:
@@ -204,12 +225,13 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
         num_warps: overrides the launch's warp count (bench/gpu_profile.py
             compares them); None: the one ``_blocks`` picks.
         hold_scores: the kernel's HOLD_S (kernels/mps.py): keep the scores
-            in registers for all iterations (the default, measured on an
-            H100), or read them again where needed, with fewer registers.
+            in registers for all iterations, or read them again where
+            needed, with fewer registers. Default: FWD_HOLD_S, or True where
+            torch.compile traces the launch.
         maxnreg: a register cap per thread for the compiler (None: none),
-            with which bench/gpu_profile.py tries to fit more problems on an
-            SM. The operators never pass it (torch.compile's tracing of the
-            launch would take it for a kernel argument).
+            which fits more problems on an SM. Default: FWD_MAXNREG, or None
+            where torch.compile traces the launch (its tracing would take the
+            cap for a kernel argument; passing one there raises).
 
     Returns:
         what Triton's launch returns: its CompiledKernel on a GPU (None when
@@ -225,6 +247,13 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
     tol_hi, tol_lo = _split(float(tol))
     # n_iter is int32; a larger budget would never finish anyway.
     max_iter = min(int(max_iter), 2**31 - 1)
+    traced = _traced_launch(scores)
+    if hold_scores is _DEFAULT:
+        hold_scores = True if traced else FWD_HOLD_S
+    if maxnreg is _DEFAULT:
+        maxnreg = None if traced else FWD_MAXNREG
+    if maxnreg is not None and traced:
+        raise ValueError("launch_forward: torch.compile's tracing of the launch cannot pass a register cap (maxnreg)")
     options = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
     # Without a plan, PLAN is never touched; it gets a read-only input rather
     # than an output, so that no output is passed twice.

@@ -1,0 +1,213 @@
+// The CUDA backend's backward kernel and its launch (launch_mps_backward,
+// mps_cuda.h); shared device code in mps_cuda_device.cuh.
+//
+// The implicit gradient of the converged problem (SPEC section 1), one block
+// per problem: one pass over its rows builds the plan, the right-hand side
+// and the prompt weights of the N x N Laplacian system; one warp solves it,
+// lane i holding row i (the CPU kernel's elimination, csrc/common/
+// gauge_solve.h); a second pass writes the gradient of the scores.
+#include "../common/gauge_solve.h"
+#include "mps_cuda_device.cuh"
+
+namespace otseg {
+namespace cuda {
+namespace {
+
+// How the backward reads and writes its rows. AnyRowIO takes every dtype,
+// stride and vector width, choosing at run time for each row. F32Vec4RowIO
+// is the common case alone: float32 scores, gradient rows contiguous and
+// aligned for float4 accesses, no plan gradient. Nsight Compute on an H200
+// (commit 0b64572) found the backward's warps waiting most for instructions
+// ("no instruction", 5.4 cycles an issued instruction, against 1.2 at a
+// barrier): with every row's accesses compiled for every dtype and width
+// inline, 1024 x 8 was 13.9 k instructions (216 KB) of code, each row
+// jumping over the paths it does not take. The kernel now chooses once, and
+// the common case runs straight-line code.
+template <int NP>
+struct AnyRowIO {
+  static constexpr bool kDplan = true;  // may be present (a.dplan)
+  __device__ __forceinline__ float dscore(const BackwardArgs& a, int64_t i) const {
+    return load_as_float(a.dscore, i, a.dtype);
+  }
+  __device__ __forceinline__ void scores(const BackwardArgs& a, int64_t p, int m, float (&s)[NP]) const {
+    load_row<NP>(a.S, p * a.sP + m * a.sM, a.sN, a.N, a.dtype, a.s_vec, s, 0.0f);
+  }
+  __device__ __forceinline__ void dplan(const BackwardArgs& a, int64_t p, int m, float (&dp)[NP]) const {
+    load_row<NP>(a.dplan, p * a.dpP + m * a.dpM, a.dpN, a.N, a.dtype, a.dp_vec, dp, 0.0f);
+  }
+  __device__ __forceinline__ void grad(const BackwardArgs& a, int64_t i0, const float (&x)[NP]) const {
+    store_row<NP>(a.grad, i0, a.N, a.dtype, a.grad_vec, x);
+  }
+};
+
+template <int NP>
+struct F32Vec4RowIO {
+  static_assert(NP % 4 == 0, "F32Vec4RowIO: rows of whole float4s");
+  static constexpr bool kDplan = false;
+  __device__ __forceinline__ float dscore(const BackwardArgs& a, int64_t i) const {
+    return static_cast<const float*>(a.dscore)[i];
+  }
+  __device__ __forceinline__ void scores(const BackwardArgs& a, int64_t p, int m, float (&s)[NP]) const {
+    load_chunks<NP, 4>(a.S, p * a.sP + m * a.sM, a.N, Dtype::kFloat, s, 0.0f);
+  }
+  __device__ __forceinline__ void dplan(const BackwardArgs&, int64_t, int, float (&)[NP]) const {}
+  __device__ __forceinline__ void grad(const BackwardArgs& a, int64_t i0, const float (&x)[NP]) const {
+    store_chunks<NP, 4>(a.grad, i0, a.N, Dtype::kFloat, x);
+  }
+};
+
+// The backward of one problem (the block's), its rows accessed through IO.
+// Shared memory: red [kWarps * NP]; part [kWarps * NP * NP], per warp its
+// partial sums of the prompt weights W[n][j] = sum_m T_mn T_mj / a_m, then
+// W_s [NP * NP] their sum over the warps in a fixed order (no atomics, so
+// the gradient is the same on every launch); y_s [NP].
+template <int NP, int kThreads, class IO>
+__device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io, float* red, float* part,
+                                             float* W_s, double* y_s) {
+  constexpr int kRows = bwd_rows(NP);
+  constexpr int kWarps = kThreads / 32;
+  const int64_t p = blockIdx.x;
+  const int M = a.M, N = a.N;
+  const float ie = 1.0f / a.eps;
+  const float mn = static_cast<float>(M) * static_cast<float>(N);
+
+  float t[kRows][NP], h[kRows][NP], inv_a[kRows], rr[kRows], ds[kRows];
+  float g[NP];
+#pragma unroll
+  for (int n = 0; n < NP; ++n) g[n] = n < N ? a.g[p * N + n] : 0.0f;
+  // Pass 1: T, H = -(T * G) / eps; row sums a, r; the right-hand side
+  // s - T^T (r / a) of the Laplacian system.
+  float rhs[NP];
+#pragma unroll
+  for (int n = 0; n < NP; ++n) rhs[n] = 0.0f;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int m = threadIdx.x + r * kThreads;
+    const bool live = m < M;
+    const float fm = live ? a.f[p * M + m] : 0.0f;
+    ds[r] = live && a.dscore != nullptr ? io.dscore(a, p * M + m) * mn : 0.0f;
+    // Scores and the plan's upstream gradient of the row (0 past M and N).
+    float s[NP], dp[NP];
+#pragma unroll
+    for (int n = 0; n < NP; ++n) s[n] = dp[n] = 0.0f;
+    if (live) {
+      io.scores(a, p, m, s);
+      if constexpr (IO::kDplan) {
+        if (a.dplan != nullptr) io.dplan(a, p, m, dp);
+      }
+    }
+    float row_a = 0.0f, row_r = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      float tv = 0.0f, hv = 0.0f;
+      if (live && n < N) {
+        tv = __expf((fm + g[n] - 1.0f + s[n]) * ie);
+        hv = -tv * (s[n] * ds[r] + dp[n]) * ie;
+      }
+      t[r][n] = tv;
+      h[r][n] = hv;
+      row_a += tv;
+      row_r += hv;
+    }
+    inv_a[r] = row_a > 0.0f ? 1.0f / row_a : 0.0f;
+    rr[r] = row_r;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) rhs[n] += h[r][n] - t[r][n] * inv_a[r] * row_r;
+  }
+  // The weights, sums of positive terms: the Laplacian L = diag(W 1) - W
+  // equals diag(b) - T^T diag(1/a) T without its cancellations
+  // (csrc/common/gauge_solve.h).
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int n = 0; n < NP; ++n) {
+    if (n >= N) break;  // uniform across the block
+    float row[NP];
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      row[j] = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) row[j] += t[r][n] * t[r][j] * inv_a[r];
+    }
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) row[j] += __shfl_xor_sync(0xffffffffu, row[j], off);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int j = 0; j < NP; ++j) part[(warp * NP + n) * NP + j] = row[j];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < N * NP; i += kThreads) {
+    float acc = 0.0f;
+    for (int w = 0; w < kWarps; ++w) acc += part[w * NP * NP + i];
+    W_s[i] = acc;
+  }
+  block_reduce<NP, kThreads, false>(rhs, red);  // its barriers also publish W_s
+  if (warp == 0) {
+    // The Laplacian solve by the first warp, lane i holding row i in
+    // registers (csrc/common/gauge_solve.h); the other warps wait.
+    double w_row[NP];
+    double b = 0.0;
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      w_row[j] = lane < N && j < N ? static_cast<double>(W_s[lane * NP + j]) : 0.0;
+      if (j == lane && j < N) b = rhs[j];
+    }
+    const double y = laplacian_gauge_solve_warp<NP>(w_row, b, N);
+    if (lane < NP) y_s[lane] = y;
+  }
+  __syncthreads();
+  // Pass 2: x = (r - T y) / a; dS = -(H - T (x + y)) + M N T dS*.
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int m = threadIdx.x + r * kThreads;
+    if (m >= M) continue;
+    float ty = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) ty += t[r][n] * static_cast<float>(y_s[n]);
+    const float x = (rr[r] - ty) * inv_a[r];
+    float out[NP];
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      const float dc = h[r][n] - t[r][n] * (x + static_cast<float>(y_s[n]));
+      out[n] = t[r][n] * ds[r] - dc;
+    }
+    io.grad(a, (p * M + m) * N, out);
+  }
+}
+
+template <int NP, int kThreads>
+__global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ float red[kWarps * NP];
+  __shared__ float part[kWarps * NP * NP];
+  __shared__ float W_s[NP * NP];
+  __shared__ double y_s[NP];
+  if constexpr (NP % 4 == 0) {
+    // Uniform across the block (and the launch).
+    if (a.dtype == Dtype::kFloat && a.s_vec == 4 && a.dplan == nullptr && a.grad_vec == 4) {
+      mps_bwd_body<NP, kThreads>(a, F32Vec4RowIO<NP>{}, red, part, W_s, y_s);
+      return;
+    }
+  }
+  mps_bwd_body<NP, kThreads>(a, AnyRowIO<NP>{}, red, part, W_s, y_s);
+}
+
+template <int NP, int T>
+struct LaunchBwd {
+  static constexpr int rows(int np) { return bwd_rows(np); }
+  static void run(unsigned P, cudaStream_t stream, const BackwardArgs& a) {
+    mps_bwd_kernel<NP, T><<<P, T, 0, stream>>>(a);
+  }
+};
+
+}  // namespace
+
+cudaError_t launch_mps_backward(const BackwardArgs& args, int64_t P, cudaStream_t stream) {
+  return dispatch<LaunchBwd>(args.M, args.N, P, stream, args);
+}
+
+}  // namespace cuda
+}  // namespace otseg

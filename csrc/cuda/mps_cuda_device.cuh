@@ -1,0 +1,290 @@
+// Device code shared by the CUDA backend's two kernels (mps_cuda_forward.cu,
+// mps_cuda_backward.cu): rows per thread, loads and stores in the input's
+// dtype, block reductions, and the launch dispatch over prompt buckets and
+// block sizes. No ATen here: the host side (checks, outputs, streams,
+// exceptions) is mps_cuda.cpp, behind the plain interface of mps_cuda.h.
+// The kernels are in two files so that nvcc compiles them in parallel.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "mps_cuda.h"
+
+namespace otseg {
+namespace cuda {
+
+// Pixel rows per thread. The forward gives each thread 8 rows up to 8
+// prompts: fewer threads a problem make its two block sums an iteration
+// cheaper, and 128 threads for 1024 x 8 leave room for three problems an SM
+// (fwd_min_blocks; the Triton forward ran 1.6-1.9x faster with 4 warps than with 8 on an
+// H100: otseg/ops/mps/triton.py, _blocks). 16 prompts keep 4 rows (registers).
+// The backward likewise (the Triton backward ran 1.4x faster with 4 warps than
+// with 8 on an H100, while this kernel, at 4 rows and 256 threads for
+// 1024 x 8, took twice the Triton backward's time): 213 registers, no
+// spills, two blocks of 128 threads an SM for sm_90 (bench/cuda_ptxas.py).
+__host__ __device__ constexpr int fwd_rows(int NP) { return NP <= 8 ? 8 : 4; }
+__host__ __device__ constexpr int bwd_rows(int NP) { return NP <= 8 ? 8 : 4; }
+
+// Loads and stores in the input's dtype (Dtype, mps_cuda.h), computing in
+// float32; float16 and bfloat16 convert with round-to-nearest-even.
+__device__ __forceinline__ float load_as_float(const void* base, int64_t i, Dtype dt) {
+  switch (dt) {
+    case Dtype::kHalf:
+      return __half2float(static_cast<const __half*>(base)[i]);
+    case Dtype::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    default:
+      return static_cast<const float*>(base)[i];
+  }
+}
+
+__device__ __forceinline__ void store_from_float(void* base, int64_t i, float x, Dtype dt) {
+  switch (dt) {
+    case Dtype::kHalf:
+      static_cast<__half*>(base)[i] = __float2half_rn(x);
+      break;
+    case Dtype::kBFloat16:
+      static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x);
+      break;
+    default:
+      static_cast<float*>(base)[i] = x;
+  }
+}
+
+// V = 2, 4 or 8 contiguous elements at element i of `base` (aligned to V
+// elements: the host's vector_width), as floats. 16-byte reads at most:
+// float32 V <= 4, 16-bit types V <= 8.
+template <int V>
+__device__ __forceinline__ void load_vec(const void* base, int64_t i, Dtype dt, float* out) {
+  static_assert(V == 2 || V == 4 || V == 8, "load_vec: V is 2, 4 or 8");
+  if (dt == Dtype::kFloat) {
+    const float* p = static_cast<const float*>(base) + i;
+    if constexpr (V >= 4) {
+#pragma unroll
+      for (int c = 0; c < V / 4; ++c) {
+        const float4 q = __ldg(reinterpret_cast<const float4*>(p) + c);
+        out[4 * c] = q.x, out[4 * c + 1] = q.y, out[4 * c + 2] = q.z, out[4 * c + 3] = q.w;
+      }
+    } else {
+      const float2 q = __ldg(reinterpret_cast<const float2*>(p));
+      out[0] = q.x, out[1] = q.y;
+    }
+    return;
+  }
+  // 16-bit elements, read in pairs.
+  unsigned raw[V / 2];
+  const unsigned short* p = static_cast<const unsigned short*>(base) + i;
+  if constexpr (V == 8) {
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
+    raw[0] = q.x, raw[1] = q.y, raw[2] = q.z, raw[3] = q.w;
+  } else if constexpr (V == 4) {
+    const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
+    raw[0] = q.x, raw[1] = q.y;
+  } else {
+    raw[0] = __ldg(reinterpret_cast<const unsigned*>(p));
+  }
+#pragma unroll
+  for (int c = 0; c < V / 2; ++c) {
+    const unsigned short lo = raw[c] & 0xffffu, hi = raw[c] >> 16;
+    if (dt == Dtype::kHalf) {
+      out[2 * c] = __half2float(__ushort_as_half(lo)), out[2 * c + 1] = __half2float(__ushort_as_half(hi));
+    } else {
+      out[2 * c] = __bfloat162float(__ushort_as_bfloat16(lo));
+      out[2 * c + 1] = __bfloat162float(__ushort_as_bfloat16(hi));
+    }
+  }
+}
+
+// V = 2, 4 or 8 floats into V contiguous elements at element i of `base`
+// (aligned to V elements), converted as store_from_float does.
+template <int V>
+__device__ __forceinline__ void store_vec(void* base, int64_t i, Dtype dt, const float* in) {
+  static_assert(V == 2 || V == 4 || V == 8, "store_vec: V is 2, 4 or 8");
+  if (dt == Dtype::kFloat) {
+    float* p = static_cast<float*>(base) + i;
+    if constexpr (V >= 4) {
+#pragma unroll
+      for (int c = 0; c < V / 4; ++c)
+        reinterpret_cast<float4*>(p)[c] = make_float4(in[4 * c], in[4 * c + 1], in[4 * c + 2], in[4 * c + 3]);
+    } else {
+      *reinterpret_cast<float2*>(p) = make_float2(in[0], in[1]);
+    }
+    return;
+  }
+  unsigned raw[V / 2];
+#pragma unroll
+  for (int c = 0; c < V / 2; ++c) {
+    unsigned short lo, hi;
+    if (dt == Dtype::kHalf) {
+      lo = __half_as_ushort(__float2half_rn(in[2 * c])), hi = __half_as_ushort(__float2half_rn(in[2 * c + 1]));
+    } else {
+      lo = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * c]));
+      hi = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * c + 1]));
+    }
+    raw[c] = static_cast<unsigned>(lo) | (static_cast<unsigned>(hi) << 16);
+  }
+  unsigned short* p = static_cast<unsigned short*>(base) + i;
+  if constexpr (V == 8) {
+    *reinterpret_cast<uint4*>(p) = make_uint4(raw[0], raw[1], raw[2], raw[3]);
+  } else if constexpr (V == 4) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(raw[0], raw[1]);
+  } else {
+    *reinterpret_cast<unsigned*>(p) = raw[0];
+  }
+}
+
+// Vector widths V of a row of NP values: chunk c holds values c*V .. c*V+V-1,
+// all below N or all past it (N is a multiple of V).
+template <int NP, int V>
+__device__ __forceinline__ void load_chunks(const void* base, int64_t i0, int N, Dtype dt, float (&x)[NP],
+                                            float pad) {
+#pragma unroll
+  for (int c = 0; c < NP / V; ++c) {
+    if (c * V < N) {
+      load_vec<V>(base, i0 + c * V, dt, &x[c * V]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) x[c * V + j] = pad;
+    }
+  }
+}
+
+template <int NP, int V>
+__device__ __forceinline__ void store_chunks(void* base, int64_t i0, int N, Dtype dt, const float (&x)[NP]) {
+#pragma unroll
+  for (int c = 0; c < NP / V; ++c)
+    if (c * V < N) store_vec<V>(base, i0 + c * V, dt, &x[c * V]);
+}
+
+// The NP values of one row, elements i0 + n * sN for n < N (`pad` for
+// n >= N), read `vec` elements at a time where the host found the rows
+// contiguous and aligned (vec > 1: sN = 1 and N a multiple of vec).
+template <int NP>
+__device__ __forceinline__ void load_row(const void* base, int64_t i0, int64_t sN, int N, Dtype dt, int vec,
+                                         float (&x)[NP], float pad) {
+  if constexpr (NP % 8 == 0) {
+    if (vec == 8) return load_chunks<NP, 8>(base, i0, N, dt, x, pad);
+  }
+  if constexpr (NP % 4 == 0) {
+    if (vec == 4) return load_chunks<NP, 4>(base, i0, N, dt, x, pad);
+  }
+  if constexpr (NP % 2 == 0) {
+    if (vec == 2) return load_chunks<NP, 2>(base, i0, N, dt, x, pad);
+  }
+#pragma unroll
+  for (int n = 0; n < NP; ++n) x[n] = n < N ? load_as_float(base, i0 + n * sN, dt) : pad;
+}
+
+// The first N of NP values into one contiguous row at element i0, `vec`
+// elements at a time (vec > 1: N a multiple of vec and the row aligned).
+template <int NP>
+__device__ __forceinline__ void store_row(void* base, int64_t i0, int N, Dtype dt, int vec, const float (&x)[NP]) {
+  if constexpr (NP % 8 == 0) {
+    if (vec == 8) return store_chunks<NP, 8>(base, i0, N, dt, x);
+  }
+  if constexpr (NP % 4 == 0) {
+    if (vec == 4) return store_chunks<NP, 4>(base, i0, N, dt, x);
+  }
+  if constexpr (NP % 2 == 0) {
+    if (vec == 2) return store_chunks<NP, 2>(base, i0, N, dt, x);
+  }
+#pragma unroll
+  for (int n = 0; n < NP; ++n)
+    if (n < N) store_from_float(base, i0 + n, x[n], dt);
+}
+
+// Block-wide sum (or max) of V values per thread, result in every thread.
+// smem holds (kThreads / 32) * V floats. Every thread combines the warp
+// partials in the same order, so all threads get bitwise the same result and
+// the decisions taken on it are uniform across the block. kTrailingSync: a
+// barrier after the partials are read, so that smem can be written again at
+// once (BlockReducer alternates two buffers instead).
+template <int V, int kThreads, bool kMax, bool kTrailingSync = true>
+__device__ __forceinline__ void block_reduce(float (&x)[V], float* smem) {
+  constexpr int kWarps = kThreads / 32;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float o = __shfl_xor_sync(0xffffffffu, x[v], off);
+      x[v] = kMax ? fmaxf(x[v], o) : x[v] + o;
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) smem[warp * V + v] = x[v];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    float acc = smem[v];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) acc = kMax ? fmaxf(acc, smem[w * V + v]) : acc + smem[w * V + v];
+    x[v] = acc;
+  }
+  if constexpr (kTrailingSync) __syncthreads();
+}
+
+// Block reductions of up to kMaxV values. With kHalves = 2, one barrier
+// each: consecutive reductions write alternate halves of smem (2 *
+// (kThreads / 32) * kMaxV floats), so a thread writing one half has passed
+// the barrier of the reduction in between, which every thread reaches only
+// after reading that half. With kHalves = 1, one buffer and two barriers
+// each. Every thread must make the same sequence of calls (uniform control
+// flow), as with any block reduction.
+template <int kThreads, int kMaxV, int kHalves>
+struct BlockReducer {
+  static constexpr int kFloats = kHalves * (kThreads / 32) * kMaxV;  // of smem
+  float* smem;
+  int half = 0;
+  template <bool kMax, int V>
+  __device__ __forceinline__ void operator()(float (&x)[V]) {
+    static_assert(V <= kMaxV, "BlockReducer: too many values");
+    if constexpr (kHalves == 2) {
+      block_reduce<V, kThreads, kMax, false>(x, smem + half * (kThreads / 32) * kMaxV);
+      half ^= 1;
+    } else {
+      block_reduce<V, kThreads, kMax, true>(x, smem);
+    }
+  }
+};
+
+// The block shape for M pixels: rows per thread, at least 128 threads.
+inline int threads_for(int M, int rows) {
+  int threads = 128;
+  while (threads * rows < M) threads *= 2;
+  return threads;
+}
+
+// Launches Launch<NP, threads> for the problem's prompt bucket NP (4, 8, 16)
+// and its block size; only the block sizes that M <= kMaxPixels can ask for
+// are compiled (Launch::rows(NP) rows a thread).
+template <template <int, int> class Launch, typename Args>
+cudaError_t dispatch(int M, int N, int64_t P, cudaStream_t stream, const Args& args) {
+  const int np = N <= 4 ? 4 : (N <= 8 ? 8 : 16);
+  const int threads = threads_for(M, Launch<4, 128>::rows(np));
+#define OTSEG_LAUNCH(NP_, T_)                                                              \
+  if constexpr (T_ == 128 || T_ * Launch<NP_, T_>::rows(NP_) <= kMaxPixels) {               \
+    if (np == NP_ && threads == T_) {                                                      \
+      Launch<NP_, T_>::run(static_cast<unsigned>(P), stream, args);                        \
+      return cudaGetLastError();                                                           \
+    }                                                                                      \
+  }
+#define OTSEG_LAUNCH_NP(NP_) \
+  OTSEG_LAUNCH(NP_, 128) OTSEG_LAUNCH(NP_, 256) OTSEG_LAUNCH(NP_, 512) OTSEG_LAUNCH(NP_, 1024)
+  OTSEG_LAUNCH_NP(4)
+  OTSEG_LAUNCH_NP(8)
+  OTSEG_LAUNCH_NP(16)
+#undef OTSEG_LAUNCH_NP
+#undef OTSEG_LAUNCH
+  return cudaErrorNotSupported;  // no kernel: a shape the host code lets through by mistake
+}
+
+}  // namespace cuda
+}  // namespace otseg

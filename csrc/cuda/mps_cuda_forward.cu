@@ -1,0 +1,329 @@
+// The CUDA backend's forward kernel and its launch (launch_mps_forward,
+// mps_cuda.h); shared device code in mps_cuda_device.cuh.
+//
+// One block per (b, k) problem. Each thread owns a few pixel rows (fwd_rows),
+// keeps their kernel entries in registers and, up to 32 KB a block, their
+// scores in shared memory (fwd_scores_in_smem; larger blocks read them again
+// from global memory where a log-domain rebuild and the refined score need
+// them), so every iteration, the per-problem stopping test included, runs on
+// chip with no host synchronisation. The iteration is the CPU kernel's
+// (otseg/ops/mps/README.md): scaling domain, u = mu / (K v) per row in
+// registers and z = K^T u by one block reduction, with log-domain absorption
+// when a scaling leaves [e^-30, e^30].
+#include "mps_cuda_device.cuh"
+
+namespace otseg {
+namespace cuda {
+namespace {
+
+constexpr float kAbsorb = 30.0f;  // scalings outside [e^-30, e^30] are absorbed
+
+// Blocks of kThreads the forward asks to fit on one SM (65536 registers):
+// three of 128 threads, at most 168 registers a thread. The registers hold
+// the kernel matrix, not the scores, which leaves a thread of 8 rows x 8
+// prompts about 110 live values (sm_90: 168 registers, no spills). With the
+// scores in registers too, Nsight Compute on an H100 (commit 8667a72) found
+// 255 registers, 164 B of spills and two blocks an SM (12.5% occupancy),
+// limited by registers.
+__host__ __device__ constexpr int fwd_min_blocks(int threads) { return threads <= 128 ? 3 : 1; }
+
+// Where the forward keeps the scores after reading them once: in shared
+// memory, each thread's own rows, read back where a log-domain half-step
+// rebuilds K and for the refined score, when the tile takes at most 32 KB
+// (M <= 1024 pixels for up to 8 prompts, M <= 512 for 16, M <= 2048 for 4).
+// Three blocks of 128 threads then take 3 x (32.3 or 32.6 + 1 reserved) KB of
+// an SM's shared memory (bench/cuda_ptxas.py): about 100 KB of 228 on an H100
+// and 164 on an A100, but all of the 100 KB of an sm_86 GPU (a 3090), with
+// 64 B to spare for 8 prompts (33088 B a block) and 160 B for 16 (33056 B,
+// one reduction buffer). Larger tiles read the scores again from global
+// memory (L2), as spilled registers would be.
+__host__ __device__ constexpr bool fwd_scores_in_smem(int NP, int threads) {
+  return fwd_rows(NP) * NP * threads * 4 <= 32 * 1024;
+}
+
+template <int NP, int kThreads>
+__global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_kernel(ForwardArgs a) {
+  constexpr int kRows = fwd_rows(NP);
+  constexpr bool kSmem = fwd_scores_in_smem(NP, kThreads);
+  // Two reduction buffers (one barrier a reduction) except for 16 prompts,
+  // whose larger buffers would cost an sm_86 GPU its third block an SM.
+  using Reducer = BlockReducer<kThreads, NP + 2, NP <= 8 ? 2 : 1>;
+  __shared__ float red[Reducer::kFloats];
+  Reducer reduce{red};
+  // Score (row r, prompt n) of thread t at [(r * NP + n) * kThreads + t]:
+  // consecutive threads, consecutive words.
+  __shared__ float s_tile[kSmem ? kRows * NP * kThreads : 1];
+  const int64_t p = blockIdx.x;
+  const int M = a.M, N = a.N;
+  const float ie = 1.0f / a.eps;
+  const float mu = 1.0f / M, nu = 1.0f / N;
+  const float log_mu = -logf(static_cast<float>(M)), log_nu = -logf(static_cast<float>(N));
+  const float lo_ok = expf(-kAbsorb), hi_ok = expf(kAbsorb);
+
+  // Registers, for this thread's rows: the kernel k, the absorbed potential
+  // alpha, the scaling u and its log (all in units of eps; the full
+  // potential f/eps is alpha + log_u). Per prompt, replicated in every
+  // thread: beta and v.
+  float k[kRows][NP], alpha[kRows], u[kRows], log_u[kRows];
+  float beta[NP], v[NP];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    alpha[r] = 0.0f;
+    u[r] = 1.0f;
+    log_u[r] = 0.0f;
+  }
+#pragma unroll
+  for (int n = 0; n < NP; ++n) {
+    beta[n] = 0.0f;
+    v[n] = 1.0f;
+  }
+  // The scores of row r of this thread (0 past M and past N): from memory
+  // the first time (kept in s_tile where kSmem), then from s_tile.
+  auto load_scores = [&](int r, float (&x)[NP], bool first) {
+    if (kSmem && !first) {
+#pragma unroll
+      for (int n = 0; n < NP; ++n) x[n] = s_tile[(r * NP + n) * kThreads + threadIdx.x];
+      return;
+    }
+    const int m = threadIdx.x + r * kThreads;
+    if (m < M) {
+      // Strides made opaque to the compiler here: else it computes the 64-bit
+      // address of every score once, before the loop, and holds them all
+      // (sm_90, 8 x 8, 128 threads: 168 registers and 1.1 KB of spill stores
+      // instead of 167 and none).
+      int64_t sM = a.sM, sN = a.sN;
+      asm volatile("" : "+l"(sM), "+l"(sN));
+      load_row<NP>(a.S, p * a.sP + m * sM, sN, N, a.dtype, a.s_vec, x, 0.0f);
+    } else {
+#pragma unroll
+      for (int n = 0; n < NP; ++n) x[n] = 0.0f;
+    }
+    if (kSmem) {
+#pragma unroll
+      for (int n = 0; n < NP; ++n) s_tile[(r * NP + n) * kThreads + threadIdx.x] = x[n];
+    }
+  };
+
+  // Log-domain f half-step from beta (v = 1): alpha and K with rows summing
+  // to mu. Returns this thread's part of sum_m |f/eps - previous f/eps|;
+  // `first`: the first read of the scores, which sets *bad when a score is
+  // NaN or inf and the check is asked for.
+  auto rebuild_rows = [&](bool first, bool* bad) {
+    const bool check = first && a.nonfinite != nullptr;
+    float change = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const bool live = threadIdx.x + r * kThreads < M;
+      float s[NP];
+      load_scores(r, s, first);
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < NP; ++n) {
+        if (n < N) {
+          if (check) *bad |= !isfinite(s[n]);
+          mx = fmaxf(mx, s[n] * ie + beta[n] - ie);
+        }
+      }
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < NP; ++n) {
+        k[r][n] = n < N ? __expf(s[n] * ie + beta[n] - ie - mx) : 0.0f;
+        sum += k[r][n];
+      }
+      const float a_new = log_mu - mx - __logf(sum);
+      if (live) change += fabsf(a_new - (alpha[r] + log_u[r]));
+      alpha[r] = a_new;
+      // Rows past M (s = 0 there) must stay out of every column sum:
+      // K is 0 on them, as rebuild_cols and the sweep assume.
+      const float scale = live ? mu / sum : 0.0f;
+#pragma unroll
+      for (int n = 0; n < NP; ++n) k[r][n] *= scale;
+      u[r] = 1.0f;
+      log_u[r] = 0.0f;
+    }
+#pragma unroll
+    for (int n = 0; n < NP; ++n) v[n] = 1.0f;
+    return change;
+  };
+  // Log-domain g half-step from alpha (u = 1): beta and K with columns
+  // summing to nu. K holds S/eps + alpha between the two passes.
+  auto rebuild_cols = [&]() {
+    float mx[NP];
+#pragma unroll
+    for (int n = 0; n < NP; ++n) mx[n] = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const bool live = threadIdx.x + r * kThreads < M;
+      float s[NP];
+      load_scores(r, s, false);
+#pragma unroll
+      for (int n = 0; n < NP; ++n) {
+        k[r][n] = live && n < N ? s[n] * ie + alpha[r] : -INFINITY;
+        mx[n] = fmaxf(mx[n], k[r][n]);
+      }
+    }
+    reduce.template operator()<true>(mx);
+    float sum[NP];
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      sum[n] = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const bool live = threadIdx.x + r * kThreads < M && n < N;
+        k[r][n] = live ? __expf(k[r][n] - mx[n]) : 0.0f;
+        sum[n] += k[r][n];
+      }
+    }
+    reduce.template operator()<false>(sum);
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      beta[n] = n < N ? log_nu + ie - mx[n] - __logf(sum[n]) : 0.0f;
+      const float scale = n < N ? nu / sum[n] : 0.0f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) k[r][n] *= scale;
+      v[n] = 1.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      u[r] = 1.0f;
+      log_u[r] = 0.0f;
+    }
+  };
+  // v = nu / z from the first NP entries of z, the column products K^T u;
+  // false when a scaling left the safe range.
+  auto scale_v = [&](const auto& z) {
+    bool ok = true;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      if (n < N) {
+        v[n] = nu / z[n];
+        ok = ok && v[n] >= lo_ok && v[n] <= hi_ok;
+      }
+    }
+    return ok;
+  };
+  // v = nu / (K^T u); false when a scaling left the safe range.
+  auto scale_cols = [&]() {
+    float z[NP];
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      z[n] = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) z[n] += k[r][n] * u[r];
+    }
+    reduce.template operator()<false>(z);
+    return scale_v(z);
+  };
+
+  int it = 0;
+  bool have_kernel = false;
+  while (it < a.max_iter) {
+    ++it;
+    float change;
+    bool sweep_ok = false;
+    if (have_kernel) {
+      // One pass over the registers: u = mu / (K v), the change of the full
+      // potential (while alpha is unchanged, that of log u alone: no
+      // cancellation against a large alpha), the partial column products
+      // K^T u and the count of scalings out of range, all in one reduction
+      // (whose sums are dropped when a scaling is out of range).
+      float acc[NP + 2];
+#pragma unroll
+      for (int n = 0; n < NP + 2; ++n) acc[n] = 0.0f;
+      float lu_new[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const bool live = threadIdx.x + r * kThreads < M;
+        float kv = 0.0f;
+#pragma unroll
+        for (int n = 0; n < NP; ++n) kv += k[r][n] * v[n];
+        const float um = live ? mu / kv : 1.0f;
+        acc[NP + 1] += um >= lo_ok && um <= hi_ok ? 0.0f : 1.0f;
+        lu_new[r] = __logf(um);
+        acc[NP] += live ? fabsf(lu_new[r] - log_u[r]) : 0.0f;
+        u[r] = um;
+#pragma unroll
+        for (int n = 0; n < NP; ++n) acc[n] += live ? k[r][n] * um : 0.0f;
+      }
+      reduce.template operator()<false>(acc);
+      if (acc[NP + 1] == 0.0f) {
+        sweep_ok = true;
+        change = acc[NP];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) log_u[r] = lu_new[r];
+        if (!scale_v(acc)) {
+          // Absorb u into alpha and redo the g half-step in the log domain.
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) alpha[r] += log_u[r];
+          rebuild_cols();
+        }
+      }
+    }
+    if (!sweep_ok) {
+      // First iteration, or u left the safe range: absorb v, the f half-step
+      // in the log domain (checking the scores the first time, when asked),
+      // then the g half-step.
+      if (have_kernel) {
+#pragma unroll
+        for (int n = 0; n < NP; ++n) beta[n] += n < N ? __logf(v[n]) : 0.0f;
+      }
+      bool bad = false;
+      float c[1] = {rebuild_rows(!have_kernel, &bad)};
+      // The pointer is the same in every thread, so the barrier is reached by all or none.
+      if (!have_kernel && a.nonfinite != nullptr && __syncthreads_or(bad)) {
+        if (threadIdx.x == 0) atomicExch(a.nonfinite, 1);
+      }
+      have_kernel = true;
+      if (!scale_cols()) rebuild_cols();
+      reduce.template operator()<false>(c);
+      change = c[0];
+    }
+    if (a.eps * change / M < a.tol) break;
+  }
+
+  // Outputs: f = eps * (alpha + log u), g = eps * (beta + log v), the refined
+  // score and the plan.
+  const float mn = static_cast<float>(M) * static_cast<float>(N);
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int m = threadIdx.x + r * kThreads;
+    if (m >= M) continue;
+    a.f[p * M + m] = a.eps * (alpha[r] + log_u[r]);
+    float s[NP];
+    load_scores(r, s, false);
+    float t[NP];
+    float acc = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      t[n] = u[r] * k[r][n] * v[n];
+      acc += k[r][n] * v[n] * s[n];
+    }
+    store_from_float(a.score, p * M + m, mn * u[r] * acc, a.dtype);
+    if (a.plan != nullptr) store_row<NP>(a.plan, (p * M + m) * N, N, a.dtype, a.plan_vec, t);
+  }
+  if (threadIdx.x == 0) {
+    // Unrolled to NP: an index below a run-time bound would put beta and v in
+    // local memory for the whole kernel.
+#pragma unroll
+    for (int n = 0; n < NP; ++n)
+      if (n < N) a.g[p * N + n] = a.eps * (beta[n] + logf(v[n]));
+    a.n_iter[p] = it;
+  }
+}
+
+template <int NP, int T>
+struct LaunchFwd {
+  static constexpr int rows(int np) { return fwd_rows(np); }
+  static void run(unsigned P, cudaStream_t stream, const ForwardArgs& a) {
+    mps_fwd_kernel<NP, T><<<P, T, 0, stream>>>(a);
+  }
+};
+
+}  // namespace
+
+cudaError_t launch_mps_forward(const ForwardArgs& args, int64_t P, cudaStream_t stream) {
+  return dispatch<LaunchFwd>(args.M, args.N, P, stream, args);
+}
+
+}  // namespace cuda
+}  // namespace otseg
