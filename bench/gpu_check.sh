@@ -12,16 +12,21 @@
 # fail it are replaced by Python launches (OTSEG_TRITON_LAUNCH=python), each
 # with a NOTE in summary.txt, so that one broken kernel cannot take the whole
 # run with it. Then bench/gpu_errors.py checks that the C++ operators' errors
-# reach Python as exceptions (a crash gets its cuda-gdb backtrace). Measured on an H100 (2026-11-26, commit 8667a72, before the
-# smoke step): build 107 s, operator benchmark 31 s, model step 16 s,
-# profile 20 s, Nsight Compute 18 s, GPU tests 101 s; 301 s in all.
+# reach Python as exceptions (a crash gets its cuda-gdb backtrace). Measured
+# on an H100 (2026-11-26, commit 8667a72, before the smoke step): build 107 s,
+# operator benchmark 31 s, model step 16 s, profile 20 s, Nsight Compute 18 s,
+# GPU tests 101 s; 301 s in all. On an H200 (commit 0b64572): build 118 s,
+# smoke 41 s, benchmark 22 s, model 15 s, profile 28 s, Nsight Compute 23 s,
+# GPU tests 250 s (each pytest worker then ran torch with 16 threads, which
+# made single float64 reference tests take 50-120 s; now one); 504 s in all,
+# so the test step now stops by 470 s.
 #
 #   bash bench/gpu_check.sh OUT_DIR
 #
 # Environment: PYTHON (default python3), MAX_JOBS (build jobs, default: the
 # cores), STEPS (default "smoke errors bench model profile ncu tests"; e.g.
 # STEPS=tests runs one),
-# DEADLINE_S (default 560: seconds from the start by which the test step,
+# DEADLINE_S (default 470: seconds from the start by which the test step,
 # the last, is stopped; it gets at least 60 s),
 # TEST_ARGS (default "tests": the paths pytest -m gpu collects), TEST_K (a
 # pytest -k expression; with TEST_ARGS, to rerun a part within a short
@@ -182,7 +187,7 @@ if has_step tests; then
   # many times over (an H200 run of 0b64572, with torch's 16 threads a worker,
   # took 50-120 s for single float64 reference tests).
   rm -f "$out/gpu-tests.log"
-  limit=$(( ${DEADLINE_S:-560} - ($(date +%s) - t_start) ))
+  limit=$(( ${DEADLINE_S:-470} - ($(date +%s) - t_start) ))
   (( limit < 60 )) && limit=60
   echo "test step limit: $limit s" | tee -a "$out/summary.txt"
   pytest_log=$(mktemp)

@@ -3,11 +3,14 @@
 GPU runs ended the process with SIGSEGV where the cuda backend's backward
 raised on a wrongly shaped gradient (H100 runs of 41c01fa and 8667a72, H200
 run of 0b64572; the backtrace was inside c10::str formatting the message's
-two shapes). Each probe below calls one operator that must raise, in a child
-process of its own, and reports how the child ended: the Python exception it
-raised, or the signal that killed it. The probes differ in what the message
-formats (integers, shapes, text only) and where the operator runs (CUDA or
-CPU tensors), so that a crash points at its cause.
+two shapes), and, once shapes were formatted as strings, where the forward
+raised on max_iter = 0 (H200 run of 1ce472b: std::ostream inserting an
+integer; csrc/common/checks.h, OTSEG_CHECK, says more). Each probe below
+calls one operator that must raise, in a child process of its own, and
+reports how the child ended: the Python exception it raised, or the signal
+that killed it. The probes differ in what the message formats (integers,
+floats, shapes, text only) and where the operator runs (CUDA or CPU
+tensors), so that a crash points at its cause.
 
     python bench/gpu_errors.py               # every probe (at once), one line each
     python bench/gpu_errors.py --probe NAME  # run one probe in this process
@@ -34,12 +37,15 @@ PROBES = {
                                                "torch.zeros(2, 10), torch.zeros(2, 4), 0.05)"),
     # A message that formats one integer (max_iter).
     "cuda-forward-bad-max-iter": ("cuda", "RuntimeError", "torch.ops.otseg.mps_forward(x, 0.05, 0, 0.0, False, False)"),
+    # A message that formats a float (eps).
+    "cuda-forward-bad-eps": ("cuda", "RuntimeError", "torch.ops.otseg.mps_forward(x, -1.0, 10, 0.0, False, False)"),
     # A message with a dtype name only.
     "cuda-forward-float64": ("cuda", "TypeError", "torch.ops.otseg.mps_forward(x.double(), 0.05, 10, 0.0, False, True)"),
     # Raised after the kernel, reading the NaN flag on the host.
     "cuda-forward-nan": ("cuda", "ValueError", "x[1, 2, 3] = float('nan'); torch.ops.otseg.mps_forward(x, 0.05, 10, 0.0, False, True)"),
-    # The same shape check through the triton backend's C++ entry.
-    "triton-backward-bad-gradient-shape": ("cuda", "RuntimeError", "torch.ops.otseg.mps_triton_backward(torch.ones(2, 9, device=dev), "
+    # The same shape check through the triton backend's C++ entry (checked
+    # in Python first).
+    "triton-backward-bad-gradient-shape": ("cuda", "ValueError", "torch.ops.otseg.mps_triton_backward(torch.ones(2, 9, device=dev), "
                                                    "None, x, torch.zeros(2, 10, device=dev), "
                                                    "torch.zeros(2, 4, device=dev), 0.05)"),
 }

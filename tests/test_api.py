@@ -427,3 +427,19 @@ def test_triton_forward_variant_is_eager_only_where_launches_run():
     with Passthrough():
         assert tb._traced_launch(x)
     assert not tb._traced_launch(x)
+
+
+def test_triton_forward_register_cap_only_where_the_threads_can_have_it():
+    # An H200 run of 1ce472b failed the largest problem (4096 x 16, 32 warps):
+    # 168 registers for 1024 threads exceed an SM's 65536. The cap goes to
+    # launches of up to 12 warps (the 1024 x 8 problems it was measured on
+    # launch 4), eager ones only; the variant is the same either way, so that
+    # compiled and eager calls agree.
+    from otseg.ops.mps import triton as tb
+
+    assert tb._blocks(1024, 8).fwd_warps == 4 and tb._blocks(4096, 16).fwd_warps == 32
+    assert tb._fwd_variant(4, traced=False) == (tb.FWD_HOLD_S, tb.FWD_MAXNREG)
+    assert tb._fwd_variant(12, traced=False) == (tb.FWD_HOLD_S, tb.FWD_MAXNREG)
+    assert tb._fwd_variant(16, traced=False) == (tb.FWD_HOLD_S, None)
+    assert tb._fwd_variant(32, traced=False) == (tb.FWD_HOLD_S, None)
+    assert tb._fwd_variant(4, traced=True) == (tb.FWD_HOLD_S, None)

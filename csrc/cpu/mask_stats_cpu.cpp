@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common/checks.h"
 #include "mask_stats_cpu.h"
 
 namespace otseg {
@@ -50,23 +51,23 @@ struct Inputs {
 
 Inputs check_inputs(const at::Tensor& logits, const at::Tensor& labels, double alpha, double gamma,
                     int64_t ignore_index) {
-  TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(), "mask_stats (cpu): logits and labels must be "
+  OTSEG_CHECK(logits.device().is_cpu() && labels.device().is_cpu(), "mask_stats (cpu): logits and labels must be "
               "CPU tensors, got ", logits.device(), " and ", labels.device());
-  TORCH_CHECK_VALUE(logits.dim() == 4, "logits must have shape [B, K, h, w], got ", logits.sizes());
-  TORCH_CHECK_VALUE(labels.dim() == 3 && labels.size(0) == logits.size(0), "labels must have shape [B, H, W] with B = ",
+  OTSEG_CHECK_VALUE(logits.dim() == 4, "logits must have shape [B, K, h, w], got ", logits.sizes());
+  OTSEG_CHECK_VALUE(labels.dim() == 3 && labels.size(0) == logits.size(0), "labels must have shape [B, H, W] with B = ",
                     logits.size(0), ", got ", labels.sizes());
-  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+  OTSEG_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
                    "mask_stats (cpu) takes float32 or float64 logits, got ", logits.scalar_type());
-  TORCH_CHECK_TYPE(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
+  OTSEG_CHECK_TYPE(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
                    "labels must be an integer tensor of class indices, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0, "gamma must be finite and >= 0, got ", gamma);
-  TORCH_CHECK_VALUE(std::isfinite(alpha), "alpha must be finite (negative: no weighting), got ", alpha);
+  OTSEG_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0, "gamma must be finite and >= 0, got ", gamma);
+  OTSEG_CHECK_VALUE(std::isfinite(alpha), "alpha must be finite (negative: no weighting), got ", alpha);
   Inputs in;
   in.B = logits.size(0), in.K = logits.size(1), in.h = logits.size(2), in.w = logits.size(3);
   in.H = labels.size(1), in.W = labels.size(2);
-  TORCH_CHECK_VALUE(in.K < std::numeric_limits<int16_t>::max(), "mask_stats (cpu) takes at most ",
+  OTSEG_CHECK_VALUE(in.K < std::numeric_limits<int16_t>::max(), "mask_stats (cpu) takes at most ",
                     std::numeric_limits<int16_t>::max() - 1, " classes, got K = ", in.K);
-  TORCH_CHECK_VALUE(in.B * in.K * in.H * in.W == 0 || (in.h > 0 && in.w > 0),
+  OTSEG_CHECK_VALUE(in.B * in.K * in.H * in.W == 0 || (in.h > 0 && in.w > 0),
                     "logits have an empty grid ", logits.sizes(), " for labels of size ", labels.sizes());
   in.Wp = (in.W + kRowAlign - 1) / kRowAlign * kRowAlign;
   in.logits = logits.contiguous();
@@ -88,7 +89,7 @@ Inputs check_inputs(const at::Tensor& logits, const at::Tensor& labels, double a
     }
     std::fill(d + row * in.Wp + in.W, d + (row + 1) * in.Wp, int16_t(-1));
   }
-  TORCH_CHECK_VALUE(!found_bad, "labels must be class indices in [0, ", in.K, ") or ignore_index=", ignore_index,
+  OTSEG_CHECK_VALUE(!found_bad, "labels must be class indices in [0, ", in.K, ") or ignore_index=", ignore_index,
                     ", found ", bad);
   return in;
 }
@@ -118,7 +119,7 @@ at::Tensor mask_stats_impl(const at::Tensor& grad_stats, const at::Tensor& logit
                             : at::empty({4, in.B, in.K}, in.logits.options());
   at::Tensor gs;
   if (backward) {
-    TORCH_CHECK_VALUE(grad_stats.sizes() == at::IntArrayRef({4, in.B, in.K}), "grad_stats must have shape [4, ",
+    OTSEG_CHECK_VALUE(grad_stats.sizes() == at::IntArrayRef({4, in.B, in.K}), "grad_stats must have shape [4, ",
                       in.B, ", ", in.K, "], got ", grad_stats.sizes());
     gs = grad_stats.to(in.logits.scalar_type()).contiguous();
   }

@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
     const at::Tensor& scores, double eps, int64_t max_iter, double tol, bool return_plan, bool check_finite) {
   const Problems pr = problems_of(scores);
   OTSEG_CHECK_PARAMS(eps, max_iter, tol);
-  TORCH_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor");
+  OTSEG_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor");
   const int64_t P = pr.P, M = pr.M, N = pr.N;
   const int64_t threads = std::min<int64_t>(P, at::get_num_threads());
   const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
       if (!run_forward(args)) nonfinite = true;
     });
   });
-  TORCH_CHECK_VALUE(!nonfinite, "the input contains NaN or inf; pass check_finite=False to skip this check");
+  OTSEG_CHECK_VALUE(!nonfinite, "the input contains NaN or inf; pass check_finite=False to skip this check");
   return {score, plan, f, g, n_iter};
 }
 
@@ -123,13 +123,13 @@ at::Tensor mps_backward_cpu(const std::optional<at::Tensor>& grad_score,
                             const std::optional<at::Tensor>& grad_plan, const at::Tensor& scores,
                             const at::Tensor& f, const at::Tensor& g, double eps) {
   const Problems pr = problems_of(scores);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
+  OTSEG_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
   const int64_t P = pr.P, M = pr.M, N = pr.N;
   const int64_t threads = std::min<int64_t>(P, at::get_num_threads());
   const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   OTSEG_CHECK_SIZES(f, pr.sizes({M}));
   OTSEG_CHECK_SIZES(g, pr.sizes({N}));
-  TORCH_CHECK(f.scalar_type() == acc_dtype && g.scalar_type() == acc_dtype,
+  OTSEG_CHECK(f.scalar_type() == acc_dtype && g.scalar_type() == acc_dtype,
               "f and g must be ", acc_dtype, " for ", scores.scalar_type(), " scores");
   auto fc = f.contiguous(), gc = g.contiguous();
   at::Tensor ds, dp;

@@ -37,7 +37,7 @@ Dtype to_dtype(at::ScalarType t) {
     case at::kBFloat16:
       return Dtype::kBFloat16;
     default:
-      TORCH_CHECK_TYPE(false, "the cuda backend takes float32, float16 or bfloat16 scores (computing in float32), got ",
+      OTSEG_CHECK_TYPE(false, "the cuda backend takes float32, float16 or bfloat16 scores (computing in float32), got ",
                        t, "; use backend=\"reference\" for float64");
   }
   return Dtype::kFloat;
@@ -45,18 +45,18 @@ Dtype to_dtype(at::ScalarType t) {
 
 // A launch's status as an exception (the shapes were checked before).
 void launch_checked(cudaError_t status, const char* what, int64_t M, int64_t N) {
-  TORCH_CHECK(status == cudaSuccess, "the cuda backend's ", what, " launch for M = ", M, ", N = ", N,
+  OTSEG_CHECK(status == cudaSuccess, "the cuda backend's ", what, " launch for M = ", M, ", N = ", N,
               " failed: ", cudaGetErrorString(status));
 }
 
 Problems check_cuda_shape(const at::Tensor& scores) {
   Problems pr = problems_of(scores);
-  TORCH_CHECK(scores.is_cuda(), "scores must be a CUDA tensor");
-  TORCH_CHECK_VALUE(pr.N <= kMaxPromptsCuda, "the cuda backend supports N <= ", kMaxPromptsCuda,
+  OTSEG_CHECK(scores.is_cuda(), "scores must be a CUDA tensor");
+  OTSEG_CHECK_VALUE(pr.N <= kMaxPromptsCuda, "the cuda backend supports N <= ", kMaxPromptsCuda,
                     " prompts, got N = ", pr.N, " (use backend=\"cpu\" on CPU tensors or \"reference\")");
-  TORCH_CHECK_VALUE(pr.M <= kMaxPixels, "the cuda backend supports M <= ", kMaxPixels,
+  OTSEG_CHECK_VALUE(pr.M <= kMaxPixels, "the cuda backend supports M <= ", kMaxPixels,
                     " pixels per problem, got M = ", pr.M, " (use backend=\"reference\")");
-  TORCH_CHECK_VALUE(pr.P <= std::numeric_limits<int>::max(), "too many problems for one launch");
+  OTSEG_CHECK_VALUE(pr.P <= std::numeric_limits<int>::max(), "too many problems for one launch");
   return pr;
 }
 
@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
   launch_checked(launch_mps_forward(a, P, at::cuda::getCurrentCUDAStream()), "forward", M, N);
   // The one host synchronisation, and only when asked for: reporting bad input.
   if (check_finite) {
-    TORCH_CHECK_VALUE(nonfinite.item<int>() == 0,
+    OTSEG_CHECK_VALUE(nonfinite.item<int>() == 0,
                       "the input contains NaN or inf; pass check_finite=False to skip this check");
   }
   return {score, plan, f, g, n_iter};
@@ -116,12 +116,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
 at::Tensor mps_backward_cuda(const std::optional<at::Tensor>& grad_score, const std::optional<at::Tensor>& grad_plan,
                              const at::Tensor& scores, const at::Tensor& f, const at::Tensor& g, double eps) {
   const Problems pr = check_cuda_shape(scores);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
+  OTSEG_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
   const at::cuda::OptionalCUDAGuard guard(scores.device());
   const int64_t P = pr.P, M = pr.M, N = pr.N;
   OTSEG_CHECK_SIZES(f, pr.sizes({M}));
   OTSEG_CHECK_SIZES(g, pr.sizes({N}));
-  TORCH_CHECK(f.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat, "f and g must be float32");
+  OTSEG_CHECK(f.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat, "f and g must be float32");
   auto fc = f.contiguous(), gc = g.contiguous();
   at::Tensor ds, dp;
   std::tie(ds, dp) = upstream_grads(grad_score, grad_plan, pr, scores.scalar_type());

@@ -32,7 +32,7 @@ namespace triton {
 KernelArgs::KernelArgs(const char* kernel) : key_(kernel) { key_ += ':'; }
 
 void KernelArgs::push(const void* value, int bytes) {
-  TORCH_CHECK(n_ < kMaxParams, "otseg: too many Triton kernel parameters");
+  OTSEG_CHECK(n_ < kMaxParams, "otseg: too many Triton kernel parameters");
   std::memcpy(&slots_[n_], value, bytes);
   ptrs_[n_] = &slots_[n_];
   sizes_ += static_cast<char>('0' + bytes);
@@ -237,7 +237,7 @@ using ArgsResult = std::tuple<std::string, std::string, int64_t>;
 ArgsResult forward_args_op(const at::Tensor& flat, const at::Tensor& score, const std::optional<at::Tensor>& plan,
                            const at::Tensor& f, const at::Tensor& g, const at::Tensor& n_iter, int64_t max_iter,
                            double eps, double tol) {
-  TORCH_CHECK(flat.dim() == 3, "triton_launch_args_forward takes flat scores [P, M, N], got ", flat.sizes());
+  OTSEG_CHECK(flat.dim() == 3, "triton_launch_args_forward takes flat scores [P, M, N], got ", flat.sizes());
   KernelArgs args("mps_fwd");
   const int64_t vec = forward_args(args, flat, score, plan, f, g, n_iter, max_iter, eps, tol);
   return {args.key(), args.sizes(), vec};
@@ -246,7 +246,7 @@ ArgsResult forward_args_op(const at::Tensor& flat, const at::Tensor& score, cons
 ArgsResult backward_args_op(const std::optional<at::Tensor>& ds, const std::optional<at::Tensor>& dp,
                             const at::Tensor& flat, const at::Tensor& f, const at::Tensor& g, const at::Tensor& grad,
                             double eps) {
-  TORCH_CHECK(flat.dim() == 3, "triton_launch_args_backward takes flat scores [P, M, N], got ", flat.sizes());
+  OTSEG_CHECK(flat.dim() == 3, "triton_launch_args_backward takes flat scores [P, M, N], got ", flat.sizes());
   KernelArgs args("mps_bwd");
   const int64_t vec = backward_args(args, ds, dp, flat, f, g, grad, eps);
   return {args.key(), args.sizes(), vec};
@@ -310,12 +310,12 @@ const Driver& driver() {
   static const Driver d = [] {
     Driver out;
     void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    TORCH_CHECK(lib != nullptr, "otseg: cannot load the CUDA driver (libcuda.so.1) to launch Triton kernels: ",
+    OTSEG_CHECK(lib != nullptr, "otseg: cannot load the CUDA driver (libcuda.so.1) to launch Triton kernels: ",
                 dlerror());
     out.launch = reinterpret_cast<LaunchKernelFn>(dlsym(lib, "cuLaunchKernel"));
     out.error_string = reinterpret_cast<ErrorStringFn>(dlsym(lib, "cuGetErrorString"));
     out.ctx_get_current = reinterpret_cast<CtxGetCurrentFn>(dlsym(lib, "cuCtxGetCurrent"));
-    TORCH_CHECK(out.launch != nullptr && out.ctx_get_current != nullptr,
+    OTSEG_CHECK(out.launch != nullptr && out.ctx_get_current != nullptr,
                 "otseg: the CUDA driver has no cuLaunchKernel or cuCtxGetCurrent");
     return out;
   }();
@@ -343,7 +343,7 @@ void launch(const Kernel& kernel, KernelArgs& args, int64_t programs, const at::
     registry().failed_launches.fetch_add(1);
     const char* text = nullptr;
     if (d.error_string == nullptr || d.error_string(status, &text) != CUDA_SUCCESS) text = "unknown error";
-    TORCH_CHECK(false, "the triton backend's ", what, " launch from C++ failed: ", text, " (CUresult ",
+    OTSEG_CHECK(false, "the triton backend's ", what, " launch from C++ failed: ", text, " (CUresult ",
                 static_cast<int>(status), "; it may be an earlier kernel's error). The kernel is unregistered: "
                 "later calls launch it through Triton's launcher");
   }

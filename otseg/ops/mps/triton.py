@@ -96,16 +96,31 @@ if available:
 
 
 # The forward's variant: the scores read again where needed rather than held
-# in registers (kernels/mps.py, HOLD_S=False) and a cap of 168 registers a
-# thread, which fits three programs of 4 warps an SM instead of two. In
-# bench/gpu_profile.py's table on an H200 (commit 0b64572, coco16, 1024 x 8,
-# CUDA-graph times) it took 116.7 / 630.5 us on the clip / hard scores,
-# against 119.5 / 774.9 us with the scores held and no cap (255 registers).
-# torch.compile's tracing of a launch takes a register cap for a kernel
-# argument, so a traced launch keeps the scores held, with no cap.
+# in registers (kernels/mps.py, HOLD_S=False) and, on eager launches, a cap of
+# 168 registers a thread, which fits three programs of 4 warps an SM instead
+# of two. bench/gpu_profile.py's table on an H200, coco16 (1024 x 8), CUDA-graph
+# times, clip / hard scores: 116.7 / 630.5 us (commit 0b64572) and 115.5 /
+# 623.6 us (1ce472b), against 119.5 / 774.9 and 119.7 / 764.7 us with the
+# scores held and no cap (255 registers). The cap changes no result (every
+# output bitwise the same with and without it, in both runs): torch.compile's
+# tracing of a launch, which would take a cap for a kernel argument, launches
+# the same variant without it, so compiled and eager calls agree (opcheck);
+# the scores held instead differ in the last bits and, where a problem ends
+# at its tolerance, by an iteration. The cap applies only where the program's
+# threads can have it (FWD_MAXNREG * 32 * warps <= 65536 registers an SM:
+# up to 12 warps; the largest problems launch 32).
 FWD_HOLD_S = False
 FWD_MAXNREG = 168
+_REGISTERS_PER_SM = 65536
 _DEFAULT = object()
+
+
+def _fwd_variant(warps, traced):
+    """(HOLD_S, register cap) of a forward launch of ``warps`` warps:
+    FWD_HOLD_S, and FWD_MAXNREG where the launch runs eagerly (not
+    ``traced``) and its threads can have that many registers."""
+    fits = FWD_MAXNREG * 32 * warps <= _REGISTERS_PER_SM
+    return FWD_HOLD_S, (FWD_MAXNREG if fits and not traced else None)
 
 
 def _traced_launch(x):
@@ -226,12 +241,12 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
             compares them); None: the one ``_blocks`` picks.
         hold_scores: the kernel's HOLD_S (kernels/mps.py): keep the scores
             in registers for all iterations, or read them again where
-            needed, with fewer registers. Default: FWD_HOLD_S, or True where
-            torch.compile traces the launch.
+            needed, with fewer registers. Default: FWD_HOLD_S.
         maxnreg: a register cap per thread for the compiler (None: none),
-            which fits more problems on an SM. Default: FWD_MAXNREG, or None
-            where torch.compile traces the launch (its tracing would take the
-            cap for a kernel argument; passing one there raises).
+            which fits more problems on an SM. Default: FWD_MAXNREG where the
+            launch runs eagerly and its threads can have that many registers,
+            else None (torch.compile's tracing would take the cap for a
+            kernel argument; passing one there raises).
 
     Returns:
         what Triton's launch returns: its CompiledKernel on a GPU (None when
@@ -248,10 +263,10 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
     # n_iter is int32; a larger budget would never finish anyway.
     max_iter = min(int(max_iter), 2**31 - 1)
     traced = _traced_launch(scores)
-    if hold_scores is _DEFAULT:
-        hold_scores = True if traced else FWD_HOLD_S
-    if maxnreg is _DEFAULT:
-        maxnreg = None if traced else FWD_MAXNREG
+    warps = num_warps or blocks.fwd_warps
+    default_hold, default_cap = _fwd_variant(warps, traced)
+    hold_scores = default_hold if hold_scores is _DEFAULT else hold_scores
+    maxnreg = default_cap if maxnreg is _DEFAULT else maxnreg
     if maxnreg is not None and traced:
         raise ValueError("launch_forward: torch.compile's tracing of the launch cannot pass a register cap (maxnreg)")
     options = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
@@ -263,7 +278,7 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
         M, N, max_iter,
         eps_hi, eps_lo, tol_hi, tol_lo,
         HAS_PLAN=plan is not None, BLOCK_M=blocks.block_m, NG=blocks.block_n // vec, VEC=vec,
-        HOLD_S=bool(hold_scores), num_warps=num_warps or blocks.fwd_warps, **options,
+        HOLD_S=bool(hold_scores), num_warps=warps, **options,
     )
 
 
