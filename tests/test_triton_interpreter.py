@@ -213,12 +213,16 @@ def test_sass_statistics_script_reads_the_forward_iteration():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.stdout.splitlines()
             if line.startswith("| forward") or line.startswith("| backward")}
-    assert set(rows) == {"forward", "forward, scores reread (HOLD_S=False)", "backward"}, out.stdout
-    # Rereading the scores takes fewer registers than holding them.
-    assert int(rows["forward, scores reread (HOLD_S=False)"][3]) < int(rows["forward"][3]), out.stdout
-    per_thread, per_program = rows["forward"][7].split("/")
+    eager = f"forward (HOLD_S={tb.FWD_HOLD_S}, maxnreg {tb.FWD_MAXNREG})"  # one warp: the cap fits
+    traced = f"forward, traced (HOLD_S={tb.FWD_HOLD_S}, no cap)"
+    held = "forward, scores held (HOLD_S=True, no cap)"
+    assert set(rows) == {eager, traced, held, "backward"}, out.stdout
+    # The cap holds; rereading the scores takes fewer registers than holding them.
+    assert int(rows[eager][3]) <= tb.FWD_MAXNREG, out.stdout
+    assert int(rows[traced][3]) < int(rows[held][3]), out.stdout
+    per_thread, per_program = rows[eager][7].split("/")
     # 256 x 8 (N = 6, VEC = 2) in one warp.
-    assert 100 < int(per_thread) < 2000 and int(per_program) == int(per_thread) * int(rows["forward"][2])
+    assert 100 < int(per_thread) < 2000 and int(per_program) == int(per_thread) * int(rows[eager][2])
     assert "VEC=2" in out.stdout
 
 
