@@ -192,7 +192,7 @@ if has_step tests; then
   echo "test step limit: $limit s" | tee -a "$out/summary.txt"
   pytest_log=$(mktemp)
   # The tests run every backend and route, whatever the smoke step found.
-  threads=1; (( ${#par[@]} == 0 )) && threads=$(nproc)
+  threads=1; [[ " ${par[*]} " == *" -n "* ]] || threads=$(nproc)  # one process: every core
   # shellcheck disable=SC2086
   env -u OTSEG_TRITON_LAUNCH OTSEG_TEST_LOG="$out/gpu-tests.log" TORCHINDUCTOR_COMPILE_THREADS=1 \
     OMP_NUM_THREADS=$threads timeout -k 10 "$limit" \
