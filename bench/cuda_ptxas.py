@@ -50,17 +50,21 @@ def ptxas_report(arch, nvcc=None):
         raise FileNotFoundError("no CUDA toolkit with nvcc found (set CUDA_HOME)")
     report = ""
     with tempfile.TemporaryDirectory() as tmp:
-        for name in KERNEL_FILES:
-            cmd = [nvcc, "-c", os.path.join(ROOT, "csrc", "cuda", name), "-o",
-                   os.path.join(tmp, name + ".o"), f"-I{os.path.join(ROOT, 'csrc')}",
-                   "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-std=c++17",
-                   "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                   "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-                   f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise RuntimeError(f"nvcc failed on {name} ({out.returncode}):\n{out.stderr[-3000:]}")
-            report += out.stderr + out.stdout
+        # Both files at once, as the build compiles them.
+        jobs = {name: subprocess.Popen(
+                    [nvcc, "-c", os.path.join(ROOT, "csrc", "cuda", name), "-o",
+                     os.path.join(tmp, name + ".o"), f"-I{os.path.join(ROOT, 'csrc')}",
+                     "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-std=c++17",
+                     "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                     f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for name in KERNEL_FILES}
+        for name, job in jobs.items():
+            stdout, stderr = job.communicate()
+            if job.returncode != 0:
+                raise RuntimeError(f"nvcc failed on {name} ({job.returncode}):\n{stderr[-3000:]}")
+            report += stderr + stdout
     return report
 
 

@@ -117,19 +117,24 @@ if has_step smoke; then
 fi
 echo "fused backends timed: ${fused:-none}" | tee -a "$out/summary.txt"
 
+deselect=()
 if has_step errors; then
   step "errors of the C++ operators reach Python (bench/gpu_errors.py)"
-  if ! timeout -k 5 150 "$py" bench/gpu_errors.py 2>&1 | tee -a "$out/summary.txt"; then
+  # The test step need not run the same probes again.
+  deselect=(--deselect tests/test_cuda_kernel.py::test_errors_raised_in_the_cuda_library_reach_python)
+  probes=$(mktemp)
+  if ! timeout -k 5 150 "$py" bench/gpu_errors.py 2>&1 | tee "$probes" | tee -a "$out/summary.txt"; then
     status=1
     # Where a probe crashed, the stack of the crash (cuda-gdb debugs host
     # code too; there is no gdb on the GPU machines).
-    probe=$(grep -m1 "^FAIL .*killed by signal" "$out/summary.txt" | sed -E 's/^FAIL ([^:]+):.*/\1/')
+    probe=$(grep -m1 "^FAIL .*killed by signal" "$probes" | sed -E 's/^FAIL ([^:]+):.*/\1/')
     if [[ -n "$probe" ]] && command -v cuda-gdb > /dev/null; then
       echo "cuda-gdb backtrace of probe $probe:" | tee -a "$out/summary.txt"
       timeout -k 5 90 cuda-gdb -batch -ex run -ex "bt 16" --args "$py" bench/gpu_errors.py --probe "$probe" 2>&1 \
         | grep -E "^#|signal|Signal" | cut -c1-400 | head -24 | tee -a "$out/summary.txt"
     fi
   fi
+  rm -f "$probes"
 fi
 
 if has_step bench; then
@@ -197,7 +202,8 @@ if has_step tests; then
   env -u OTSEG_TRITON_LAUNCH OTSEG_TEST_LOG="$out/gpu-tests.log" TORCHINDUCTOR_COMPILE_THREADS=1 \
     OMP_NUM_THREADS=$threads timeout -k 10 "$limit" \
     "$py" -m pytest -m gpu ${TEST_ARGS:-tests} ${TEST_K:+-k "$TEST_K"} \
-    -p no:cacheprovider -p no:benchmark -q -rfEs --durations 25 "${par[@]}" > "$pytest_log" 2>&1 || status=1
+    -p no:cacheprovider -p no:benchmark -q -rfEs --durations 25 "${par[@]}" "${deselect[@]}" > "$pytest_log" 2>&1 \
+    || status=1
   echo "$(grep -c '^PASSED' "$out/gpu-tests.log") passed, $(grep -c '^FAILED' "$out/gpu-tests.log") failed," \
     "$(grep -c '^SKIPPED' "$out/gpu-tests.log") skipped (gpu-tests.log: per test; skips of a whole module only in pytest's line below)" | tee -a "$out/summary.txt"
   grep '^FAILED' "$out/gpu-tests.log" | head -30 | tee -a "$out/summary.txt"

@@ -24,6 +24,7 @@ tests/test_cuda_kernel.py runs it on a GPU.
 import argparse
 import subprocess
 import sys
+import time
 
 # name -> (device, the exception it must raise, code run after `import torch,
 # otseg` with `dev` and `x`, a [2, 10, 4] float32 tensor on that device).
@@ -74,15 +75,16 @@ def run_probe(name):
 
 
 def run_all(names=None, timeout=120):
-    """Each probe in a child process of its own, all at once: {name: (ok,
-    how it ended)}."""
+    """Each probe in a child process of its own, all at once, within
+    ``timeout`` seconds in all: {name: (ok, how it ended)}."""
+    deadline = time.monotonic() + timeout
     children = {name: subprocess.Popen([sys.executable, __file__, "--probe", name], stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)
                 for name in names or PROBES}
     results = {}
     for name, child in children.items():
         try:
-            stdout, stderr = child.communicate(timeout=timeout)
+            stdout, stderr = child.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
             child.communicate()

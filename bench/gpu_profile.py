@@ -38,6 +38,7 @@ import sys
 import torch
 
 from otseg import ops
+from otseg.ops.mps import triton as tb
 from otseg.benchmark.generators import CASES, EPS, make_scores
 from otseg.benchmark.measure import copy_bandwidth_gbs, median_ms
 
@@ -104,14 +105,13 @@ def _forward_outputs(scores):
 
 def _warp_sweep(case_name, generators, warps, copy):
     """Graph times (us) of the triton backend's raw launches per warp count."""
-    from otseg.ops.mps import triton as tb
-
     case = CASES[case_name]
     blocks = tb._blocks(case.M, case.N)
     lines = [
         f"triton launches on {case_name} [M={case.M}, N={case.N}] by warp count (defaults: forward "
-        f"{blocks.fwd_warps}, backward {blocks.bwd_warps}); the forward's variant is the default at every count "
-        f"(HOLD_S={tb.FWD_HOLD_S}, maxnreg {tb.FWD_MAXNREG}); graph times in us, GB/s of the forward as above.",
+        f"{blocks.fwd_warps}, backward {blocks.bwd_warps}); the forward's variant is the launchers' at every count "
+        f"(HOLD_S={tb.FWD_HOLD_S}, maxnreg {tb.FWD_MAXNREG} up to 12 warps, none above); graph times in us, GB/s of "
+        "the forward as above.",
         "",
         "| scores | warps | fwd graph | fwd GB/s (% copy) | bwd graph |",
         "|---|---|---|---|---|",
@@ -142,7 +142,7 @@ def _warp_sweep(case_name, generators, warps, copy):
 # on sm_90 (bench/triton_sass.py), 2 problems of 4 warps an SM; capped at 168
 # (no spills, statically) it fits 3, at 128 (120 B of spills) 4; the scores
 # held, 255 registers.
-FWD_VARIANTS = ((False, 168), (True, None), (False, None), (False, 128), (True, 168))
+FWD_VARIANTS = ((tb.FWD_HOLD_S, tb.FWD_MAXNREG), (True, None), (False, None), (False, 128), (True, 168))
 
 
 def _max_rel_diff(want, got):
@@ -161,8 +161,6 @@ def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
     default warp count: which one this GPU prefers. ``device``, ``timer``
     (ms of a callable; default the CUDA-graph time): for testing on the CPU
     interpreter."""
-    from otseg.ops.mps import triton as tb
-
     timer = timer or _graph_ms
     case = CASES[case_name] if isinstance(case_name, str) else case_name
     lines = [
@@ -301,9 +299,7 @@ def main(argv=None):
                 lines.append(f"| {case_name} | {gen} | {backend} | {mps_cell} | {fe:.1f} | {fg:.1f} | {fe - fg:.1f} | "
                              f"{gbs:.0f} ({gbs / copy:.0%}) | {be:.1f} | {bg:.1f} |")
     if "triton" in backends:
-        from otseg.ops.mps import triton as tb
         lines += ["", f"triton launches in this run (otseg.ops.mps.triton.launch_stats()): {tb.launch_stats()}"]
-    if "triton" in backends:
         if args.warps:
             lines += ["", *_warp_sweep(args.cases[-1], args.generators, args.warps, copy)]
         lines += ["", *_forward_variants(args.cases[-1], args.generators, copy)]

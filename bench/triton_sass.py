@@ -104,22 +104,23 @@ def main(argv=None):
     print("| kernel | warps | registers | local memory B | shared B | instructions | per iteration "
           "(thread / warp-instructions of a program) | barriers | MUFU | SHFL |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    # (name, kernel, constexprs, warps, register cap): the forward as the
-    # launchers run it eagerly (FWD_HOLD_S, FWD_MAXNREG where the warps can
-    # have it), as torch.compile traces it (no cap), and with the scores held.
-    cap = tb.FWD_MAXNREG if tb.FWD_MAXNREG * 32 * blocks.fwd_warps <= 65536 else None
+    # (name, kernel, constexprs, warps, capped): the forward as the launchers
+    # run it eagerly (FWD_HOLD_S, with the cap _fwd_variant gives each warp
+    # count), as torch.compile traces it (no cap), and with the scores held.
+    cap = tb._fwd_variant(blocks.fwd_warps, traced=False)[1]
     runs = [(f"forward (HOLD_S={tb.FWD_HOLD_S}, maxnreg {cap})", _mps_fwd_kernel,
-             dict(HAS_PLAN=False, HOLD_S=tb.FWD_HOLD_S), blocks.fwd_warps, cap),
+             dict(HAS_PLAN=False, HOLD_S=tb.FWD_HOLD_S), blocks.fwd_warps, True),
             (f"forward, traced (HOLD_S={tb.FWD_HOLD_S}, no cap)", _mps_fwd_kernel,
-             dict(HAS_PLAN=False, HOLD_S=tb.FWD_HOLD_S), blocks.fwd_warps, None),
+             dict(HAS_PLAN=False, HOLD_S=tb.FWD_HOLD_S), blocks.fwd_warps, False),
             ("forward, scores held (HOLD_S=True, no cap)", _mps_fwd_kernel,
-             dict(HAS_PLAN=False, HOLD_S=True), blocks.fwd_warps, None),
+             dict(HAS_PLAN=False, HOLD_S=True), blocks.fwd_warps, False),
             ("backward", _mps_bwd_kernel, dict(HAS_DSCORE=True, HAS_DPLAN=False, W_ONE_PASS=blocks.one_pass),
-             blocks.bwd_warps, None)]
+             blocks.bwd_warps, False)]
     with tempfile.TemporaryDirectory() as workdir:
-        for name, kernel, flags, default, maxnreg in runs:
+        for name, kernel, flags, default, capped in runs:
             for warps in sorted({default, *(args.warps or ())}):
                 consts = dict(flags, BLOCK_M=block_m, NG=block_n // vec, VEC=vec)
+                maxnreg = tb._fwd_variant(warps, traced=False)[1] if capped else None
                 compiled = compile_mps_kernel(kernel, consts, _TYPES[dtype], acc, warps, args.arch, maxnreg=maxnreg)
                 sass, res, ops = _stats(compiled, workdir, f"{name}{warps}")
                 per_it = _iteration_path(sass) if name.startswith("forward") else None

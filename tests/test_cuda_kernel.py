@@ -250,7 +250,7 @@ def test_errors_raised_in_the_cuda_library_reach_python():
     8667a72 and the H200 run of 0b64572 on a wrongly shaped gradient (the
     backtrace: inside c10::str formatting the check's two shapes; moving the
     backend's host code out of nvcc, in between, did not help). The shapes are
-    now formatted as strings (csrc/common/checks.h, format_sizes). The probes
+    now formatted as strings (csrc/common/checks.h, OTSEG_CHECK). The probes
     of bench/gpu_errors.py call operators that must raise, each in a child
     process: each must end as the Python exception it should, not a crash."""
     gpu_errors = import_bench_script("gpu_errors")

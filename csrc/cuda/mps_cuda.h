@@ -11,7 +11,7 @@
 // cuda backward crashed the process on an H100 (SIGSEGV while formatting the
 // check's message, whose shared inline code nvcc had compiled too; README
 // "GPU runs"); it did not end that crash (H200 run of 0b64572): see
-// format_sizes in csrc/common/checks.h.
+// OTSEG_CHECK in csrc/common/checks.h.
 #pragma once
 
 #include <cuda_runtime.h>

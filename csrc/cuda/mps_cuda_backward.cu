@@ -43,14 +43,13 @@ struct AnyRowIO {
 template <int NP>
 struct F32Vec4RowIO {
   static_assert(NP % 4 == 0, "F32Vec4RowIO: rows of whole float4s");
-  static constexpr bool kDplan = false;
+  static constexpr bool kDplan = false;  // no dplan(): never read
   __device__ __forceinline__ float dscore(const BackwardArgs& a, int64_t i) const {
     return static_cast<const float*>(a.dscore)[i];
   }
   __device__ __forceinline__ void scores(const BackwardArgs& a, int64_t p, int m, float (&s)[NP]) const {
     load_chunks<NP, 4>(a.S, p * a.sP + m * a.sM, a.N, Dtype::kFloat, s, 0.0f);
   }
-  __device__ __forceinline__ void dplan(const BackwardArgs&, int64_t, int, float (&)[NP]) const {}
   __device__ __forceinline__ void grad(const BackwardArgs& a, int64_t i0, const float (&x)[NP]) const {
     store_chunks<NP, 4>(a.grad, i0, a.N, Dtype::kFloat, x);
   }

@@ -298,10 +298,12 @@ def _resolve(x, name, eps, max_iter, tol, backend, check_finite, want_plan):
         _check_takes(chosen, x)
     # The fused CPU kernel checks finiteness while it reads the input; the
     # reference and the Triton kernels (which never report to the host) need a
-    # separate pass, and so, for now, does the cuda backend: its in-kernel
-    # check raises from the CUDA library, and a C++ exception raised there
-    # crashed the process on the one GPU run so far (bench/README.md, "GPU
-    # runs"); a separate pass costs one more read of the scores.
+    # separate pass, and so, for now, does the cuda backend. It was given one
+    # when C++ exceptions of its library crashed the process on a GPU; its own
+    # check (a flag the kernel sets, read after it, in mps_cuda.cpp) raised
+    # cleanly on the H200 runs of 0b64572 and 1ce472b (bench/gpu_errors.py,
+    # probe cuda-forward-nan), so the pass, one more read of the scores, can
+    # go once the checks' messages (OTSEG_CHECK) have run on a GPU.
     return chosen, bool(check_finite) and chosen in ("reference", "triton", "cuda")
 
 

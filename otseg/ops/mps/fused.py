@@ -83,6 +83,10 @@ def no_context(ctx, inputs, output):
     """setup_context of ``no_double_backward``: nothing to keep."""
 
 
+# The operator's one overload, bound once: calling it skips the overload
+# packet's lookups on every call.
+_forward_op = torch.ops.otseg.mps_forward.default if _extension.available else None
+
 if _extension.available:
 
     @torch.library.register_fake("otseg::mps_forward")
@@ -97,7 +101,7 @@ if _extension.available:
     # the Python route costs about 90 us a call); the same (setup_context,
     # backward) pair in Python serves the Triton operator.
 
-    torch.library.register_vmap("otseg::mps_forward", vmap_rule(torch.ops.otseg.mps_forward.default))
+    torch.library.register_vmap("otseg::mps_forward", vmap_rule(_forward_op))
 
     # Without this, autograd would silently treat the backward as constant.
     torch.library.register_autograd(
@@ -118,8 +122,3 @@ def mps_forward(scores, eps, max_iter, tol, return_plan, check_finite):
         scores, float(eps), int(max_iter), float(tol), bool(return_plan), bool(check_finite)
     )
     return score, plan if return_plan else None, n_iter
-
-
-# The operator's one overload, bound once: calling it skips the overload
-# packet's lookups on every call.
-_forward_op = torch.ops.otseg.mps_forward.default if _extension.available else None
