@@ -24,8 +24,10 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# mps_fwd_kernel<8, 128>: "_ZN5otseg4cuda12_GLOBAL__N_114mps_fwd_kernelILi8ELi128EEEvNS0_11ForwardArgsE"
-_ENTRY = re.compile(r"Compiling entry function '\S*mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E")
+# mps_fwd_kernel<8, 128, F32Vec4FwdIO<8>>: "_ZN5otseg4cuda12_GLOBAL__N_114mps_fwd_kernelILi8ELi128ENS1_12F32Vec4FwdIOILi8EEEEEvNS0_11ForwardArgsE"
+_ENTRY = re.compile(r"Compiling entry function '\S*mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)'")
+# Each kernel's way of reading and writing rows (its IO template argument).
+_IO = (("F32Vec4", "float32 x4"), ("Any", "any"))
 _USAGE = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -69,12 +71,13 @@ def ptxas_report(arch, nvcc=None):
 
 
 def parse(report):
-    """One dict per kernel: kernel, NP, threads, regs, smem, stack, spill_st, spill_ld."""
+    """One dict per kernel: kernel, NP, threads, io, regs, smem, stack, spill_st, spill_ld."""
     rows, cur = [], None
     for line in report.splitlines():
         if (m := _ENTRY.search(line)):
+            io = next((name for key, name in _IO if key in m.group(4)), "?")
             cur = dict(kernel="forward" if m.group(1) == "fwd" else "backward", NP=int(m.group(2)),
-                       threads=int(m.group(3)))
+                       threads=int(m.group(3)), io=io)
         elif cur is not None and (m := _FRAME.search(line)):
             cur.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
         elif cur is not None and (m := _USAGE.search(line)):
@@ -82,7 +85,7 @@ def parse(report):
             cur.update(regs=int(m.group(1)), smem=int(smem.group(1)) if smem else 0)
             rows.append(cur)
             cur = None
-    return sorted(rows, key=lambda r: (r["kernel"] != "forward", r["NP"], r["threads"]))
+    return sorted(rows, key=lambda r: (r["kernel"] != "forward", r["NP"], r["threads"], r["io"]))
 
 
 def main(argv=None):
@@ -93,16 +96,17 @@ def main(argv=None):
     if not rows:
         sys.exit("ptxas reported no MPS kernel")
     print(f"csrc/cuda/{', '.join(KERNEL_FILES)} for sm_{args.arch} (ptxas -v); prompts NP is the kernel's bucket "
-          "(N <= 4, 8, 16), threads the block size (rows a thread x threads >= M)")
+          "(N <= 4, 8, 16), threads the block size (rows a thread x threads >= M), rows its way of reading and "
+          "writing rows (float32 x4: float32 in 16-byte vectors, no plan gradient; any: every dtype and stride)")
     print()
-    print("| kernel | NP | threads | registers | stack B | spill stores B | spill loads B | static smem B "
+    print("| kernel | NP | threads | rows | registers | stack B | spill stores B | spill loads B | static smem B "
           "| blocks an SM by registers |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         # Registers are allocated per warp in units of 256 (8 a thread).
         per_warp = -(-r["regs"] * 32 // 256) * 256
         blocks = 65536 // (per_warp * (r["threads"] // 32))
-        print(f"| {r['kernel']} | {r['NP']} | {r['threads']} | {r['regs']} | {r['stack']} | {r['spill_st']} | "
+        print(f"| {r['kernel']} | {r['NP']} | {r['threads']} | {r['io']} | {r['regs']} | {r['stack']} | {r['spill_st']} | "
               f"{r['spill_ld']} | {r['smem']} | {blocks} |")
     return 0
 

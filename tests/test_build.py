@@ -59,22 +59,28 @@ def test_cuda_kernels_file_holds_no_host_library_code():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="no nvcc: the CUDA kernels cannot be compiled here")
-def test_cuda_forward_fits_three_blocks_an_sm_without_spills():
-    """The forward's register budget for sm_90 (bench/cuda_ptxas.py): blocks of
-    128 threads (every problem up to 1024 pixels) within 168 registers, so
-    three fit on an SM, with the scores in shared memory and no local memory
-    up to 8 prompts (16 prompts: at most 16 B of spills); the backward
-    without spills up to 256 threads (2048 pixels up to 8 prompts, 1024 with
-    16)."""
+def test_cuda_kernels_register_budget():
+    """The kernels' register budgets for sm_90 (bench/cuda_ptxas.py), for both
+    ways of reading rows (float32 vectors, any dtype): forward blocks of 128
+    threads (every problem up to 1024 pixels) within 168 registers, so three
+    fit on an SM (four up to 4 prompts: 128 registers), with the scores in
+    shared memory and no local memory up to 8 prompts (16 prompts: at most
+    16 B of spills); the backward's blocks of 128 threads likewise three an
+    SM up to 16 prompts (H in shared memory), four up to 4, and no spills up
+    to 256 threads (2048 pixels up to 8 prompts, 1024 with 16)."""
     cuda_ptxas = import_bench_script("cuda_ptxas")
     rows = cuda_ptxas.parse(cuda_ptxas.ptxas_report(90))
-    by_shape = {(r["kernel"], r["NP"], r["threads"]): r for r in rows}
-    assert len(by_shape) == 20, sorted(by_shape)  # every instantiation the dispatch can launch
-    for np_ in (4, 8, 16):
-        r = by_shape["forward", np_, 128]
-        spill = 0 if np_ <= 8 else 16
-        assert r["regs"] <= 168 and r["stack"] <= spill and r["spill_st"] <= spill, r
-        assert r["smem"] >= 4 * np_ * 128 * (8 if np_ <= 8 else 4), f"scores not in shared memory: {r}"
+    by_shape = {(r["kernel"], r["NP"], r["threads"], r["io"]): r for r in rows}
+    assert len(by_shape) == 40, sorted(by_shape)  # every instantiation the dispatch can launch
+    for io in ("float32 x4", "any"):
+        for np_ in (4, 8, 16):
+            r = by_shape["forward", np_, 128, io]
+            spill = 0 if np_ <= 8 else 16
+            assert r["regs"] <= (128 if np_ == 4 else 168) and r["stack"] <= spill and r["spill_st"] <= spill, r
+            assert r["smem"] >= 4 * np_ * 128 * (8 if np_ <= 8 else 4), f"scores not in shared memory: {r}"
+            r = by_shape["backward", np_, 128, io]
+            assert r["regs"] <= (128 if np_ == 4 else 168), r
+            assert r["smem"] >= 4 * np_ * 128 * (8 if np_ <= 8 else 4), f"H not in shared memory: {r}"
     for r in rows:
         if r["kernel"] == "backward" and r["threads"] <= 256:
             assert r["spill_st"] == 0 and r["stack"] == 0, r

@@ -21,8 +21,8 @@ namespace {
 // ("no instruction", 5.4 cycles an issued instruction, against 1.2 at a
 // barrier): with every row's accesses compiled for every dtype and width
 // inline, 1024 x 8 was 13.9 k instructions (216 KB) of code, each row
-// jumping over the paths it does not take. The kernel now chooses once, and
-// the common case runs straight-line code.
+// jumping over the paths it does not take. The launch now chooses a kernel
+// for each (LaunchBwd), and the common case runs straight-line code.
 template <int NP>
 struct AnyRowIO {
   static constexpr bool kDplan = true;  // may be present (a.dplan)
@@ -55,22 +55,43 @@ struct F32Vec4RowIO {
   }
 };
 
+// Floats of shared memory a warp of the backward writes: its partial sums of
+// the prompt weights W[n][j] = sum_m T_mn T_mj / a_m (NP x NP, diagonal
+// unwritten) and of the right-hand side (NP).
+__host__ __device__ constexpr int bwd_part_floats(int NP) { return NP * NP + NP; }
+
+// Whether the backward keeps H (kRows x NP a thread) in shared memory: up to
+// 32 KB a block, as the forward's scores (fwd_scores_in_smem).
+__host__ __device__ constexpr bool bwd_h_in_smem(int NP, int threads) {
+  return bwd_rows(NP) * NP * threads * 4 <= 32 * 1024;
+}
+
 // The backward of one problem (the block's), its rows accessed through IO.
-// Shared memory: red [kWarps * NP]; part [kWarps * NP * NP], per warp its
-// partial sums of the prompt weights W[n][j] = sum_m T_mn T_mj / a_m, then
-// W_s [NP * NP] their sum over the warps in a fixed order (no atomics, so
-// the gradient is the same on every launch); y_s [NP].
+// Shared memory: part [kWarps * bwd_part_floats(NP)], the warps' partial
+// sums; y_s [NP], the solution; h_tile, H where bwd_h_in_smem.
 template <int NP, int kThreads, class IO>
-__device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io, float* red, float* part,
-                                             float* W_s, double* y_s) {
+__device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io, float* part, double* y_s,
+                                             float* h_tile) {
   constexpr int kRows = bwd_rows(NP);
   constexpr int kWarps = kThreads / 32;
+  constexpr int kPart = bwd_part_floats(NP);
   const int64_t p = blockIdx.x;
   const int M = a.M, N = a.N;
   const float ie = 1.0f / a.eps;
   const float mn = static_cast<float>(M) * static_cast<float>(N);
 
-  float t[kRows][NP], h[kRows][NP], inv_a[kRows], rr[kRows], ds[kRows];
+  // H is needed again only in pass 2: kept in shared memory up to 32 KB a
+  // block (h_tile, entry (r, n) of thread t at [(r * NP + n) * kThreads +
+  // t]), which frees kRows x NP registers a thread (sm_90, 8 x 8, 128
+  // threads: from 195 registers, two blocks an SM, to three); larger blocks
+  // hold it in registers.
+  constexpr bool kHSmem = bwd_h_in_smem(NP, kThreads);
+  float h_reg[kHSmem ? 1 : kRows][NP];
+  auto h_at = [&](int r, int n) -> float& {
+    if constexpr (kHSmem) return h_tile[(r * NP + n) * kThreads + threadIdx.x];
+    else return h_reg[r][n];
+  };
+  float t[kRows][NP], inv_a[kRows], rr[kRows], ds[kRows];
   float g[NP];
 #pragma unroll
   for (int n = 0; n < NP; ++n) g[n] = n < N ? a.g[p * N + n] : 0.0f;
@@ -95,7 +116,7 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io
         if (a.dplan != nullptr) io.dplan(a, p, m, dp);
       }
     }
-    float row_a = 0.0f, row_r = 0.0f;
+    float row_a = 0.0f, row_r = 0.0f, h_row[NP];
 #pragma unroll
     for (int n = 0; n < NP; ++n) {
       float tv = 0.0f, hv = 0.0f;
@@ -104,55 +125,76 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io
         hv = -tv * (s[n] * ds[r] + dp[n]) * ie;
       }
       t[r][n] = tv;
-      h[r][n] = hv;
+      h_row[n] = hv;
+      h_at(r, n) = hv;
       row_a += tv;
       row_r += hv;
     }
     inv_a[r] = row_a > 0.0f ? 1.0f / row_a : 0.0f;
     rr[r] = row_r;
 #pragma unroll
-    for (int n = 0; n < NP; ++n) rhs[n] += h[r][n] - t[r][n] * inv_a[r] * row_r;
+    for (int n = 0; n < NP; ++n) rhs[n] += h_row[n] - t[r][n] * inv_a[r] * row_r;
   }
   // The weights, sums of positive terms: the Laplacian L = diag(W 1) - W
   // equals diag(b) - T^T diag(1/a) T without its cancellations
-  // (csrc/common/gauge_solve.h).
+  // (csrc/common/gauge_solve.h). W is symmetric and its diagonal unused, so
+  // each warp sums the pairs n < j only (28 of 64 for 8 prompts) and writes
+  // both halves; its partial right-hand side goes beside them.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* my_part = part + warp * kPart;
 #pragma unroll
-  for (int n = 0; n < NP; ++n) {
-    if (n >= N) break;  // uniform across the block
+  for (int n = 0; n < NP - 1; ++n) {
+    if (n >= N - 1) break;  // uniform across the block
     float row[NP];
 #pragma unroll
-    for (int j = 0; j < NP; ++j) {
+    for (int j = n + 1; j < NP; ++j) {
       row[j] = 0.0f;
+      if (j >= N) continue;  // uniform
 #pragma unroll
       for (int r = 0; r < kRows; ++r) row[j] += t[r][n] * t[r][j] * inv_a[r];
-    }
-#pragma unroll
-    for (int j = 0; j < NP; ++j) {
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) row[j] += __shfl_xor_sync(0xffffffffu, row[j], off);
     }
     if (lane == 0) {
 #pragma unroll
-      for (int j = 0; j < NP; ++j) part[(warp * NP + n) * NP + j] = row[j];
+      for (int j = n + 1; j < NP; ++j) {
+        if (j >= N) break;
+        my_part[n * NP + j] = row[j];
+        my_part[j * NP + n] = row[j];
+      }
     }
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < N * NP; i += kThreads) {
-    float acc = 0.0f;
-    for (int w = 0; w < kWarps; ++w) acc += part[w * NP * NP + i];
-    W_s[i] = acc;
+#pragma unroll
+  for (int n = 0; n < NP; ++n) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) rhs[n] += __shfl_xor_sync(0xffffffffu, rhs[n], off);
   }
-  block_reduce<NP, kThreads, false>(rhs, red);  // its barriers also publish W_s
+  if (lane == 0) {
+#pragma unroll
+    for (int n = 0; n < NP; ++n) my_part[NP * NP + n] = rhs[n];
+  }
+  __syncthreads();
   if (warp == 0) {
     // The Laplacian solve by the first warp, lane i holding row i in
-    // registers (csrc/common/gauge_solve.h); the other warps wait.
+    // registers (csrc/common/gauge_solve.h), summing the warps' parts in a
+    // fixed order (no atomics: the same gradient on every launch); the
+    // other warps wait.
     double w_row[NP];
     double b = 0.0;
 #pragma unroll
     for (int j = 0; j < NP; ++j) {
-      w_row[j] = lane < N && j < N ? static_cast<double>(W_s[lane * NP + j]) : 0.0;
-      if (j == lane && j < N) b = rhs[j];
+      float acc = 0.0f;
+      if (lane < N && j < N && j != lane) {
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) acc += part[w * kPart + lane * NP + j];
+      }
+      w_row[j] = acc;
+    }
+    if (lane < N) {
+      float acc = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) acc += part[w * kPart + NP * NP + lane];
+      b = acc;
     }
     const double y = laplacian_gauge_solve_warp<NP>(w_row, b, N);
     if (lane < NP) y_s[lane] = y;
@@ -170,35 +212,32 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io
     float out[NP];
 #pragma unroll
     for (int n = 0; n < NP; ++n) {
-      const float dc = h[r][n] - t[r][n] * (x + static_cast<float>(y_s[n]));
+      const float dc = h_at(r, n) - t[r][n] * (x + static_cast<float>(y_s[n]));
       out[n] = t[r][n] * ds[r] - dc;
     }
     io.grad(a, (p * M + m) * N, out);
   }
 }
 
-template <int NP, int kThreads>
+template <int NP, int kThreads, class IO>
 __global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
-  constexpr int kWarps = kThreads / 32;
-  __shared__ float red[kWarps * NP];
-  __shared__ float part[kWarps * NP * NP];
-  __shared__ float W_s[NP * NP];
+  __shared__ float part[kThreads / 32 * bwd_part_floats(NP)];
   __shared__ double y_s[NP];
-  if constexpr (NP % 4 == 0) {
-    // Uniform across the block (and the launch).
-    if (a.dtype == Dtype::kFloat && a.s_vec == 4 && a.dplan == nullptr && a.grad_vec == 4) {
-      mps_bwd_body<NP, kThreads>(a, F32Vec4RowIO<NP>{}, red, part, W_s, y_s);
-      return;
-    }
-  }
-  mps_bwd_body<NP, kThreads>(a, AnyRowIO<NP>{}, red, part, W_s, y_s);
+  __shared__ float h_tile[bwd_h_in_smem(NP, kThreads) ? bwd_rows(NP) * NP * kThreads : 1];
+  mps_bwd_body<NP, kThreads>(a, IO{}, part, y_s, h_tile);
 }
 
 template <int NP, int T>
 struct LaunchBwd {
   static constexpr int rows(int np) { return bwd_rows(np); }
   static void run(unsigned P, cudaStream_t stream, const BackwardArgs& a) {
-    mps_bwd_kernel<NP, T><<<P, T, 0, stream>>>(a);
+    // One kernel for each way of reading and writing rows, chosen here (as
+    // in the forward, mps_cuda_forward.cu).
+    if (a.dtype == Dtype::kFloat && a.s_vec == 4 && a.dplan == nullptr && a.grad_vec == 4) {
+      mps_bwd_kernel<NP, T, F32Vec4RowIO<NP>><<<P, T, 0, stream>>>(a);
+    } else {
+      mps_bwd_kernel<NP, T, AnyRowIO<NP>><<<P, T, 0, stream>>>(a);
+    }
   }
 };
 

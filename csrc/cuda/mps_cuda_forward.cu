@@ -25,7 +25,7 @@ constexpr float kAbsorb = 30.0f;  // scalings outside [e^-30, e^30] are absorbed
 // scores in registers too, Nsight Compute on an H100 (commit 8667a72) found
 // 255 registers, 164 B of spills and two blocks an SM (12.5% occupancy),
 // limited by registers.
-__host__ __device__ constexpr int fwd_min_blocks(int threads) { return threads <= 128 ? 3 : 1; }
+__host__ __device__ constexpr int fwd_min_blocks(int NP, int threads) { return threads > 128 ? 1 : (NP <= 4 ? 4 : 3); }
 
 // Where the forward keeps the scores after reading them once: in shared
 // memory, each thread's own rows, read back where a log-domain half-step
@@ -41,18 +41,55 @@ __host__ __device__ constexpr bool fwd_scores_in_smem(int NP, int threads) {
   return fwd_rows(NP) * NP * threads * 4 <= 32 * 1024;
 }
 
+// How the forward reads the scores and writes the refined score and the
+// plan. AnyFwdIO takes every dtype, stride and vector width, choosing at run
+// time for each row; F32Vec4FwdIO is the common case alone: float32, rows
+// contiguous and aligned for float4 accesses (the scores, and the plan when
+// asked for). As in the backward (mps_cuda_backward.cu), the kernel chooses
+// once and the common case runs straight-line code: Nsight Compute on an
+// H200 (commit 0b64572) found the forward's warps waiting for instructions
+// 2.3 of the 7.6 cycles between two issued instructions.
+template <int NP>
+struct AnyFwdIO {
+  __device__ __forceinline__ void scores(const ForwardArgs& a, int64_t i0, int64_t sN, float (&x)[NP]) const {
+    load_row<NP>(a.S, i0, sN, a.N, a.dtype, a.s_vec, x, 0.0f);
+  }
+  __device__ __forceinline__ void score(const ForwardArgs& a, int64_t i, float v) const {
+    store_from_float(a.score, i, v, a.dtype);
+  }
+  __device__ __forceinline__ void plan(const ForwardArgs& a, int64_t i0, const float (&t)[NP]) const {
+    store_row<NP>(a.plan, i0, a.N, a.dtype, a.plan_vec, t);
+  }
+};
+
+template <int NP>
+struct F32Vec4FwdIO {
+  static_assert(NP % 4 == 0, "F32Vec4FwdIO: rows of whole float4s");
+  __device__ __forceinline__ void scores(const ForwardArgs& a, int64_t i0, int64_t, float (&x)[NP]) const {
+    load_chunks<NP, 4>(a.S, i0, a.N, Dtype::kFloat, x, 0.0f);
+  }
+  __device__ __forceinline__ void score(const ForwardArgs& a, int64_t i, float v) const {
+    static_cast<float*>(a.score)[i] = v;
+  }
+  __device__ __forceinline__ void plan(const ForwardArgs& a, int64_t i0, const float (&t)[NP]) const {
+    store_chunks<NP, 4>(a.plan, i0, a.N, Dtype::kFloat, t);
+  }
+};
+
+// Two reduction buffers (one barrier a reduction) except for 16 prompts,
+// whose larger buffers would cost an sm_86 GPU its third block an SM.
 template <int NP, int kThreads>
-__global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_kernel(ForwardArgs a) {
+using FwdReducer = BlockReducer<kThreads, NP + 2, NP <= 8 ? 2 : 1>;
+
+// The forward of one problem (the block's), its rows accessed through IO.
+// red: the reductions' shared memory; s_tile: the scores' (kSmem), score
+// (row r, prompt n) of thread t at [(r * NP + n) * kThreads + t]:
+// consecutive threads, consecutive words.
+template <int NP, int kThreads, class IO>
+__device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, const IO& io, float* red, float* s_tile) {
   constexpr int kRows = fwd_rows(NP);
   constexpr bool kSmem = fwd_scores_in_smem(NP, kThreads);
-  // Two reduction buffers (one barrier a reduction) except for 16 prompts,
-  // whose larger buffers would cost an sm_86 GPU its third block an SM.
-  using Reducer = BlockReducer<kThreads, NP + 2, NP <= 8 ? 2 : 1>;
-  __shared__ float red[Reducer::kFloats];
-  Reducer reduce{red};
-  // Score (row r, prompt n) of thread t at [(r * NP + n) * kThreads + t]:
-  // consecutive threads, consecutive words.
-  __shared__ float s_tile[kSmem ? kRows * NP * kThreads : 1];
+  FwdReducer<NP, kThreads> reduce{red};
   const int64_t p = blockIdx.x;
   const int M = a.M, N = a.N;
   const float ie = 1.0f / a.eps;
@@ -77,10 +114,31 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
     beta[n] = 0.0f;
     v[n] = 1.0f;
   }
-  // The scores of row r of this thread (0 past M and past N): from memory
-  // the first time (kept in s_tile where kSmem), then from s_tile.
-  auto load_scores = [&](int r, float (&x)[NP], bool first) {
-    if (kSmem && !first) {
+  if constexpr (kSmem) {
+    // Every row of this thread requested at once, so that all its loads are
+    // in flight together, then kept in s_tile (read back by this thread only:
+    // no barrier).
+    float x[kRows][NP];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int m = threadIdx.x + r * kThreads;
+      if (m < M) {
+        io.scores(a, p * a.sP + m * a.sM, a.sN, x[r]);
+      } else {
+#pragma unroll
+        for (int n = 0; n < NP; ++n) x[r][n] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int n = 0; n < NP; ++n) s_tile[(r * NP + n) * kThreads + threadIdx.x] = x[r][n];
+    }
+  }
+  // The scores of row r of this thread (0 past M and past N): from s_tile
+  // where kSmem, else from memory.
+  auto load_scores = [&](int r, float (&x)[NP]) {
+    if constexpr (kSmem) {
 #pragma unroll
       for (int n = 0; n < NP; ++n) x[n] = s_tile[(r * NP + n) * kThreads + threadIdx.x];
       return;
@@ -93,14 +151,10 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
       // instead of 167 and none).
       int64_t sM = a.sM, sN = a.sN;
       asm volatile("" : "+l"(sM), "+l"(sN));
-      load_row<NP>(a.S, p * a.sP + m * sM, sN, N, a.dtype, a.s_vec, x, 0.0f);
+      io.scores(a, p * a.sP + m * sM, sN, x);
     } else {
 #pragma unroll
       for (int n = 0; n < NP; ++n) x[n] = 0.0f;
-    }
-    if (kSmem) {
-#pragma unroll
-      for (int n = 0; n < NP; ++n) s_tile[(r * NP + n) * kThreads + threadIdx.x] = x[n];
     }
   };
 
@@ -115,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
     for (int r = 0; r < kRows; ++r) {
       const bool live = threadIdx.x + r * kThreads < M;
       float s[NP];
-      load_scores(r, s, first);
+      load_scores(r, s);
       float mx = -INFINITY;
 #pragma unroll
       for (int n = 0; n < NP; ++n) {
@@ -155,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
     for (int r = 0; r < kRows; ++r) {
       const bool live = threadIdx.x + r * kThreads < M;
       float s[NP];
-      load_scores(r, s, false);
+      load_scores(r, s);
 #pragma unroll
       for (int n = 0; n < NP; ++n) {
         k[r][n] = live && n < N ? s[n] * ie + alpha[r] : -INFINITY;
@@ -202,16 +256,19 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
     }
     return ok;
   };
-  // v = nu / (K^T u); false when a scaling left the safe range.
-  auto scale_cols = [&]() {
-    float z[NP];
+  // v = nu / (K^T u), and `extra` summed over the block in the same
+  // reduction (one barrier for both); false when a scaling left the safe range.
+  auto scale_cols = [&](float& extra) {
+    float z[NP + 1];
 #pragma unroll
     for (int n = 0; n < NP; ++n) {
       z[n] = 0.0f;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) z[n] += k[r][n] * u[r];
     }
+    z[NP] = extra;
     reduce.template operator()<false>(z);
+    extra = z[NP];
     return scale_v(z);
   };
 
@@ -268,15 +325,14 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
         for (int n = 0; n < NP; ++n) beta[n] += n < N ? __logf(v[n]) : 0.0f;
       }
       bool bad = false;
-      float c[1] = {rebuild_rows(!have_kernel, &bad)};
+      change = rebuild_rows(!have_kernel, &bad);
       // The pointer is the same in every thread, so the barrier is reached by all or none.
       if (!have_kernel && a.nonfinite != nullptr && __syncthreads_or(bad)) {
         if (threadIdx.x == 0) atomicExch(a.nonfinite, 1);
       }
       have_kernel = true;
-      if (!scale_cols()) rebuild_cols();
-      reduce.template operator()<false>(c);
-      change = c[0];
+      // The change summed over the block with the column products.
+      if (!scale_cols(change)) rebuild_cols();
     }
     if (a.eps * change / M < a.tol) break;
   }
@@ -290,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
     if (m >= M) continue;
     a.f[p * M + m] = a.eps * (alpha[r] + log_u[r]);
     float s[NP];
-    load_scores(r, s, false);
+    load_scores(r, s);
     float t[NP];
     float acc = 0.0f;
 #pragma unroll
@@ -298,8 +354,8 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
       t[n] = u[r] * k[r][n] * v[n];
       acc += k[r][n] * v[n] * s[n];
     }
-    store_from_float(a.score, p * M + m, mn * u[r] * acc, a.dtype);
-    if (a.plan != nullptr) store_row<NP>(a.plan, (p * M + m) * N, N, a.dtype, a.plan_vec, t);
+    io.score(a, p * M + m, mn * u[r] * acc);
+    if (a.plan != nullptr) io.plan(a, (p * M + m) * N, t);
   }
   if (threadIdx.x == 0) {
     // Unrolled to NP: an index below a run-time bound would put beta and v in
@@ -311,11 +367,25 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(kThreads)) mps_fwd_ke
   }
 }
 
+template <int NP, int kThreads, class IO>
+__global__ void __launch_bounds__(kThreads, fwd_min_blocks(NP, kThreads)) mps_fwd_kernel(ForwardArgs a) {
+  __shared__ float red[FwdReducer<NP, kThreads>::kFloats];
+  __shared__ float s_tile[fwd_scores_in_smem(NP, kThreads) ? fwd_rows(NP) * NP * kThreads : 1];
+  mps_fwd_body<NP, kThreads>(a, IO{}, red, s_tile);
+}
+
 template <int NP, int T>
 struct LaunchFwd {
   static constexpr int rows(int np) { return fwd_rows(np); }
   static void run(unsigned P, cudaStream_t stream, const ForwardArgs& a) {
-    mps_fwd_kernel<NP, T><<<P, T, 0, stream>>>(a);
+    // One kernel for each way of reading and writing rows, chosen here: in
+    // one kernel with a branch on them, the two paths' register allocation
+    // together spilled (sm_90, 8 x 8, 128 threads: 8 B) where neither alone does.
+    if (a.dtype == Dtype::kFloat && a.s_vec == 4 && (a.plan == nullptr || a.plan_vec == 4)) {
+      mps_fwd_kernel<NP, T, F32Vec4FwdIO<NP>><<<P, T, 0, stream>>>(a);
+    } else {
+      mps_fwd_kernel<NP, T, AnyFwdIO<NP>><<<P, T, 0, stream>>>(a);
+    }
   }
 };
 
