@@ -37,7 +37,9 @@
 # smoke step, of cuda and triton: the torch.compile peer is
 # left out here because its compile time, per case and per direction, would
 # take a third of the budget), OTSEG_GIT_COMMIT (the commit, recorded in the
-# results where the copy has no .git).
+# results where the copy has no .git; give it as a literal hash written where
+# the commit is known: `$(git rev-parse HEAD)` evaluated on the remote copy
+# named a stale commit in the H100 run of ea3ceed).
 #
 # Files written (at most 8, so that a remote runner can return them all):
 # summary.txt (with the smoke test's lines and the profile table), build.log, gpu-tests.log (per test,

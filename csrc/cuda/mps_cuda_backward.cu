@@ -25,7 +25,10 @@ namespace {
 // for each (LaunchBwd), and the common case runs straight-line code.
 template <int NP>
 struct AnyRowIO {
-  static constexpr bool kDplan = true;  // may be present (a.dplan)
+  static constexpr bool kDplan = true;     // may be present (a.dplan)
+  // Rows read one at a time (see mps_bwd_body): requested at once, ptxas
+  // chose 128 registers and spilled (sm_90, 8 x 8, 128 threads).
+  static constexpr bool kPrefetch = false;
   __device__ __forceinline__ float dscore(const BackwardArgs& a, int64_t i) const {
     return load_as_float(a.dscore, i, a.dtype);
   }
@@ -43,7 +46,8 @@ struct AnyRowIO {
 template <int NP>
 struct F32Vec4RowIO {
   static_assert(NP % 4 == 0, "F32Vec4RowIO: rows of whole float4s");
-  static constexpr bool kDplan = false;  // no dplan(): never read
+  static constexpr bool kDplan = false;    // no dplan(): never read
+  static constexpr bool kPrefetch = true;  // see mps_bwd_body
   __device__ __forceinline__ float dscore(const BackwardArgs& a, int64_t i) const {
     return static_cast<const float*>(a.dscore)[i];
   }
@@ -95,6 +99,38 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io
   float g[NP];
 #pragma unroll
   for (int n = 0; n < NP; ++n) g[n] = n < N ? a.g[p * N + n] : 0.0f;
+  // f, dS* and the scores of each row (0 past M and N): where H goes to
+  // shared memory and IO::kPrefetch, every row's loads are requested at
+  // once, so that they are in flight together (Nsight Compute on an H100,
+  // commit ea3ceed: the warps waited 3.7 of 10.5 cycles an instruction on
+  // memory with each row's loads issued after the previous row's
+  // arithmetic), and the scores wait in h_tile, each thread's own entries
+  // (no barrier), until pass 1 writes H over them.
+  constexpr bool kPrefetch = kHSmem && IO::kPrefetch;
+  float fm[kRows];
+  auto load_f_ds = [&](int r) {
+    const int m = threadIdx.x + r * kThreads;
+    const bool live = m < M;
+    fm[r] = live ? a.f[p * M + m] : 0.0f;
+    ds[r] = live && a.dscore != nullptr ? io.dscore(a, p * M + m) * mn : 0.0f;
+  };
+  if constexpr (kPrefetch) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) load_f_ds(r);
+    float x[kRows][NP];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int m = threadIdx.x + r * kThreads;
+#pragma unroll
+      for (int n = 0; n < NP; ++n) x[r][n] = 0.0f;
+      if (m < M) io.scores(a, p, m, x[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int n = 0; n < NP; ++n) h_at(r, n) = x[r][n];
+    }
+  }
   // Pass 1: T, H = -(T * G) / eps; row sums a, r; the right-hand side
   // s - T^T (r / a) of the Laplacian system.
   float rhs[NP];
@@ -104,14 +140,17 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io
   for (int r = 0; r < kRows; ++r) {
     const int m = threadIdx.x + r * kThreads;
     const bool live = m < M;
-    const float fm = live ? a.f[p * M + m] : 0.0f;
-    ds[r] = live && a.dscore != nullptr ? io.dscore(a, p * M + m) * mn : 0.0f;
+    if constexpr (!kPrefetch) load_f_ds(r);
     // Scores and the plan's upstream gradient of the row (0 past M and N).
     float s[NP], dp[NP];
 #pragma unroll
     for (int n = 0; n < NP; ++n) s[n] = dp[n] = 0.0f;
+    if constexpr (kPrefetch) {
+#pragma unroll
+      for (int n = 0; n < NP; ++n) s[n] = h_at(r, n);
+    }
     if (live) {
-      io.scores(a, p, m, s);
+      if constexpr (!kPrefetch) io.scores(a, p, m, s);
       if constexpr (IO::kDplan) {
         if (a.dplan != nullptr) io.dplan(a, p, m, dp);
       }
@@ -121,7 +160,7 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io
     for (int n = 0; n < NP; ++n) {
       float tv = 0.0f, hv = 0.0f;
       if (live && n < N) {
-        tv = __expf((fm + g[n] - 1.0f + s[n]) * ie);
+        tv = __expf((fm[r] + g[n] - 1.0f + s[n]) * ie);
         hv = -tv * (s[n] * ds[r] + dp[n]) * ie;
       }
       t[r][n] = tv;
