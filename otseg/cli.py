@@ -73,8 +73,10 @@ def _parser():
         ("--generators", GENERATORS, "generator", "score generators; default: clip,hard"),
         ("--modes", MODES, "mode", "iteration modes (converged: tol 1e-6, max_iter 100; fixedN: tol 0, "
                                    "max_iter N); default: converged"),
-        ("--backends", METHOD_NAMES, "backend", "otseg backends and peers to run; default: the peers and the "
-                                                "otseg backends of the device"),
+        ("--backends", METHOD_NAMES, "backend", "otseg backends and peers to run (floor, only when named: "
+                                                "scores.sum(-1) under the same harness, on a GPU the least a "
+                                                "call costs); default: pot, compile and the otseg backends of "
+                                                "the device"),
     )
     for flag, choices, what, text in lists:
         bench.add_argument(flag, nargs="+", type=_names(list(choices), what), metavar="NAME",

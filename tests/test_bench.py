@@ -35,21 +35,26 @@ def test_hard_scores_need_many_iterations_and_are_seeded():
 @pytest.mark.slow
 def test_otseg_bench_quick_writes_table_results_and_plot(tmp_path):
     cmd = [sys.executable, "-m", "otseg", "bench", "--quick", "--generators", "clip",
-           "--backends", "reference,cpu,pot", "--out", str(tmp_path)]
+           "--backends", "reference,cpu,pot,floor", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = proc.stdout
-    for word in ("case", "fwd ms", "speedup fwd", "reference", "cpu", "pot"):
+    for word in ("case", "fwd ms", "speedup fwd", "reference", "cpu", "pot", "floor"):
         assert word in table
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     by_backend = {r["backend"]: r for r in rows}
-    assert set(by_backend) == {"reference", "cpu", "pot"}
+    assert set(by_backend) == {"reference", "cpu", "pot", "floor"}
     cpu = by_backend["cpu"]
     assert cpu["status"] == "ok" and cpu["fwd_ms"] > 0 and cpu["fwd_bwd_ms"] > 0 and cpu["peak_mb"] > 0
     assert cpu["max_err"] < 1e-4 and cpu["speedup_fwd"] > 1
     assert by_backend["reference"]["speedup_fwd"] == 1.0
+    # The floor (scores.sum(-1) under the same harness) is timed, not scored.
+    floor = by_backend["floor"]
+    assert floor["status"] == "ok" and floor["fwd_bwd_ms"] > 0 and floor["speedup_fwd"] > 1
+    assert floor["max_err"] is None and floor["iters_mean"] is None
+    assert "floor: not a solver" in (tmp_path / "latest.md").read_text()
     assert cpu["machine"]["cores"] >= 1 and cpu["versions"]["torch"] == torch.__version__
-    assert (tmp_path / "latest.md").read_text().count("| voc |") == 3
+    assert (tmp_path / "latest.md").read_text().count("| voc |") == 4
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

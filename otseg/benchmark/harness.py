@@ -8,7 +8,18 @@ Methods (the ``backend`` column):
 - "pot": POT's ``ot.solve_batch(method="log_sinkhorn", grad="autodiff")`` on
   the torch tensors, the refined score taken from its plan;
 - "compile": ``torch.compile`` of ``fixed_iteration_mps``, the log-domain loop
-  with a fixed number of iterations and no host synchronisation.
+  with a fixed number of iterations and no host synchronisation;
+- "floor" (only when asked for): not a solver: ``scores.sum(-1)`` in place
+  of the Sinkhorn, timed the same way. It reads S once and writes a [B, K,
+  M] result, and its backward writes the [B, K, M, N] gradient
+  (AccumulateGrad's copy of the expanded gradient): the traffic any backend
+  must have, with the loss, the autograd engine and one kernel each way
+  around it. On a GPU its times are the harness's own cost, so the
+  reference's time over the floor's bounds the speedup any backend can show
+  on that row (where the host sets the time, that bound is the host's). On
+  the CPU its backward's broadcast copy is slower than the cpu backend's
+  whole backward (voc / clip: 5.2 against 1.2 ms forward+backward), so there
+  it bounds the forward only. No error or iterations.
 """
 
 import datetime
@@ -26,8 +37,8 @@ from . import report
 from .generators import CASES, EPS, MODES, make_scores
 from .measure import PeakMemory, copy_bandwidth_gbs, median_ms, queued_ms
 
-PEERS = ("pot", "compile")
-METHOD_NAMES = BACKEND_NAMES + PEERS
+PEERS = ("pot", "compile")  # run by default
+METHOD_NAMES = BACKEND_NAMES + PEERS + ("floor",)
 COMPILE_SCOPES = ("step", "loop")
 # Fewest calls in a queued-time measurement (CUDA runs).
 QUEUED_MIN_CALLS = 10
@@ -79,11 +90,14 @@ class Method:
         run: scores [B, K, M, N] -> (refined score [B, K, M], iterations: an
             int, or an int tensor [B, K] per problem).
         note: shown in the table's note column.
+        solves: whether ``run`` solves the problem (the floor does not: its
+            error and iterations are not reported).
     """
 
     name: str
     run: callable
     note: str = ""
+    solves: bool = True  # False: no error or iterations to report (the floor)
 
 
 def _otseg_method(backend, mode):
@@ -120,6 +134,12 @@ def _compile_method(mode, n_iter, scope, compiled_step):
     return Method("compile", lambda scores: (run_score(scores), n_iter), f"{scope} scope, {n_iter} it{why}")
 
 
+def _floor_method():
+    return Method("floor", lambda scores: (scores.sum(-1), 0),
+                  "scores.sum(-1) in place of the Sinkhorn: the harness's own cost, a bound on every speedup",
+                  solves=False)
+
+
 def _make_method(name, mode, device, ref_iters, compile_scope, compiled_step):
     """The Method called ``name`` for one problem.
 
@@ -137,6 +157,8 @@ def _make_method(name, mode, device, ref_iters, compile_scope, compiled_step):
     """
     if name == "pot":
         return _pot_method(mode)
+    if name == "floor":
+        return _floor_method()
     if name == "compile":
         return _compile_method(mode, ref_iters if mode.tol > 0 else mode.max_iter, compile_scope, compiled_step)
     ops.resolve_backend(name, device)
@@ -181,8 +203,8 @@ def _measure(method, scores, weight, truth, peak_memory, timing):
     fwd_ms, fwd_repeats, fwd_warmup_s, (score, n_iter) = median_ms(lambda: method.run(scores), device, **timing)
     # What a forward must move at the least: read S once, write the refined score.
     fwd_bytes = scores.numel() * scores.element_size() + score.numel() * score.element_size()
-    iters_mean, iters_max = _iters(n_iter)
-    max_err = (score.double() - truth).abs().max().item()
+    iters_mean, iters_max = _iters(n_iter) if method.solves else (None, None)
+    max_err = (score.double() - truth).abs().max().item() if method.solves else None
     del score, n_iter
 
     x = scores.detach().clone().requires_grad_(True)

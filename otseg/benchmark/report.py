@@ -154,7 +154,8 @@ def _cells(row, columns=COLUMNS):
         elif header == "generator/mode":
             cells.append(f"{row['generator']}/{row['mode']}")
         elif header == "iters mean/max":
-            cells.append(f"{row['iters_mean']:.1f}/{row['iters_max']}" if row["status"] == "ok" else "-")
+            cells.append(f"{row['iters_mean']:.1f}/{row['iters_max']}"
+                         if row["status"] == "ok" and row.get("iters_mean") is not None else "-")
         elif header == "note":
             cells.append(row["note"] if row["status"] == "ok" else f"{row['status']}: {row['note']}")
         else:
@@ -254,6 +255,13 @@ def notes(rows, env, peak_memory, compile_scope):
                  "iterations" if compile_scope == "step" else "the whole unrolled loop is one graph")
         lines.append(f"compile: torch.compile of the fixed-iteration loop, {compile_scope} scope ({scope}); compile "
                      "time is in the warm-up, not in the times (warmup_s in results.jsonl).")
+    if "floor" in ran:
+        lines.append("floor: not a solver: scores.sum(-1) in place of the Sinkhorn, under the same loss, timing and "
+                     "autograd. It reads S once, writes the [B, K, M] result and, backward, the [B, K, M, N] "
+                     "gradient, one kernel each way: on a GPU the least any backend's call costs in this harness, so "
+                     "its speedup column bounds every backend's on the row (where the host sets a call's time, "
+                     "that bound is the host's); on the CPU its backward's broadcast copy is slow, and it bounds "
+                     "the forward only.")
     if "pot" in ran:
         lines.append("pot: ot.solve_batch(1 - S, reg=eps, method='log_sinkhorn', grad='autodiff') on [B*K, M, N]; "
                      "grad='autodiff' differentiates the plan through the unrolled loop, like the reference.")
