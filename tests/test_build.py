@@ -66,8 +66,8 @@ def test_cuda_kernels_register_budget():
     fit on an SM (four up to 4 prompts: 128 registers), with the scores in
     shared memory and no local memory up to 8 prompts (16 prompts: at most
     16 B of spills); the backward's blocks of 128 threads likewise three an
-    SM up to 16 prompts (H in shared memory), four up to 4, and no spills up
-    to 256 threads (2048 pixels up to 8 prompts, 1024 with 16)."""
+    SM up to 16 prompts (H in shared memory), at least four up to 4, and no
+    spills up to 256 threads (2048 pixels up to 8 prompts, 1024 with 16)."""
     cuda_ptxas = import_bench_script("cuda_ptxas")
     rows = cuda_ptxas.parse(cuda_ptxas.ptxas_report(90))
     by_shape = {(r["kernel"], r["NP"], r["threads"], r["io"]): r for r in rows}

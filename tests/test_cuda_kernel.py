@@ -24,8 +24,11 @@ pytestmark = [
 # Every block shape the dispatch can pick: 8 rows a thread in the forward up
 # to 8 prompts (128 / 256 / 512 threads), 4 rows otherwise and in the backward.
 # (3000, 12): 16 prompts in 1024 threads; (2000, 4): 4 prompts in 256 threads,
-# the scores still in shared memory.
-SIZES = [(1, 1), (37, 6), (129, 8), (900, 8), (1023, 16), (2000, 4), (2500, 6), (3000, 8), (3000, 12), (4096, 3)]
+# the scores still in shared memory; (100, 4): the float32-vector kernel of 4
+# prompts (four blocks an SM); N = 1, 3, 6 and 12 take the kernel for any
+# dtype and stride in float32 too (rows not of whole float4s).
+SIZES = [(1, 1), (37, 6), (100, 4), (129, 8), (900, 8), (1023, 16), (2000, 4), (2500, 6), (3000, 8), (3000, 12),
+         (4096, 3)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Absolute tolerance on the refined score (values of order 1..N) and on the plan * M * N.
 ATOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 1.5e-1}
@@ -109,7 +112,11 @@ def test_per_problem_independence():
     assert ia.n_iter[0] == ib.n_iter[0]
 
 
-GRAD_SIZES = [(50, 1), (50, 3), (37, 6), (257, 8), (129, 16), (2500, 6)]
+# Both backward kernels (float32 vectors where N is a multiple of 4, else the
+# one for any row) and every place H can wait: shared memory with the rows
+# read at once (129 x 4, 1500 x 4 in 256 threads, 257 x 8, 129 x 16),
+# shared memory read row by row (50 x 3, 37 x 6), registers (2000 x 8, 2500 x 6).
+GRAD_SIZES = [(50, 1), (50, 3), (37, 6), (129, 4), (1500, 4), (257, 8), (129, 16), (2000, 8), (2500, 6)]
 
 
 @pytest.mark.parametrize("M,N", GRAD_SIZES, ids=_ids(GRAD_SIZES))

@@ -25,8 +25,9 @@ namespace cuda {
 // H100: otseg/ops/mps/triton.py, _blocks). 16 prompts keep 4 rows (registers).
 // The backward likewise (the Triton backward ran 1.4x faster with 4 warps than
 // with 8 on an H100, while this kernel, at 4 rows and 256 threads for
-// 1024 x 8, took twice the Triton backward's time): 213 registers, no
-// spills, two blocks of 128 threads an SM for sm_90 (bench/cuda_ptxas.py).
+// 1024 x 8, took twice the Triton backward's time): with H in shared memory
+// (bwd_h_in_smem), 134-140 registers, no spills, three blocks of 128
+// threads an SM for sm_90 (bench/cuda_ptxas.py).
 __host__ __device__ constexpr int fwd_rows(int NP) { return NP <= 8 ? 8 : 4; }
 __host__ __device__ constexpr int bwd_rows(int NP) { return NP <= 8 ? 8 : 4; }
 

@@ -19,13 +19,16 @@ namespace {
 constexpr float kAbsorb = 30.0f;  // scalings outside [e^-30, e^30] are absorbed
 
 // Blocks of kThreads the forward asks to fit on one SM (65536 registers):
-// three of 128 threads, at most 168 registers a thread. The registers hold
+// three of 128 threads, at most 168 registers a thread (four up to 4
+// prompts, at most 128). The registers hold
 // the kernel matrix, not the scores, which leaves a thread of 8 rows x 8
 // prompts about 110 live values (sm_90: 168 registers, no spills). With the
 // scores in registers too, Nsight Compute on an H100 (commit 8667a72) found
 // 255 registers, 164 B of spills and two blocks an SM (12.5% occupancy),
 // limited by registers.
-__host__ __device__ constexpr int fwd_min_blocks(int NP, int threads) { return threads > 128 ? 1 : (NP <= 4 ? 4 : 3); }
+__host__ __device__ constexpr int fwd_min_blocks(int NP, int threads) {
+  return threads > 128 ? 1 : (NP <= 4 ? 4 : 3);
+}
 
 // Where the forward keeps the scores after reading them once: in shared
 // memory, each thread's own rows, read back where a log-domain half-step
@@ -294,13 +297,17 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, const IO& io,
         float kv = 0.0f;
 #pragma unroll
         for (int n = 0; n < NP; ++n) kv += k[r][n] * v[n];
+        // A row past M keeps K = 0, u = 1 and log u = 0 (the rebuilds set
+        // them so, and so does this sweep: not from __logf(1), whose
+        // exactness is not documented), so it adds exactly 0 to every sum
+        // below: one select a row instead of one per entry.
         const float um = live ? mu / kv : 1.0f;
         acc[NP + 1] += um >= lo_ok && um <= hi_ok ? 0.0f : 1.0f;
-        lu_new[r] = __logf(um);
-        acc[NP] += live ? fabsf(lu_new[r] - log_u[r]) : 0.0f;
+        lu_new[r] = live ? __logf(um) : 0.0f;
+        acc[NP] += fabsf(lu_new[r] - log_u[r]);
         u[r] = um;
 #pragma unroll
-        for (int n = 0; n < NP; ++n) acc[n] += live ? k[r][n] * um : 0.0f;
+        for (int n = 0; n < NP; ++n) acc[n] += k[r][n] * um;
       }
       reduce.template operator()<false>(acc);
       if (acc[NP + 1] == 0.0f) {
