@@ -24,9 +24,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# mps_fwd_kernel<8, 128, F32Vec4FwdIO<8>>: "_ZN5otseg4cuda12_GLOBAL__N_114mps_fwd_kernelILi8ELi128ENS1_12F32Vec4FwdIOILi8EEEEEvNS0_11ForwardArgsE"
+# mps_fwd_kernel<8, 128, F32Vec4Rows<8>>: "_ZN5otseg4cuda12_GLOBAL__N_114mps_fwd_kernelILi8ELi128ENS0_11F32Vec4RowsILi8EEEEEvNS0_11ForwardArgsE"
 _ENTRY = re.compile(r"Compiling entry function '\S*mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)'")
-# Each kernel's way of reading and writing rows (its IO template argument).
+# Each kernel's way of reading and writing rows (its Rows template argument).
 _IO = (("F32Vec4", "float32 x4"), ("Any", "any"))
 _USAGE = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")

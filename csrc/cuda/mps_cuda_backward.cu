@@ -13,51 +13,9 @@ namespace otseg {
 namespace cuda {
 namespace {
 
-// How the backward reads and writes its rows. AnyRowIO takes every dtype,
-// stride and vector width, choosing at run time for each row. F32Vec4RowIO
-// is the common case alone: float32 scores, gradient rows contiguous and
-// aligned for float4 accesses, no plan gradient. Nsight Compute on an H200
-// (commit 0b64572) found the backward's warps waiting most for instructions
-// ("no instruction", 5.4 cycles an issued instruction, against 1.2 at a
-// barrier): with every row's accesses compiled for every dtype and width
-// inline, 1024 x 8 was 13.9 k instructions (216 KB) of code, each row
-// jumping over the paths it does not take. The launch now chooses a kernel
-// for each (LaunchBwd), and the common case runs straight-line code.
-template <int NP>
-struct AnyRowIO {
-  static constexpr bool kDplan = true;     // may be present (a.dplan)
-  // Rows read one at a time (see mps_bwd_body): requested at once, ptxas
-  // chose 128 registers and spilled (sm_90, 8 x 8, 128 threads).
-  static constexpr bool kPrefetch = false;
-  __device__ __forceinline__ float dscore(const BackwardArgs& a, int64_t i) const {
-    return load_as_float(a.dscore, i, a.dtype);
-  }
-  __device__ __forceinline__ void scores(const BackwardArgs& a, int64_t p, int m, float (&s)[NP]) const {
-    load_row<NP>(a.S, p * a.sP + m * a.sM, a.sN, a.N, a.dtype, a.s_vec, s, 0.0f);
-  }
-  __device__ __forceinline__ void dplan(const BackwardArgs& a, int64_t p, int m, float (&dp)[NP]) const {
-    load_row<NP>(a.dplan, p * a.dpP + m * a.dpM, a.dpN, a.N, a.dtype, a.dp_vec, dp, 0.0f);
-  }
-  __device__ __forceinline__ void grad(const BackwardArgs& a, int64_t i0, const float (&x)[NP]) const {
-    store_row<NP>(a.grad, i0, a.N, a.dtype, a.grad_vec, x);
-  }
-};
-
-template <int NP>
-struct F32Vec4RowIO {
-  static_assert(NP % 4 == 0, "F32Vec4RowIO: rows of whole float4s");
-  static constexpr bool kDplan = false;    // no dplan(): never read
-  static constexpr bool kPrefetch = true;  // see mps_bwd_body
-  __device__ __forceinline__ float dscore(const BackwardArgs& a, int64_t i) const {
-    return static_cast<const float*>(a.dscore)[i];
-  }
-  __device__ __forceinline__ void scores(const BackwardArgs& a, int64_t p, int m, float (&s)[NP]) const {
-    load_chunks<NP, 4>(a.S, p * a.sP + m * a.sM, a.N, Dtype::kFloat, s, 0.0f);
-  }
-  __device__ __forceinline__ void grad(const BackwardArgs& a, int64_t i0, const float (&x)[NP]) const {
-    store_chunks<NP, 4>(a.grad, i0, a.N, Dtype::kFloat, x);
-  }
-};
+// The backward's rows are read and written through AnyRows or F32Vec4Rows
+// (mps_cuda_device.cuh); the float32 kernel is launched only without a plan
+// gradient (LaunchBwd), so it never reads one.
 
 // Floats of shared memory a warp of the backward writes: its partial sums of
 // the prompt weights W[n][j] = sum_m T_mn T_mj / a_m (NP x NP, diagonal
@@ -70,12 +28,11 @@ __host__ __device__ constexpr bool bwd_h_in_smem(int NP, int threads) {
   return bwd_rows(NP) * NP * threads * 4 <= 32 * 1024;
 }
 
-// The backward of one problem (the block's), its rows accessed through IO.
+// The backward of one problem (the block's), its rows accessed through Rows.
 // Shared memory: part [kWarps * bwd_part_floats(NP)], the warps' partial
 // sums; y_s [NP], the solution; h_tile, H where bwd_h_in_smem.
-template <int NP, int kThreads, class IO>
-__device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io, float* part, double* y_s,
-                                             float* h_tile) {
+template <int NP, int kThreads, class Rows>
+__device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part, double* y_s, float* h_tile) {
   constexpr int kRows = bwd_rows(NP);
   constexpr int kWarps = kThreads / 32;
   constexpr int kPart = bwd_part_floats(NP);
@@ -85,14 +42,13 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io
   const float mn = static_cast<float>(M) * static_cast<float>(N);
 
   // H is needed again only in pass 2: kept in shared memory up to 32 KB a
-  // block (h_tile, entry (r, n) of thread t at [(r * NP + n) * kThreads +
-  // t]), which frees kRows x NP registers a thread (sm_90, 8 x 8, 128
-  // threads: from 195 registers, two blocks an SM, to three); larger blocks
-  // hold it in registers.
+  // block (h_tile, tile_at), which frees kRows x NP registers a thread
+  // (sm_90, 8 x 8, 128 threads: from 195 registers, two blocks an SM, to
+  // three); larger blocks hold it in registers.
   constexpr bool kHSmem = bwd_h_in_smem(NP, kThreads);
   float h_reg[kHSmem ? 1 : kRows][NP];
   auto h_at = [&](int r, int n) -> float& {
-    if constexpr (kHSmem) return h_tile[(r * NP + n) * kThreads + threadIdx.x];
+    if constexpr (kHSmem) return tile_at<NP, kThreads>(h_tile, r, n);
     else return h_reg[r][n];
   };
   float t[kRows][NP], inv_a[kRows], rr[kRows], ds[kRows];
@@ -100,36 +56,27 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io
 #pragma unroll
   for (int n = 0; n < NP; ++n) g[n] = n < N ? a.g[p * N + n] : 0.0f;
   // f, dS* and the scores of each row (0 past M and N): where H goes to
-  // shared memory and IO::kPrefetch, every row's loads are requested at
-  // once, so that they are in flight together (Nsight Compute on an H100,
-  // commit ea3ceed: the warps waited 3.7 of 10.5 cycles an instruction on
-  // memory with each row's loads issued after the previous row's
-  // arithmetic), and the scores wait in h_tile, each thread's own entries
-  // (no barrier), until pass 1 writes H over them.
-  constexpr bool kPrefetch = kHSmem && IO::kPrefetch;
+  // shared memory, the float32 kernel requests every row's loads at once, so
+  // that they are in flight together (Nsight Compute on an H100, commit
+  // ea3ceed: the warps waited 3.7 of 10.5 cycles an instruction on memory
+  // with each row's loads issued after the previous row's arithmetic), and
+  // the scores wait in h_tile until pass 1 writes H over them. The kernel
+  // for any rows reads them row by row: requested at once, ptxas chose 128
+  // registers and spilled (sm_90, 8 x 8, 128 threads).
+  constexpr bool kPrefetch = kHSmem && Rows::kF32Vec4;
   float fm[kRows];
   auto load_f_ds = [&](int r) {
     const int m = threadIdx.x + r * kThreads;
     const bool live = m < M;
     fm[r] = live ? a.f[p * M + m] : 0.0f;
-    ds[r] = live && a.dscore != nullptr ? io.dscore(a, p * M + m) * mn : 0.0f;
+    ds[r] = live && a.dscore != nullptr ? Rows::load1(a.dscore, p * M + m, a.dtype) * mn : 0.0f;
   };
   if constexpr (kPrefetch) {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) load_f_ds(r);
-    float x[kRows][NP];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int m = threadIdx.x + r * kThreads;
-#pragma unroll
-      for (int n = 0; n < NP; ++n) x[r][n] = 0.0f;
-      if (m < M) io.scores(a, p, m, x[r]);
-    }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int n = 0; n < NP; ++n) h_at(r, n) = x[r][n];
-    }
+    stage_rows<NP, kRows, kThreads>(h_tile, M, [&](int m, float(&x)[NP]) {
+      Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, x);
+    });
   }
   // Pass 1: T, H = -(T * G) / eps; row sums a, r; the right-hand side
   // s - T^T (r / a) of the Laplacian system.
@@ -150,9 +97,9 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io
       for (int n = 0; n < NP; ++n) s[n] = h_at(r, n);
     }
     if (live) {
-      if constexpr (!kPrefetch) io.scores(a, p, m, s);
-      if constexpr (IO::kDplan) {
-        if (a.dplan != nullptr) io.dplan(a, p, m, dp);
+      if constexpr (!kPrefetch) Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, s);
+      if constexpr (!Rows::kF32Vec4) {
+        if (a.dplan != nullptr) Rows::load(a.dplan, p * a.dpP + m * a.dpM, a.dpN, N, a.dtype, a.dp_vec, dp);
       }
     }
     float row_a = 0.0f, row_r = 0.0f, h_row[NP];
@@ -254,28 +201,27 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, const IO& io
       const float dc = h_at(r, n) - t[r][n] * (x + static_cast<float>(y_s[n]));
       out[n] = t[r][n] * ds[r] - dc;
     }
-    io.grad(a, (p * M + m) * N, out);
+    Rows::store(a.grad, (p * M + m) * N, N, a.dtype, a.grad_vec, out);
   }
 }
 
-template <int NP, int kThreads, class IO>
+template <int NP, int kThreads, class Rows>
 __global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
   __shared__ float part[kThreads / 32 * bwd_part_floats(NP)];
   __shared__ double y_s[NP];
   __shared__ float h_tile[bwd_h_in_smem(NP, kThreads) ? bwd_rows(NP) * NP * kThreads : 1];
-  mps_bwd_body<NP, kThreads>(a, IO{}, part, y_s, h_tile);
+  mps_bwd_body<NP, kThreads, Rows>(a, part, y_s, h_tile);
 }
 
 template <int NP, int T>
 struct LaunchBwd {
   static constexpr int rows(int np) { return bwd_rows(np); }
   static void run(unsigned P, cudaStream_t stream, const BackwardArgs& a) {
-    // One kernel for each way of reading and writing rows, chosen here (as
-    // in the forward, mps_cuda_forward.cu).
+    // The kernel for the rows' layout (AnyRows, F32Vec4Rows: mps_cuda_device.cuh).
     if (a.dtype == Dtype::kFloat && a.s_vec == 4 && a.dplan == nullptr && a.grad_vec == 4) {
-      mps_bwd_kernel<NP, T, F32Vec4RowIO<NP>><<<P, T, 0, stream>>>(a);
+      mps_bwd_kernel<NP, T, F32Vec4Rows<NP>><<<P, T, 0, stream>>>(a);
     } else {
-      mps_bwd_kernel<NP, T, AnyRowIO<NP>><<<P, T, 0, stream>>>(a);
+      mps_bwd_kernel<NP, T, AnyRows<NP>><<<P, T, 0, stream>>>(a);
     }
   }
 };

@@ -199,6 +199,86 @@ __device__ __forceinline__ void store_row(void* base, int64_t i0, int N, Dtype d
     if (n < N) store_from_float(base, i0 + n, x[n], dt);
 }
 
+// How a kernel reads and writes its rows; each kernel is compiled for both
+// and the launch picks one (LaunchFwd, LaunchBwd). AnyRows takes every
+// dtype, stride and vector width, choosing at run time for each row;
+// F32Vec4Rows is the common case alone: float32 rows of whole float4
+// vectors, contiguous and aligned (vector_width 4, mps_cuda.cpp). Nsight
+// Compute on an H200 (commit 0b64572) found both kernels' warps waiting for
+// instructions (the forward 2.3 of 7.6 cycles an issued instruction, the
+// backward 5.4 of about 13) with every row's accesses compiled for every
+// dtype and width inline; on an H100 since (ea3ceed, e18088e), 0.14. In one
+// kernel with a branch, the two paths' joint register allocation spilled.
+template <int NP>
+struct AnyRows {
+  static constexpr bool kF32Vec4 = false;
+  __device__ __forceinline__ static void load(const void* base, int64_t i0, int64_t stride, int N, Dtype dt,
+                                              int vec, float (&x)[NP]) {
+    load_row<NP>(base, i0, stride, N, dt, vec, x, 0.0f);
+  }
+  __device__ __forceinline__ static void store(void* base, int64_t i0, int N, Dtype dt, int vec,
+                                               const float (&x)[NP]) {
+    store_row<NP>(base, i0, N, dt, vec, x);
+  }
+  __device__ __forceinline__ static float load1(const void* base, int64_t i, Dtype dt) {
+    return load_as_float(base, i, dt);
+  }
+  __device__ __forceinline__ static void store1(void* base, int64_t i, float v, Dtype dt) {
+    store_from_float(base, i, v, dt);
+  }
+};
+
+template <int NP>
+struct F32Vec4Rows {
+  static_assert(NP % 4 == 0, "F32Vec4Rows: rows of whole float4s");
+  static constexpr bool kF32Vec4 = true;
+  __device__ __forceinline__ static void load(const void* base, int64_t i0, int64_t, int N, Dtype, int,
+                                              float (&x)[NP]) {
+    load_chunks<NP, 4>(base, i0, N, Dtype::kFloat, x, 0.0f);
+  }
+  __device__ __forceinline__ static void store(void* base, int64_t i0, int N, Dtype, int, const float (&x)[NP]) {
+    store_chunks<NP, 4>(base, i0, N, Dtype::kFloat, x);
+  }
+  __device__ __forceinline__ static float load1(const void* base, int64_t i, Dtype) {
+    return static_cast<const float*>(base)[i];
+  }
+  __device__ __forceinline__ static void store1(void* base, int64_t i, float v, Dtype) {
+    static_cast<float*>(base)[i] = v;
+  }
+};
+
+// A block's tile of kRows x NP values a thread in shared memory: entry (row
+// r, prompt n) of thread t at [(r * NP + n) * kThreads + t], consecutive
+// threads on consecutive words. Each thread touches its own entries only.
+template <int NP, int kThreads>
+__device__ __forceinline__ float& tile_at(float* tile, int r, int n) {
+  return tile[(r * NP + n) * kThreads + threadIdx.x];
+}
+
+// This thread's rows m = threadIdx.x + r * kThreads (r < kRows) into its
+// entries of `tile`, read by load(m, row) and every row requested before any
+// is stored, so that all their loads are in flight together; rows past M
+// are 0. No barrier: each thread reads back only what it wrote.
+template <int NP, int kRows, int kThreads, class Load>
+__device__ __forceinline__ void stage_rows(float* tile, int M, Load load) {
+  float x[kRows][NP];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int m = threadIdx.x + r * kThreads;
+    if (m < M) {
+      load(m, x[r]);
+    } else {
+#pragma unroll
+      for (int n = 0; n < NP; ++n) x[r][n] = 0.0f;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int n = 0; n < NP; ++n) tile_at<NP, kThreads>(tile, r, n) = x[r][n];
+  }
+}
+
 // Block-wide sum (or max) of V values per thread, result in every thread.
 // smem holds (kThreads / 32) * V floats. Every thread combines the warp
 // partials in the same order, so all threads get bitwise the same result and

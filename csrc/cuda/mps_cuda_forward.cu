@@ -44,53 +44,16 @@ __host__ __device__ constexpr bool fwd_scores_in_smem(int NP, int threads) {
   return fwd_rows(NP) * NP * threads * 4 <= 32 * 1024;
 }
 
-// How the forward reads the scores and writes the refined score and the
-// plan. AnyFwdIO takes every dtype, stride and vector width, choosing at run
-// time for each row; F32Vec4FwdIO is the common case alone: float32, rows
-// contiguous and aligned for float4 accesses (the scores, and the plan when
-// asked for). As in the backward (mps_cuda_backward.cu), the launch picks
-// a kernel (LaunchFwd) and the common case runs straight-line code: Nsight
-// Compute on an H200 (commit 0b64572) found the forward's warps waiting for
-// instructions 2.3 of the 7.6 cycles between two issued instructions (0.14
-// of 5.5 on an H100 since, ea3ceed).
-template <int NP>
-struct AnyFwdIO {
-  __device__ __forceinline__ void scores(const ForwardArgs& a, int64_t i0, int64_t sN, float (&x)[NP]) const {
-    load_row<NP>(a.S, i0, sN, a.N, a.dtype, a.s_vec, x, 0.0f);
-  }
-  __device__ __forceinline__ void score(const ForwardArgs& a, int64_t i, float v) const {
-    store_from_float(a.score, i, v, a.dtype);
-  }
-  __device__ __forceinline__ void plan(const ForwardArgs& a, int64_t i0, const float (&t)[NP]) const {
-    store_row<NP>(a.plan, i0, a.N, a.dtype, a.plan_vec, t);
-  }
-};
-
-template <int NP>
-struct F32Vec4FwdIO {
-  static_assert(NP % 4 == 0, "F32Vec4FwdIO: rows of whole float4s");
-  __device__ __forceinline__ void scores(const ForwardArgs& a, int64_t i0, int64_t, float (&x)[NP]) const {
-    load_chunks<NP, 4>(a.S, i0, a.N, Dtype::kFloat, x, 0.0f);
-  }
-  __device__ __forceinline__ void score(const ForwardArgs& a, int64_t i, float v) const {
-    static_cast<float*>(a.score)[i] = v;
-  }
-  __device__ __forceinline__ void plan(const ForwardArgs& a, int64_t i0, const float (&t)[NP]) const {
-    store_chunks<NP, 4>(a.plan, i0, a.N, Dtype::kFloat, t);
-  }
-};
-
 // Two reduction buffers (one barrier a reduction) except for 16 prompts,
 // whose larger buffers would cost an sm_86 GPU its third block an SM.
 template <int NP, int kThreads>
 using FwdReducer = BlockReducer<kThreads, NP + 2, NP <= 8 ? 2 : 1>;
 
-// The forward of one problem (the block's), its rows accessed through IO.
-// red: the reductions' shared memory; s_tile: the scores' (kSmem), score
-// (row r, prompt n) of thread t at [(r * NP + n) * kThreads + t]:
-// consecutive threads, consecutive words.
-template <int NP, int kThreads, class IO>
-__device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, const IO& io, float* red, float* s_tile) {
+// The forward of one problem (the block's), its rows accessed through Rows
+// (AnyRows or F32Vec4Rows). red: the reductions' shared memory; s_tile: the
+// scores' tile (tile_at) where kSmem.
+template <int NP, int kThreads, class Rows>
+__device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, float* s_tile) {
   constexpr int kRows = fwd_rows(NP);
   constexpr bool kSmem = fwd_scores_in_smem(NP, kThreads);
   FwdReducer<NP, kThreads> reduce{red};
@@ -119,32 +82,17 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, const IO& io,
     v[n] = 1.0f;
   }
   if constexpr (kSmem) {
-    // Every row of this thread requested at once, so that all its loads are
-    // in flight together, then kept in s_tile (read back by this thread only:
-    // no barrier).
-    float x[kRows][NP];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int m = threadIdx.x + r * kThreads;
-      if (m < M) {
-        io.scores(a, p * a.sP + m * a.sM, a.sN, x[r]);
-      } else {
-#pragma unroll
-        for (int n = 0; n < NP; ++n) x[r][n] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int n = 0; n < NP; ++n) s_tile[(r * NP + n) * kThreads + threadIdx.x] = x[r][n];
-    }
+    // The scores read once, every row at once, and kept in s_tile.
+    stage_rows<NP, kRows, kThreads>(s_tile, M, [&](int m, float(&x)[NP]) {
+      Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, x);
+    });
   }
   // The scores of row r of this thread (0 past M and past N): from s_tile
   // where kSmem, else from memory.
   auto load_scores = [&](int r, float (&x)[NP]) {
     if constexpr (kSmem) {
 #pragma unroll
-      for (int n = 0; n < NP; ++n) x[n] = s_tile[(r * NP + n) * kThreads + threadIdx.x];
+      for (int n = 0; n < NP; ++n) x[n] = tile_at<NP, kThreads>(s_tile, r, n);
       return;
     }
     const int m = threadIdx.x + r * kThreads;
@@ -155,7 +103,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, const IO& io,
       // instead of 167 and none).
       int64_t sM = a.sM, sN = a.sN;
       asm volatile("" : "+l"(sM), "+l"(sN));
-      io.scores(a, p * a.sP + m * sM, sN, x);
+      Rows::load(a.S, p * a.sP + m * sM, sN, N, a.dtype, a.s_vec, x);
     } else {
 #pragma unroll
       for (int n = 0; n < NP; ++n) x[n] = 0.0f;
@@ -362,8 +310,8 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, const IO& io,
       t[n] = u[r] * k[r][n] * v[n];
       acc += k[r][n] * v[n] * s[n];
     }
-    io.score(a, p * M + m, mn * u[r] * acc);
-    if (a.plan != nullptr) io.plan(a, (p * M + m) * N, t);
+    Rows::store1(a.score, p * M + m, mn * u[r] * acc, a.dtype);
+    if (a.plan != nullptr) Rows::store(a.plan, (p * M + m) * N, N, a.dtype, a.plan_vec, t);
   }
   if (threadIdx.x == 0) {
     // Unrolled to NP: an index below a run-time bound would put beta and v in
@@ -375,24 +323,22 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, const IO& io,
   }
 }
 
-template <int NP, int kThreads, class IO>
+template <int NP, int kThreads, class Rows>
 __global__ void __launch_bounds__(kThreads, fwd_min_blocks(NP, kThreads)) mps_fwd_kernel(ForwardArgs a) {
   __shared__ float red[FwdReducer<NP, kThreads>::kFloats];
   __shared__ float s_tile[fwd_scores_in_smem(NP, kThreads) ? fwd_rows(NP) * NP * kThreads : 1];
-  mps_fwd_body<NP, kThreads>(a, IO{}, red, s_tile);
+  mps_fwd_body<NP, kThreads, Rows>(a, red, s_tile);
 }
 
 template <int NP, int T>
 struct LaunchFwd {
   static constexpr int rows(int np) { return fwd_rows(np); }
   static void run(unsigned P, cudaStream_t stream, const ForwardArgs& a) {
-    // One kernel for each way of reading and writing rows, chosen here: in
-    // one kernel with a branch on them, the two paths' register allocation
-    // together spilled (sm_90, 8 x 8, 128 threads: 8 B) where neither alone does.
+    // The kernel for the rows' layout (AnyRows, F32Vec4Rows: mps_cuda_device.cuh).
     if (a.dtype == Dtype::kFloat && a.s_vec == 4 && (a.plan == nullptr || a.plan_vec == 4)) {
-      mps_fwd_kernel<NP, T, F32Vec4FwdIO<NP>><<<P, T, 0, stream>>>(a);
+      mps_fwd_kernel<NP, T, F32Vec4Rows<NP>><<<P, T, 0, stream>>>(a);
     } else {
-      mps_fwd_kernel<NP, T, AnyFwdIO<NP>><<<P, T, 0, stream>>>(a);
+      mps_fwd_kernel<NP, T, AnyRows<NP>><<<P, T, 0, stream>>>(a);
     }
   }
 };
