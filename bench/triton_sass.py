@@ -6,8 +6,9 @@ configuration ``otseg/ops/mps/triton.py`` picks for a shape, and prints what
 the cubin says: registers and local memory (spills) per thread, shared memory,
 and counts of SASS instructions (all of them, barriers, special-function
 ops, shuffles). For the forward it also counts the instructions on the path
-one ordinary iteration takes (no absorption), from the loop's first block to
-its back edge: the work every iteration repeats, per thread and per program.
+one ordinary iteration takes (a sweep, no absorption), from the loop's first
+block to its back edge: the work every iteration repeats, per thread and per
+program.
 
 These are static counts, not timings: they say how much an iteration issues,
 not how long it waits. They are what can be checked about the kernels' speed
@@ -59,8 +60,11 @@ def _stats(compiled, workdir, tag):
 def _iteration_path(sass):
     """Instructions a thread issues in one ordinary forward iteration: from the
     loop head (the target of the one backward branch) to the back edge,
-    stepping over the blocks that forward branches (taken when no
-    absorption is needed) skip."""
+    along the path an iteration without absorption takes. Every path
+    through the loop's forward branches is walked; the ordinary one is the
+    longest with shuffles (the column sums of a sweep) and no exponential
+    (MUFU.EX2: a log-domain rebuild of K, which the first iteration and an
+    absorption run)."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     branches = [(i, m.group(1)) for i, line in enumerate(lines) if (m := _BRANCH.search(line))]
@@ -71,17 +75,27 @@ def _iteration_path(sass):
     if not back:
         return None
     end, head = max(back, key=lambda b: b[0] - labels[b[1]])
-    count, i = 0, labels[head]
-    while i <= end:
-        line = lines[i]
-        if _INSTR.match(line):
-            count += 1
-            m = _BRANCH.search(line) if re.search(r"@!?P\d+\s+BRA\s", line) else None
-            if m and m.group(1) in labels and i < labels[m.group(1)] <= end:
-                i = labels[m.group(1)]  # the branch around an absorption
-                continue
-        i += 1
-    return count
+    best = None
+    # (line, instructions so far, shuffles, exponentials); a path ends at the back edge.
+    stack = [(labels[head], 0, 0, 0)]
+    while stack:
+        i, count, shfl, ex2 = stack.pop()
+        while i <= end:
+            line = lines[i]
+            if _INSTR.match(line):
+                count += 1
+                shfl += "SHFL" in line
+                ex2 += "MUFU.EX2" in line
+                m = _BRANCH.search(line)
+                if m and m.group(1) in labels and i < labels[m.group(1)] <= end:
+                    if not re.search(r"@!?P\d+\s+BRA\s", line):
+                        i = labels[m.group(1)]  # unconditional: jump
+                        continue
+                    stack.append((labels[m.group(1)], count, shfl, ex2))  # taken; fall through below
+            i += 1
+        if shfl and not ex2 and (best is None or count > best):
+            best = count
+    return best
 
 
 def main(argv=None):

@@ -21,6 +21,12 @@ Written against the Triton language of 3.6 (no newer APIs).
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # a Triton without the interpreter
+    InterpretedFunction = ()
 
 # Scalings outside [e^-30, e^30] are absorbed into the log potentials (the CPU
 # kernel's bound, csrc/cpu/mps_cpu_kernels.h): with rebuilt kernel entries <= 1,
@@ -34,6 +40,38 @@ _SAFE_HI = tl.constexpr(1.0686474581524463e13)  # e^30
 def _row_sum(x):
     """[NG, BM, VEC] -> [BM]: a sum over one pixel's prompts (in one thread)."""
     return tl.sum(tl.sum(x, axis=2), axis=0)
+
+
+# The GPU's fast float32 logarithm and division (libdevice's __nv_fast_logf,
+# lg2.approx times ln 2, and __nv_fast_fdividef, an approximate reciprocal
+# times the dividend, flushing denormals), as the CUDA kernels use with
+# --use_fast_math: 2 instructions each where tl.log and `/` compile to
+# about 24 and 8 (sm_90, bench/triton_sass.py). Triton's interpreter cannot
+# call libdevice, so there they are tl.log and `/`: the interpreter tests
+# check the kernels' logic, and the GPU tests these functions' accuracy.
+# float64 compute keeps tl.log and `/` everywhere. Exponentials are
+# tl.exp2 of pre-scaled arguments in both (one MUFU.EX2, where tl.exp adds
+# a multiply and a denormal fix-up).
+_FAST_MATH = tl.constexpr(not isinstance(_row_sum, InterpretedFunction))
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _log(x):
+    if _FAST_MATH and x.dtype == tl.float32:
+        return libdevice.fast_logf(x)
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def _div(x, y):
+    """x / y (y a tensor of the compute type)."""
+    if _FAST_MATH and y.dtype == tl.float32:
+        return libdevice.fast_dividef(x, y)
+    else:
+        return x / y
 
 
 @triton.jit
@@ -113,8 +151,9 @@ def _mps_fwd_kernel(
 
     # True potentials: f = eps (alpha + log u), g = eps (beta + log v); the
     # kernel matrix K = exp(alpha + beta - C/eps) is built at the first
-    # iteration (K = 0 gives K v = 0, which sends the f half-step to the log
-    # domain). A product K v or K^T u that is not > 0 (underflow, NaN) does too.
+    # iteration, in the log domain (no sweep runs before it: have_k), and
+    # again where a scaling leaves the safe range, or a product K v or K^T u
+    # is not > 0 (underflow, NaN).
     alpha = tl.zeros([BLOCK_M], ACC)
     u = tl.full([BLOCK_M], 1.0, ACC)
     beta = tl.zeros([NG, VEC], ACC)
@@ -125,38 +164,48 @@ def _mps_fwd_kernel(
     # difference of the log scalings alone (no cancellation against a large
     # alpha).
     log_u_prev = tl.zeros([BLOCK_M], ACC)
+    # Exponentials as exp2 of arguments in units of log2(e) (see _FAST_MATH).
+    inv_eps2 = inv_eps * _LOG2E
     err = tl.full([], float("inf"), ACC)
     it = 0
     # Stop when err < tol (a NaN err keeps going, as in the reference) or
     # after max_iter iterations.
     while (it < max_iter) & ((err >= tol) | (err != err)):
-        # f half-step in the scaling domain, u = mu / (K v), and at once the
-        # column products K^T u of the g half-step: one pass, two reductions.
-        kv = _row_sum(k_mat * v[:, None, :])  # [BM]
-        kv_pos = kv > 0
-        u = mu / tl.where(mask_m & kv_pos, kv, 1.0)
-        bad_u = mask_m & (~kv_pos | (u < _SAFE_LO) | (u > _SAFE_HI))
-        log_u = tl.log(u)
-        change = tl.where(mask_m, tl.abs(log_u - log_u_prev), 0.0)
-        # A scaling out of range makes the sum inf (a NaN input makes it NaN).
-        total = tl.sum(tl.where(bad_u, float("inf"), change), axis=0)
-        ktu = tl.sum(k_mat * u[None, :, None], axis=1)  # [NG, VEC]
+        if it > 0:
+            # f half-step in the scaling domain, u = mu / (K v), and at once
+            # the column products K^T u of the g half-step: one pass, two
+            # reductions. Padding rows have K = 0 and keep u = 1, log u = 0,
+            # so that they add 0 to every sum (one select a row).
+            kv = _row_sum(k_mat * v[:, None, :])  # [BM]
+            u = tl.where(mask_m, _div(mu, kv), 1.0)
+            # Out of range, or not > 0 (mu / 0 = inf, NaN): absorb.
+            bad_u = ~((u >= _SAFE_LO) & (u <= _SAFE_HI))
+            log_u = tl.where(mask_m, _log(u), 0.0)
+            # A scaling out of range makes the sum inf (a NaN input makes it NaN).
+            total = tl.sum(tl.where(bad_u, float("inf"), tl.abs(log_u - log_u_prev)), axis=0)
+            ktu = tl.sum(k_mat * u[None, :, None], axis=1)  # [NG, VEC]
+        else:
+            total = tl.full([], float("inf"), ACC)
+            log_u = tl.zeros([BLOCK_M], ACC)
+            ktu = tl.zeros([NG, VEC], ACC)
         if (total >= float("inf")) | (total != total):
-            # Absorb v into beta and redo the f half-step in the log domain,
-            # rebuilding K with rows summing to mu (u = v = 1).
+            # The first iteration, or absorb v into beta: the f half-step in
+            # the log domain, rebuilding K with rows summing to mu (u = v = 1).
             if HOLD_S:
                 s = s_held
             else:
                 s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
-            beta = tl.where(mask_c, beta + tl.log(v), 0.0)
-            z = s * inv_eps + (beta - inv_eps)[:, None, :]
+            # (v = 1 at the first iteration: beta stays 0 without a log of 1.)
+            beta = tl.where(mask_c & (it > 0), beta + _log(v), beta)
+            # z = (S/eps + beta - 1/eps) log2(e)
+            z = s * inv_eps2 + ((beta - inv_eps) * _LOG2E)[:, None, :]
             z_max = tl.where(mask_m, _row_max(z), 0.0)
-            e = tl.exp(z - z_max[None, :, None])
+            e = tl.exp2(z - z_max[None, :, None])
             e_sum = tl.where(mask_m, _row_sum(e), 1.0)
-            alpha_new = tl.where(mask_m, log_mu - z_max - tl.log(e_sum), 0.0)
+            alpha_new = tl.where(mask_m, log_mu - z_max * _LN2 - _log(e_sum), 0.0)
             total = tl.sum(tl.where(mask_m, tl.abs((alpha_new - alpha) - log_u_prev), 0.0), axis=0)
             alpha = alpha_new
-            k_mat = e * (mu / e_sum)[None, :, None]
+            k_mat = e * _div(mu, e_sum)[None, :, None]
             u = tl.full([BLOCK_M], 1.0, ACC)
             v = tl.full([NG, VEC], 1.0, ACC)
             log_u = tl.zeros([BLOCK_M], ACC)
@@ -164,10 +213,9 @@ def _mps_fwd_kernel(
         err = eps * total / m_f
         log_u_prev = log_u
 
-        # g half-step: v = nu / (K^T u).
-        ktu_pos = ktu > 0
-        v = nu / tl.where(mask_c & ktu_pos, ktu, 1.0)
-        bad_v = mask_c & (~ktu_pos | (v < _SAFE_LO) | (v > _SAFE_HI))
+        # g half-step: v = nu / (K^T u); padding prompts keep v = 1.
+        v = tl.where(mask_c, _div(nu, ktu), 1.0)
+        bad_v = ~((v >= _SAFE_LO) & (v <= _SAFE_HI))
         if tl.max(tl.max(bad_v.to(tl.int32), axis=1), axis=0) > 0:
             # Absorb u into alpha and redo the g half-step in the log domain,
             # rebuilding K with columns summing to nu. The -1/eps of -C/eps
@@ -177,12 +225,13 @@ def _mps_fwd_kernel(
             else:
                 s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
             alpha = tl.where(mask_m, alpha + log_u, 0.0)
-            w = s * inv_eps + alpha[None, :, None]
+            # w = (S/eps + alpha) log2(e)
+            w = s * inv_eps2 + (alpha * _LOG2E)[None, :, None]
             w_max = tl.where(mask_c, tl.max(w, axis=1), 0.0)
-            e = tl.exp(w - w_max[:, None, :])
+            e = tl.exp2(w - w_max[:, None, :])
             e_sum = tl.where(mask_c, tl.sum(e, axis=1), 1.0)
-            beta = tl.where(mask_c, log_nu + inv_eps - w_max - tl.log(e_sum), 0.0)
-            k_mat = e * (nu / e_sum)[:, None, :]
+            beta = tl.where(mask_c, log_nu + inv_eps - w_max * _LN2 - _log(e_sum), 0.0)
+            k_mat = e * _div(nu, e_sum)[:, None, :]
             log_u_prev = tl.zeros([BLOCK_M], ACC)
             u = tl.full([BLOCK_M], 1.0, ACC)
             v = tl.full([NG, VEC], 1.0, ACC)
@@ -272,7 +321,8 @@ def _mps_bwd_kernel(
     s = _to_rows(tl.load(s_ptrs, mask=mask_r, other=0.0).to(ACC), NG, BLOCK_M, VEC)  # [BM, BN]
     f = tl.load(F + pid * M + offs_m, mask=mask_m, other=0.0).to(ACC)  # [BM]
     g = tl.load(G + pid * N + offs_n, mask=mask_n, other=0.0).to(ACC)  # [BN]
-    t = tl.where(mask, tl.exp((f[:, None] + g[None, :] - 1.0 + s) * inv_eps), 0.0)  # [BM, BN]
+    # T = exp((f + g - C) / eps), as exp2 (see _FAST_MATH).
+    t = tl.where(mask, tl.exp2((f[:, None] + g[None, :] - 1.0 + s) * (inv_eps * _LOG2E)), 0.0)  # [BM, BN]
 
     # G = dplan + M N S dS*  (the upstream gradient of the plan).
     grad_t = tl.zeros([BLOCK_M, BLOCK_N], ACC)
@@ -286,7 +336,7 @@ def _mps_bwd_kernel(
     h = -(t * grad_t) * inv_eps  # [BM, BN]
     a = tl.sum(t, axis=1)  # [BM]
     r = tl.sum(h, axis=1)  # [BM]
-    inv_a = tl.where(a > 0, one / tl.where(a > 0, a, 1.0), 0.0)
+    inv_a = tl.where(a > 0, _div(one, tl.where(a > 0, a, 1.0)), 0.0)
     rhs = tl.sum(h - t * (r * inv_a)[:, None], axis=0)  # [BN]: s - T^T (r / a)
 
     # A = diag(b) - T^T diag(1/a) T is the Laplacian of the prompt graph with
