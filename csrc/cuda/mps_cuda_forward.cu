@@ -37,7 +37,7 @@ __host__ __device__ constexpr int fwd_min_blocks(int NP, int threads) {
 // Three blocks of 128 threads then take 3 x (32.3 or 32.6 + 1 reserved) KB of
 // an SM's shared memory (bench/cuda_ptxas.py): about 100 KB of 228 on an H100
 // and 164 on an A100, but all of the 100 KB of an sm_86 GPU (a 3090), with
-// 64 B to spare for 8 prompts (33088 B a block) and 160 B for 16 (33056 B,
+// 160 B to spare for 8 prompts (33056 B a block) and 208 B for 16 (33040 B,
 // one reduction buffer). Larger tiles read the scores again from global
 // memory (L2), as spilled registers would be.
 __host__ __device__ constexpr bool fwd_scores_in_smem(int NP, int threads) {
@@ -47,7 +47,7 @@ __host__ __device__ constexpr bool fwd_scores_in_smem(int NP, int threads) {
 // Two reduction buffers (one barrier a reduction) except for 16 prompts,
 // whose larger buffers would cost an sm_86 GPU its third block an SM.
 template <int NP, int kThreads>
-using FwdReducer = BlockReducer<kThreads, NP + 2, NP <= 8 ? 2 : 1>;
+using FwdReducer = BlockReducer<kThreads, NP + 1, NP <= 8 ? 2 : 1>;
 
 // The forward of one problem (the block's), its rows accessed through Rows
 // (AnyRows or F32Vec4Rows). red: the reductions' shared memory; s_tile: the
@@ -233,12 +233,15 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
     if (have_kernel) {
       // One pass over the registers: u = mu / (K v), the change of the full
       // potential (while alpha is unchanged, that of log u alone: no
-      // cancellation against a large alpha), the partial column products
-      // K^T u and the count of scalings out of range, all in one reduction
-      // (whose sums are dropped when a scaling is out of range).
-      float acc[NP + 2];
+      // cancellation against a large alpha) and the partial column products
+      // K^T u, all in one reduction (whose sums are dropped when a scaling
+      // is out of range). A scaling out of range (or NaN) adds inf to the
+      // change, so the change tells it too: a finite change sums at most
+      // 60 a row (log u in [-30, 30]), far below FLT_MAX, and a sum with an
+      // inf term is inf. One value fewer to reduce than a separate count.
+      float acc[NP + 1];
 #pragma unroll
-      for (int n = 0; n < NP + 2; ++n) acc[n] = 0.0f;
+      for (int n = 0; n < NP + 1; ++n) acc[n] = 0.0f;
       float lu_new[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
@@ -251,15 +254,14 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
         // exactness is not documented), so it adds exactly 0 to every sum
         // below: one select a row instead of one per entry.
         const float um = live ? mu / kv : 1.0f;
-        acc[NP + 1] += um >= lo_ok && um <= hi_ok ? 0.0f : 1.0f;
         lu_new[r] = live ? __logf(um) : 0.0f;
-        acc[NP] += fabsf(lu_new[r] - log_u[r]);
+        acc[NP] += um >= lo_ok && um <= hi_ok ? fabsf(lu_new[r] - log_u[r]) : INFINITY;
         u[r] = um;
 #pragma unroll
         for (int n = 0; n < NP; ++n) acc[n] += k[r][n] * um;
       }
       reduce.template operator()<false>(acc);
-      if (acc[NP + 1] == 0.0f) {
+      if (acc[NP] < INFINITY) {
         sweep_ok = true;
         change = acc[NP];
 #pragma unroll
