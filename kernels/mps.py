@@ -19,6 +19,7 @@ float64: the kernels convert each part to the compute type before using it.
 Written against the Triton language of 3.6 (no newer APIs).
 """
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -49,10 +50,11 @@ def _row_sum(x):
 # about 24 and 8 (sm_90, bench/triton_sass.py). Triton's interpreter cannot
 # call libdevice, so there they are tl.log and `/`: the interpreter tests
 # check the kernels' logic, and the GPU tests these functions' accuracy.
-# float64 compute keeps tl.log and `/` everywhere. Exponentials are
+# float64 compute keeps tl.log and `/` everywhere, and so would a ROCm
+# build of torch (HIP's libdevice has no fast_logf). Exponentials are
 # tl.exp2 of pre-scaled arguments in both (one MUFU.EX2, where tl.exp adds
 # a multiply and a denormal fix-up).
-_FAST_MATH = tl.constexpr(not isinstance(_row_sum, InterpretedFunction))
+_FAST_MATH = tl.constexpr(not isinstance(_row_sum, InterpretedFunction) and torch.version.hip is None)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -151,7 +153,7 @@ def _mps_fwd_kernel(
 
     # True potentials: f = eps (alpha + log u), g = eps (beta + log v); the
     # kernel matrix K = exp(alpha + beta - C/eps) is built at the first
-    # iteration, in the log domain (no sweep runs before it: have_k), and
+    # iteration, in the log domain (no sweep runs before it: it > 0), and
     # again where a scaling leaves the safe range, or a product K v or K^T u
     # is not > 0 (underflow, NaN).
     alpha = tl.zeros([BLOCK_M], ACC)

@@ -181,6 +181,44 @@ def test_kernels_compile_for_sm90():
                 assert "tensor<8x8xf32, #blocked" not in compiled.asm["ttgir"], f"backward {dtype}: W spread"
 
 
+def test_kernels_compile_from_inductors_copy_of_their_source(tmp_path):
+    """Under torch.compile, Inductor compiles a copy of each kernel's source
+    with the globals it references, below its own header of imports
+    (torch/_inductor/codegen/wrapper.py). The kernels' fast-math switch and
+    constants must survive that copy, and ``libdevice`` must resolve there
+    (the copy does not import it; the header's ``libdevice`` does): compiled
+    for sm_90 from the copy, the float32 kernels use the fast division (and
+    the forward the fast log), the float64 ones neither."""
+    if INTERPRET:
+        pytest.skip("the interpreter process holds interpreted kernels")
+    if not kernels.available:
+        pytest.skip(f"triton is unavailable: {kernels.error}")
+    import importlib.util
+
+    from torch._inductor.codegen.triton import TritonKernel
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
+    from otseg.kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
+    from otseg.kernels.offline import compile_mps_kernel
+
+    fwd = dict(HAS_PLAN=True, BLOCK_M=64, NG=8, VEC=1, HOLD_S=False)
+    bwd = dict(HAS_DSCORE=True, HAS_DPLAN=True, BLOCK_M=64, NG=8, VEC=1, W_ONE_PASS=True)
+    for kernel, consts in ((_mps_fwd_kernel, fwd), (_mps_bwd_kernel, bwd)):
+        src = user_defined_triton_kernel_transitive_closure_source_code(kernel)
+        assert "_FAST_MATH = tl.constexpr(True)" in src, src[:2000]
+        path = tmp_path / f"copy_{kernel.__name__}.py"
+        path.write_text(TritonKernel.gen_common_triton_imports() + "\n@triton.jit\n" + src)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        copy = getattr(module, kernel.__name__)
+        for acc in ("fp32", "fp64"):
+            ptx = compile_mps_kernel(copy, consts, acc, acc, num_warps=1, float_args="fp64").asm["ptx"]
+            # (The backward takes no logarithm.)
+            fast = "div.approx" in ptx and ("lg2.approx" in ptx or kernel is _mps_bwd_kernel)
+            assert fast == (acc == "fp32"), f"{kernel.__name__} {acc}: fast math {fast}"
+
+
 def test_kernels_compile_with_float64_scalars_as_inductor_passes_them():
     """Under torch.compile, Inductor passes eps and tol as float64 (the first
     GPU run of the compile test failed on it: a loop-carried float32 value
