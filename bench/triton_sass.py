@@ -57,6 +57,11 @@ def _stats(compiled, workdir, tag):
     return sass, res, ops
 
 
+# Paths through the forward's loop walked at most (2 to the number of its
+# forward branches; 6 for 1024 x 8 with Triton 3.8).
+_MAX_PATHS = 1 << 14
+
+
 def _iteration_path(sass):
     """Instructions a thread issues in one ordinary forward iteration: from the
     loop head (the target of the one backward branch) to the back edge,
@@ -78,7 +83,11 @@ def _iteration_path(sass):
     best = None
     # (line, instructions so far, shuffles, exponentials); a path ends at the back edge.
     stack = [(labels[head], 0, 0, 0)]
+    walked = 0
     while stack:
+        walked += 1
+        if walked > _MAX_PATHS:
+            return None  # too many branches to walk every path: no figure rather than a wait
         i, count, shfl, ex2 = stack.pop()
         while i <= end:
             line = lines[i]
