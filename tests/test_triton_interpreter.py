@@ -181,6 +181,20 @@ def test_kernels_compile_for_sm90():
                 assert "tensor<8x8xf32, #blocked" not in compiled.asm["ttgir"], f"backward {dtype}: W spread"
 
 
+def _small_kernel_configs(hold_scores):
+    """Both kernels (after the skips of a test that compiles them offline)
+    with compile-time arguments of a small problem, one warp each:
+    [(kernel, constexprs)]."""
+    if INTERPRET:
+        pytest.skip("the interpreter process holds interpreted kernels")
+    if not kernels.available:
+        pytest.skip(f"triton is unavailable: {kernels.error}")
+    from otseg.kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
+
+    return [(_mps_fwd_kernel, dict(HAS_PLAN=True, BLOCK_M=64, NG=8, VEC=1, HOLD_S=hold_scores)),
+            (_mps_bwd_kernel, dict(HAS_DSCORE=True, HAS_DPLAN=True, BLOCK_M=64, NG=8, VEC=1, W_ONE_PASS=True))]
+
+
 def test_kernels_compile_from_inductors_copy_of_their_source(tmp_path):
     """Under torch.compile, Inductor compiles a copy of each kernel's source
     with the globals it references, below its own header of imports
@@ -189,21 +203,15 @@ def test_kernels_compile_from_inductors_copy_of_their_source(tmp_path):
     (the copy does not import it; the header's ``libdevice`` does): compiled
     for sm_90 from the copy, the float32 kernels use the fast division (and
     the forward the fast log), the float64 ones neither."""
-    if INTERPRET:
-        pytest.skip("the interpreter process holds interpreted kernels")
-    if not kernels.available:
-        pytest.skip(f"triton is unavailable: {kernels.error}")
+    configs = _small_kernel_configs(hold_scores=False)
     import importlib.util
 
     from torch._inductor.codegen.triton import TritonKernel
     from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
 
-    from otseg.kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
     from otseg.kernels.offline import compile_mps_kernel
 
-    fwd = dict(HAS_PLAN=True, BLOCK_M=64, NG=8, VEC=1, HOLD_S=False)
-    bwd = dict(HAS_DSCORE=True, HAS_DPLAN=True, BLOCK_M=64, NG=8, VEC=1, W_ONE_PASS=True)
-    for kernel, consts in ((_mps_fwd_kernel, fwd), (_mps_bwd_kernel, bwd)):
+    for kernel, consts in configs:
         src = user_defined_triton_kernel_transitive_closure_source_code(kernel)
         assert "_FAST_MATH = tl.constexpr(True)" in src, src[:2000]
         path = tmp_path / f"copy_{kernel.__name__}.py"
@@ -215,7 +223,7 @@ def test_kernels_compile_from_inductors_copy_of_their_source(tmp_path):
         for acc in ("fp32", "fp64"):
             ptx = compile_mps_kernel(copy, consts, acc, acc, num_warps=1, float_args="fp64").asm["ptx"]
             # (The backward takes no logarithm.)
-            fast = "div.approx" in ptx and ("lg2.approx" in ptx or kernel is _mps_bwd_kernel)
+            fast = "div.approx" in ptx and ("lg2.approx" in ptx or kernel.__name__ == "_mps_bwd_kernel")
             assert fast == (acc == "fp32"), f"{kernel.__name__} {acc}: fast math {fast}"
 
 
@@ -223,16 +231,10 @@ def test_kernels_compile_with_float64_scalars_as_inductor_passes_them():
     """Under torch.compile, Inductor passes eps and tol as float64 (the first
     GPU run of the compile test failed on it: a loop-carried float32 value
     became float64); the kernels must compile with either."""
-    if INTERPRET:
-        pytest.skip("the interpreter process holds interpreted kernels")
-    if not kernels.available:
-        pytest.skip(f"triton is unavailable: {kernels.error}")
-    from otseg.kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
+    configs = _small_kernel_configs(hold_scores=True)
     from otseg.kernels.offline import compile_mps_kernel
 
-    fwd = dict(HAS_PLAN=True, BLOCK_M=64, NG=8, VEC=1, HOLD_S=True)
-    bwd = dict(HAS_DSCORE=True, HAS_DPLAN=True, BLOCK_M=64, NG=8, VEC=1, W_ONE_PASS=True)
-    for kernel, consts in ((_mps_fwd_kernel, fwd), (_mps_bwd_kernel, bwd)):
+    for kernel, consts in configs:
         for acc in ("fp32", "fp64"):
             compiled = compile_mps_kernel(kernel, consts, acc, acc, num_warps=1, float_args="fp64")
             assert compiled.asm["cubin"], f"{kernel.__name__} {acc}: no cubin"
