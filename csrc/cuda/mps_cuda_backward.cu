@@ -39,14 +39,13 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
   const int64_t p = blockIdx.x;
   const int M = a.M, N = a.N;
   const float ie = 1.0f / a.eps;
-  // T = exp((f + g - C) / eps) as exp2f of the argument times log2(e)/eps:
-  // one multiply and one MUFU.EX2 under --use_fast_math, where __expf of
-  // the argument times 1/eps multiplies twice (sm_90, 8 prompts, float32
-  // rows: 5480 -> 5168 instructions of code). Not for 16 prompts, whose
-  // float32 kernel ptxas then gave 179 registers instead of 168, two blocks
-  // an SM instead of three (bench/cuda_ptxas.py).
+  // T = exp((f + g - C) / eps) as exp2f of the argument times log2(e)/eps
+  // (kLog2e; sm_90, 8 prompts, float32 rows: 5480 -> 5168 instructions of
+  // code). Not for 16 prompts, whose float32 kernel ptxas then gave 179
+  // registers instead of 168, two blocks an SM instead of three
+  // (bench/cuda_ptxas.py).
   constexpr bool kExp2 = NP <= 8;
-  const float ie2 = ie * 1.4426950408889634f;
+  const float ie2 = ie * kLog2e;
   const float mn = static_cast<float>(M) * static_cast<float>(N);
 
   // H is needed again only in pass 2: kept in shared memory up to 32 KB a
@@ -115,7 +114,8 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
     for (int n = 0; n < NP; ++n) {
       float tv = 0.0f, hv = 0.0f;
       if (live && n < N) {
-        tv = kExp2 ? exp2f((fm[r] + g[n] - 1.0f + s[n]) * ie2) : __expf((fm[r] + g[n] - 1.0f + s[n]) * ie);
+        const float x = fm[r] + g[n] - 1.0f + s[n];  // (f + g - C), C = 1 - S
+        tv = kExp2 ? exp2f(x * ie2) : __expf(x * ie);
         hv = -tv * (s[n] * ds[r] + dp[n]) * ie;
       }
       t[r][n] = tv;

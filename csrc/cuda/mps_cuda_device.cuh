@@ -18,6 +18,12 @@
 namespace otseg {
 namespace cuda {
 
+// log2(e) and ln 2: both kernels take exponentials as exp2f of arguments
+// scaled by log2(e), one MUFU.EX2 under --use_fast_math where __expf
+// multiplies by log2(e) first.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
 // Pixel rows per thread. The forward gives each thread 8 rows up to 8
 // prompts: fewer threads a problem make its two block sums an iteration
 // cheaper, and 128 threads for 1024 x 8 leave room for three problems an SM

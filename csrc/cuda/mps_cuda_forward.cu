@@ -19,11 +19,8 @@ namespace {
 constexpr float kAbsorb = 30.0f;  // scalings outside [e^-30, e^30] are absorbed
 // The log-domain f half-step (rebuild_rows, every problem's first
 // iteration) takes its exponentials as exp2f of arguments in units of
-// log2(e): one MUFU.EX2 under --use_fast_math, where __expf multiplies by
-// log2(e) first (sm_90, 8 prompts, float32 rows: 5768 -> 5480 instructions
-// of code, 168 -> 158 registers).
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+// log2(e) (kLog2e; sm_90, 8 prompts, float32 rows: 5768 -> 5480
+// instructions of code, 168 -> 158 registers).
 
 // Blocks of kThreads the forward asks to fit on one SM (65536 registers):
 // three of 128 threads, at most 168 registers a thread (four up to 4
