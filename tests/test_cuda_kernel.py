@@ -264,3 +264,52 @@ def test_errors_raised_in_the_cuda_library_reach_python():
     results = gpu_errors.run_all()
     assert all(ok for ok, _ in results.values()), "\n".join(
         f"{name}: {'ok' if ok else 'FAILED'}: {how}" for name, (ok, how) in results.items())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "every_other_problem", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_l2_prefetch_changes_no_output(dtype, layout, monkeypatch):
+    """Both fused forwards ask L2 for the scores of the problem that starts
+    about when a block ends (csrc/cuda/mps_cuda_device.cuh prefetch_later,
+    kernels/mps.py _prefetch_later): a hint, which must leave every output
+    bitwise the same, for more problems than the GPU holds blocks (so that
+    blocks do prefetch), problems apart in memory (every other one) and
+    scores that are not one dense run a problem (no prefetch)."""
+    M, N = 1000, 8
+    P = 4 * 4 * torch.cuda.get_device_properties(0).multi_processor_count
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    base = torch.randn(2 * P, N, M, device="cuda", generator=gen).to(dtype)
+    x = {"contiguous": base[:P].transpose(1, 2).contiguous(),
+         "every_other_problem": base.transpose(1, 2).contiguous()[::2],
+         "transposed": base[:P].transpose(1, 2)}[layout]
+    kw = dict(eps=0.05, max_iter=30, tol=1e-6)
+
+    def cuda_forward(dist):
+        if dist is None:
+            monkeypatch.delenv("OTSEG_CUDA_PREFETCH", raising=False)
+        else:
+            monkeypatch.setenv("OTSEG_CUDA_PREFETCH", str(dist))
+        return torch.ops.otseg.mps_forward(x, kw["eps"], kw["max_iter"], kw["tol"], True, False)
+
+    want = cuda_forward(0)
+    for dist in (None, -1, 1, 7, 10**6):
+        got = cuda_forward(dist)
+        assert all(torch.equal(a, b) for a, b in zip(want, got)), f"cuda, OTSEG_CUDA_PREFETCH={dist}"
+    monkeypatch.setenv("OTSEG_CUDA_PREFETCH", "soon")
+    with pytest.raises(ValueError, match="OTSEG_CUDA_PREFETCH must be an integer"):
+        cuda_forward("soon")
+    monkeypatch.delenv("OTSEG_CUDA_PREFETCH")
+
+    if not triton_backend.available:
+        return
+
+    def triton_forward(**prefetch):
+        out = (x.new_empty(P, M), x.new_empty(P, M, N), torch.empty(P, M, device="cuda"),
+               torch.empty(P, N, device="cuda"), torch.empty(P, dtype=torch.int32, device="cuda"))
+        triton_backend.launch_forward(x, kw["eps"], kw["max_iter"], kw["tol"], *out, **prefetch)
+        return out
+
+    want = triton_forward(prefetch=0)
+    for per_sm in ({}, {"prefetch": 1}, {"prefetch": 40}):
+        got = triton_forward(**per_sm)
+        assert all(torch.equal(a, b) for a, b in zip(want, got)), f"triton, {per_sm or 'default'}"
