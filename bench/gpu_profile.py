@@ -18,8 +18,6 @@ case: which launch configuration this GPU prefers (``_blocks`` in
 otseg/ops/mps/triton.py picks one without measuring); and the forward's
 variants (``FWD_VARIANTS``: the scores held in registers or reread, with or
 without a register cap), and how far their outputs are from the default's.
-Both fused forwards are also timed with their L2 prefetch of later problems'
-scores at several distances (``PREFETCH_SWEEP``), on the last two cases.
 
 Last, the host's side of a forward+backward call through autograd (as the
 benchmark makes it) per backend, on the first case: torch.profiler's table of
@@ -193,81 +191,6 @@ def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
     return lines
 
 
-# The L2 prefetch of later problems' scores (kernels/mps.py _prefetch_later,
-# csrc/cuda/mps_cuda_device.cuh prefetch_later), swept per backend: the
-# triton forward's PREFETCH (programs an SM whose problems' scores are asked
-# ahead; the default first, from _fwd_prefetch) and the cuda forward's
-# distance in problems (OTSEG_CUDA_PREFETCH; -1, the default: SMs x the
-# kernel's blocks an SM).
-PREFETCH_SWEEP = {"triton": (None, 0, 1, 2, 6), "cuda": (-1, 0, 132, 264, 792)}
-
-
-def _cuda_prefetch(dist):
-    """A context in which the cuda forward prefetches ``dist`` problems ahead
-    (OTSEG_CUDA_PREFETCH, read at every call)."""
-    import contextlib
-    import os
-
-    @contextlib.contextmanager
-    def ctx():
-        old = os.environ.get("OTSEG_CUDA_PREFETCH")
-        os.environ["OTSEG_CUDA_PREFETCH"] = str(dist)
-        try:
-            yield
-        finally:
-            if old is None:
-                del os.environ["OTSEG_CUDA_PREFETCH"]
-            else:
-                os.environ["OTSEG_CUDA_PREFETCH"] = old
-    return ctx()
-
-
-def _prefetch_sweep(case_names, generators, backends, copy):
-    """Graph times of each fused forward with its L2 prefetch of later
-    problems' scores at several distances (``PREFETCH_SWEEP``), the default
-    first; the outputs must be bitwise the default's (a prefetch is a hint)."""
-    lines = [
-        "forward by L2 prefetch distance (triton: PREFETCH, programs an SM, default from _fwd_prefetch; cuda: "
-        "OTSEG_CUDA_PREFETCH, problems ahead, -1 = SMs x blocks an SM; 0: none); graph times in us, GB/s as above; "
-        "outputs bitwise the default's: yes/no.",
-        "",
-        "| case | scores | backend | prefetch | fwd graph | fwd GB/s (% copy) | same outputs |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for case_name in case_names:
-        case = CASES[case_name]
-        for gen in generators:
-            scores, nbytes = _flat_scores(case, gen)
-            for backend in [b for b in backends if b in PREFETCH_SWEEP]:
-                first = None
-                for dist in PREFETCH_SWEEP[backend]:
-                    try:
-                        if backend == "triton":
-                            out = _forward_outputs(scores)
-                            kw = {} if dist is None else {"prefetch": dist}
-                            fwd = lambda: tb.launch_forward(scores, EPS, 100, 1e-6, *out, **kw)  # noqa: E731
-                            fg = _graph_ms(fwd) * 1e3
-                            results = [t for t in out if t is not None]
-                        else:
-                            fwd, _ = _ops("cuda")
-                            with _cuda_prefetch(dist):
-                                fg = _graph_ms(lambda: fwd(scores)) * 1e3
-                                results = [t for t in fwd(scores) if t.numel()]
-                    except Exception as exc:  # noqa: BLE001  (report and go on)
-                        lines.append(f"| {case_name} | {gen} | {backend} | {dist} | failed: {type(exc).__name__}: "
-                                     f"{str(exc).splitlines()[0][:160]} | | |")
-                        continue
-                    same = "-" if first is None else ("yes" if _max_rel_diff(first, results) == 0 else "NO")
-                    first = first or results
-                    warps = tb._blocks(case.M, case.N).fwd_warps
-                    default = tb._fwd_prefetch(warps, tb._fwd_variant(warps, traced=False)[1])
-                    label = f"{default} (default)" if dist is None else ("-1 (default)" if dist == -1 else str(dist))
-                    gbs = nbytes / (fg * 1e-6) / 1e9
-                    lines.append(f"| {case_name} | {gen} | {backend} | {label} | {fg:.1f} | "
-                                 f"{gbs:.0f} ({gbs / copy:.0%}) | {same} |")
-    return lines
-
-
 def _host_profile(case_name, backends, calls=20):
     """Where the host's time of a forward+backward call goes, per backend: the
     benchmark's call (``ops.mps`` with autograd, loss ``(score * w).sum()``)
@@ -380,7 +303,6 @@ def main(argv=None):
         if args.warps:
             lines += ["", *_warp_sweep(args.cases[-1], args.generators, args.warps, copy)]
         lines += ["", *_forward_variants(args.cases[-1], args.generators, copy)]
-    lines += ["", *_prefetch_sweep(args.cases[-2:], ["clip"], backends, copy)]
     if args.host_profile:
         try:
             lines += _host_profile(args.cases[0], [b for b in backends if b != PY_TRITON])

@@ -144,8 +144,6 @@ def main(argv=None):
             for warps in sorted({default, *(args.warps or ())}):
                 consts = dict(flags, BLOCK_M=block_m, NG=block_n // vec, VEC=vec)
                 maxnreg = tb._fwd_variant(warps, traced=False)[1] if capped else None
-                if kernel is _mps_fwd_kernel:
-                    consts["PREFETCH"] = tb._fwd_prefetch(warps, maxnreg)
                 compiled = compile_mps_kernel(kernel, consts, _TYPES[dtype], acc, warps, args.arch, maxnreg=maxnreg)
                 sass, res, ops = _stats(compiled, workdir, f"{name}{warps}")
                 per_it = _iteration_path(sass) if name.startswith("forward") else None

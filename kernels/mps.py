@@ -55,9 +55,6 @@ def _row_sum(x):
 # tl.exp2 of pre-scaled arguments in both (one MUFU.EX2, where tl.exp adds
 # a multiply and a denormal fix-up).
 _FAST_MATH = tl.constexpr(not isinstance(_row_sum, InterpretedFunction) and torch.version.hip is None)
-# PTX inline assembly (the L2 prefetch, _prefetch_later): NVIDIA GPUs only,
-# like the fast functions; the interpreter runs without it.
-_PTX = _FAST_MATH
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -77,37 +74,6 @@ def _div(x, y):
         return libdevice.fast_dividef(x, y)
     else:
         return x / y
-
-
-# Bytes of later problems' scores a forward asks L2 for at most, all its
-# programs together (_prefetch_later): about a third of an H100's or an
-# A100's 50 / 40 MB of L2, leaving room for the tiles being solved, which a
-# forward reads again from L2.
-_PREFETCH_BYTES = tl.constexpr(16 * 1024 * 1024)
-
-
-@triton.jit
-def _prefetch_later(S, pid, M, N, PER_SM: tl.constexpr, TILE: tl.constexpr):
-    """Ask L2 (PTX prefetch.global.L2, no wait, no registers held) for the
-    scores of problem pid + D of contiguous [P, M, N] scores, D = PER_SM
-    programs an SM times the SMs (%nsmid), at most _PREFETCH_BYTES in all:
-    the problem that starts about when this one ends, on a GPU that holds
-    PER_SM programs an SM. Its read of its tile then hits L2, and the DRAM
-    reads of the next wave overlap this wave's iterations, where the
-    programs would otherwise read together and then all compute (Nsight
-    Compute on an H100, e18088e: warps waiting on memory, long scoreboard,
-    a third of the cycles). TILE: elements of the [BLOCK_M, BLOCK_N] tile,
-    a bound on M * N; one 128-byte line a lane."""
-    ELEM: tl.constexpr = S.dtype.element_ty.primitive_bitwidth // 8
-    LINE: tl.constexpr = 128 // ELEM
-    n_sm = tl.inline_asm_elementwise("mov.u32 $0, %nsmid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
-    tile = M * N
-    dist = tl.minimum(n_sm * PER_SM, _PREFETCH_BYTES // (tile * ELEM))
-    later = pid + dist
-    if (dist > 0) & (later < tl.num_programs(0)):
-        offs = tl.minimum(tl.arange(0, (TILE + LINE - 1) // LINE) * LINE, tile - 1)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [S + later * tile + offs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
 
 
 @triton.jit
@@ -148,7 +114,6 @@ def _mps_fwd_kernel(
     NG: tl.constexpr,
     VEC: tl.constexpr,
     HOLD_S: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     ACC: tl.constexpr = F.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
@@ -183,10 +148,6 @@ def _mps_fwd_kernel(
     # room for a third problem on an SM (Nsight Compute on an H100, commit
     # 8667a72: 255 registers, 12.5% occupancy, limited by registers). Which
     # is faster is for a GPU to say (bench/gpu_profile.py compares them).
-    # PREFETCH > 0: the tile of a later problem into L2, for contiguous
-    # scores (VEC > 1), PREFETCH programs an SM (_prefetch_later).
-    if _PTX and PREFETCH > 0 and VEC > 1:
-        _prefetch_later(S, pid, M, N, PREFETCH, BLOCK_M * NG * VEC)
     if HOLD_S:
         s_held = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
 

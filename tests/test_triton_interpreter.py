@@ -158,8 +158,7 @@ def test_kernels_compile_for_sm90():
     ]:
         for hold in (True, False):
             compiled = compile_kernel(_mps_fwd_kernel, dtype, acc,
-                                      dict(HAS_PLAN=True, BLOCK_M=bm, NG=ng, VEC=vec, HOLD_S=hold, PREFETCH=2,
-                                           **ones), warps)
+                                      dict(HAS_PLAN=True, BLOCK_M=bm, NG=ng, VEC=vec, HOLD_S=hold, **ones), warps)
         if vec > 1:
             # Each thread holds whole pixel rows (all N prompts): the row
             # reductions of every iteration stay in registers.
@@ -192,7 +191,7 @@ def _small_kernel_configs(hold_scores):
         pytest.skip(f"triton is unavailable: {kernels.error}")
     from otseg.kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
 
-    return [(_mps_fwd_kernel, dict(HAS_PLAN=True, BLOCK_M=64, NG=8, VEC=1, HOLD_S=hold_scores, PREFETCH=2)),
+    return [(_mps_fwd_kernel, dict(HAS_PLAN=True, BLOCK_M=64, NG=8, VEC=1, HOLD_S=hold_scores)),
             (_mps_bwd_kernel, dict(HAS_DSCORE=True, HAS_DPLAN=True, BLOCK_M=64, NG=8, VEC=1, W_ONE_PASS=True))]
 
 

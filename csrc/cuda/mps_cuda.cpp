@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <tuple>
 
@@ -82,29 +81,6 @@ int vector_width(const at::Tensor& x) {
                       x.element_size());
 }
 
-// Whether each problem's scores in a [P, M, N] tensor are one dense run
-// (rows of N contiguous prompts, one after another): else the forward
-// prefetches none (ForwardArgs::prefetch).
-bool dense_problems(const at::Tensor& x) {
-  const int64_t M = x.size(1), N = x.size(2);
-  return (N == 1 || x.stride(2) == 1) && (M == 1 || x.stride(1) == N);
-}
-
-// How many problems ahead a forward block prefetches scores
-// (ForwardArgs::prefetch): OTSEG_CUDA_PREFETCH where set (0: none; a
-// benchmark's knob, bench/gpu_profile.py), else -1, as many as the GPU holds
-// blocks at once. Read at every call, so that one process can compare.
-int prefetch_distance() {
-  const char* env = std::getenv("OTSEG_CUDA_PREFETCH");
-  if (env == nullptr || *env == '\0') return -1;
-  char* end = nullptr;
-  const long v = std::strtol(env, &end, 10);
-  OTSEG_CHECK_VALUE(*end == '\0' && v >= -1 && v <= std::numeric_limits<int>::max(),
-                    "OTSEG_CUDA_PREFETCH must be an integer >= -1 (problems ahead; 0: no prefetch; -1: the default), "
-                    "got '", env, "'");
-  return static_cast<int>(v);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forward_cuda(
     const at::Tensor& scores, double eps, int64_t max_iter, double tol, bool return_plan, bool check_finite) {
   const Problems pr = check_cuda_shape(scores);
@@ -127,8 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
                 return_plan ? plan.mutable_data_ptr() : nullptr, f.mutable_data_ptr<float>(),
                 g.mutable_data_ptr<float>(), n_iter.mutable_data_ptr<int>(),
                 check_finite ? nonfinite.mutable_data_ptr<int>() : nullptr,
-                vector_width(flat), return_plan ? vector_width(plan.view({P, M, N})) : 1,
-                dense_problems(flat) ? prefetch_distance() : 0};
+                vector_width(flat), return_plan ? vector_width(plan.view({P, M, N})) : 1};
   launch_checked(launch_mps_forward(a, P, at::cuda::getCurrentCUDAStream()), "forward", M, N);
   // The one host synchronisation, and only when asked for: reporting bad input.
   if (check_finite) {

@@ -46,14 +46,6 @@ struct ForwardArgs {
   // Elements per vector access of the rows of S and of the plan (1: one at
   // a time, any strides); set by the host (vector_width, mps_cuda.cpp).
   int s_vec, plan_vec;
-  // The L2 prefetch of a later problem's scores (mps_fwd_body, where each
-  // problem's scores are one dense run: sM = N, sN = 1): how many problems
-  // ahead (0: none; -1: as many as the GPU holds blocks of the kernel at once).
-  // One int, in what was the struct's padding: the same 8-byte-aligned size.
-  // Two more fields (the tile's bytes and stride, 16 B) changed ptxas's
-  // register allocation of the whole forward, the prefetch unused or not
-  // (sm_90, 16 prompts: spills from 12 B to 146 B).
-  int prefetch;
 };
 
 struct BackwardArgs {

@@ -285,43 +285,6 @@ __device__ __forceinline__ void stage_rows(float* tile, int M, Load load) {
   }
 }
 
-// Bytes of later problems' scores a forward asks L2 for at most, all its
-// blocks together (prefetch_later): about a third of an H100's or an A100's
-// 50 / 40 MB of L2, leaving room for the tiles being solved.
-constexpr int64_t kPrefetchBytes = 16 << 20;
-
-// Asks L2 for the `bytes` bytes of scores `dist` problems after this block's
-// (`step` bytes apart from `base`), if there is such a problem: one PTX
-// prefetch.global.L2 a 128-byte line, kLines a thread at most (a loop
-// instead cost the 16-prompt forward 40 B more of spills); no wait and no
-// register held. dist < 0: as many problems ahead as the GPU
-// holds blocks at once (SMs, %nsmid, x kBlocksPerSm), the block that starts
-// about when this one ends; at most kPrefetchBytes in all. Its read of its
-// scores then hits L2, and the DRAM reads of the next wave overlap this
-// wave's iterations, where the blocks would otherwise read together and then
-// all compute (Nsight Compute on an H100, e18088e: warps waiting on memory,
-// long scoreboard, a third of the cycles).
-template <int kThreads, int kBlocksPerSm, int kLines>
-__device__ __forceinline__ void prefetch_later(const void* base, int64_t step, int64_t bytes, int dist) {
-  if (bytes <= 0 || dist == 0) return;
-  if (dist < 0) {
-    unsigned sms;
-    asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
-    dist = static_cast<int>(sms) * kBlocksPerSm;
-  }
-  const int64_t fits = kPrefetchBytes / bytes;
-  if (dist > fits) dist = static_cast<int>(fits);
-  const int64_t later = static_cast<int64_t>(blockIdx.x) + dist;
-  if (dist <= 0 || later >= gridDim.x) return;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(base) + later * step;
-  const uintptr_t first = start & ~uintptr_t{127};
-#pragma unroll
-  for (int i = 0; i < kLines; ++i) {
-    const uintptr_t line = first + (threadIdx.x + i * kThreads) * 128u;
-    if (line < start + bytes) asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
-  }
-}
-
 // Block-wide sum (or max) of V values per thread, result in every thread.
 // smem holds (kThreads / 32) * V floats. Every thread combines the warp
 // partials in the same order, so all threads get bitwise the same result and

@@ -60,12 +60,6 @@ template <int NP, int kThreads, class Rows>
 __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, float* s_tile) {
   constexpr int kRows = fwd_rows(NP);
   constexpr bool kSmem = fwd_scores_in_smem(NP, kThreads);
-  // First of all, while no value is live: a later problem's scores into L2.
-  if (a.prefetch != 0) {
-    const int64_t elem = a.dtype == Dtype::kFloat ? 4 : 2;
-    prefetch_later<kThreads, fwd_min_blocks(NP, kThreads), fwd_rows(NP) * NP * 4 / 128 + 1>(
-        a.S, a.sP * elem, static_cast<int64_t>(a.M) * a.N * elem, a.prefetch);
-  }
   FwdReducer<NP, kThreads> reduce{red};
   const int64_t p = blockIdx.x;
   const int M = a.M, N = a.N;

@@ -123,16 +123,6 @@ def _fwd_variant(warps, traced):
     return FWD_HOLD_S, (FWD_MAXNREG if fits and not traced else None)
 
 
-def _fwd_prefetch(warps, maxnreg):
-    """The forward's PREFETCH (kernels/mps.py, _prefetch_later): the programs
-    of ``warps`` warps that an SM holds with ``maxnreg`` registers a thread
-    (None: up to 255; Triton rounds the count up to a multiple of 8), so that
-    each program asks L2 for the scores of the problem that starts about when
-    it ends. (The interpreter skips the prefetch: no PTX there.)"""
-    regs = -(-(maxnreg or 255) // 8) * 8
-    return max(1, _REGISTERS_PER_SM // (regs * 32 * warps))
-
-
 def _traced_launch(x):
     """True where a launch on ``x`` may be recorded rather than run:
     torch.compile's tracing (fake or functional tensors) or any other
@@ -238,7 +228,7 @@ def _flat(x, *tail):
 
 
 def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_warps=None, hold_scores=_DEFAULT,
-                   maxnreg=_DEFAULT, prefetch=_DEFAULT):
+                   maxnreg=_DEFAULT):
     """Run ``_mps_fwd_kernel`` into given outputs (``plan`` may be None).
 
     Args:
@@ -257,9 +247,6 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
             launch runs eagerly and its threads can have that many registers,
             else None (torch.compile's tracing would take the cap for a
             kernel argument; passing one there raises).
-        prefetch: the kernel's PREFETCH, programs an SM whose later
-            problems' scores each program asks L2 for (0: none). Default:
-            ``_fwd_prefetch`` of the launch's warps and register cap.
 
     Returns:
         what Triton's launch returns: its CompiledKernel on a GPU (None when
@@ -283,7 +270,6 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
     if maxnreg is not None and traced:
         raise ValueError("launch_forward: torch.compile's tracing of the launch cannot pass a register cap (maxnreg)")
     options = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
-    prefetch = _fwd_prefetch(warps, maxnreg) if prefetch is _DEFAULT else int(prefetch)
     # Without a plan, PLAN is never touched; it gets a read-only input rather
     # than an output, so that no output is passed twice.
     return wrap_triton(_mps_fwd_kernel)[(P,)](
@@ -292,7 +278,7 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
         M, N, max_iter,
         eps_hi, eps_lo, tol_hi, tol_lo,
         HAS_PLAN=plan is not None, BLOCK_M=blocks.block_m, NG=blocks.block_n // vec, VEC=vec,
-        HOLD_S=bool(hold_scores), PREFETCH=prefetch, num_warps=warps, **options,
+        HOLD_S=bool(hold_scores), num_warps=warps, **options,
     )
 
 
