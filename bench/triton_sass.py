@@ -21,7 +21,6 @@ the wheel); no GPU and no CUDA driver.
 """
 
 import argparse
-import collections
 import os
 import re
 import subprocess
@@ -33,11 +32,9 @@ import triton
 from otseg.kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
 from otseg.kernels.offline import compile_mps_kernel
 from otseg.ops.mps import triton as tb
+from sass_paths import iteration_path, op_counts  # bench/sass_paths.py, beside this script
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-# A branch to a label: "BRA `(.L_x_3)", also with a second predicate, "BRA P3, `(.L_x_3)".
-_BRANCH = re.compile(r"\bBRA\s+(?:!?U?P\w+,\s*)?`?\(?(\.L_x_\d+)\)?")
-_INSTR = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", re.M)
 
 
 def _tool(name):
@@ -53,58 +50,8 @@ def _stats(compiled, workdir, tag):
     usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True,
                            check=True).stdout
     res = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
-    ops = collections.Counter(op for _, op in _INSTR.findall(sass))
+    ops = op_counts(sass)
     return sass, res, ops
-
-
-# Paths through the forward's loop walked at most (2 to the number of its
-# forward branches; 6 for 1024 x 8 with Triton 3.8).
-_MAX_PATHS = 1 << 14
-
-
-def _iteration_path(sass):
-    """Instructions a thread issues in one ordinary forward iteration: from the
-    loop head (the target of the one backward branch) to the back edge,
-    along the path an iteration without absorption takes. Every path
-    through the loop's forward branches is walked; the ordinary one is the
-    longest with shuffles (the column sums of a sweep) and no exponential
-    (MUFU.EX2: a log-domain rebuild of K, which the first iteration and an
-    absorption run)."""
-    lines = sass.splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
-    branches = [(i, m.group(1)) for i, line in enumerate(lines) if (m := _BRANCH.search(line))]
-    # The loop's back edge: the longest backward branch before the first EXIT
-    # (after it come out-of-line blocks that jump back into the body).
-    first_exit = next((i for i, line in enumerate(lines) if re.search(r"\bEXIT\b", line)), len(lines))
-    back = [(i, t) for i, t in branches if t in labels and labels[t] < i - 1 and i < first_exit]
-    if not back:
-        return None
-    end, head = max(back, key=lambda b: b[0] - labels[b[1]])
-    best = None
-    # (line, instructions so far, shuffles, exponentials); a path ends at the back edge.
-    stack = [(labels[head], 0, 0, 0)]
-    walked = 0
-    while stack:
-        walked += 1
-        if walked > _MAX_PATHS:
-            return None  # too many branches to walk every path: no figure rather than a wait
-        i, count, shfl, ex2 = stack.pop()
-        while i <= end:
-            line = lines[i]
-            if _INSTR.match(line):
-                count += 1
-                shfl += "SHFL" in line
-                ex2 += "MUFU.EX2" in line
-                m = _BRANCH.search(line)
-                if m and m.group(1) in labels and i < labels[m.group(1)] <= end:
-                    if not re.search(r"@!?P\d+\s+BRA\s", line):
-                        i = labels[m.group(1)]  # unconditional: jump
-                        continue
-                    stack.append((labels[m.group(1)], count, shfl, ex2))  # taken; fall through below
-            i += 1
-        if shfl and not ex2 and (best is None or count > best):
-            best = count
-    return best
 
 
 def main(argv=None):
@@ -146,7 +93,7 @@ def main(argv=None):
                 maxnreg = tb._fwd_variant(warps, traced=False)[1] if capped else None
                 compiled = compile_mps_kernel(kernel, consts, _TYPES[dtype], acc, warps, args.arch, maxnreg=maxnreg)
                 sass, res, ops = _stats(compiled, workdir, f"{name}{warps}")
-                per_it = _iteration_path(sass) if name.startswith("forward") else None
+                per_it = iteration_path(sass) if name.startswith("forward") else None
                 it_text = f"{per_it} / {per_it * warps}" if per_it else "-"
                 mark = "" if warps == default else " (not the default)"
                 print(f"| {name}{mark} | {warps} | {res.get('REG')} | {res.get('STACK', 0) + res.get('LOCAL', 0)} | "

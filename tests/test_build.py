@@ -57,9 +57,19 @@ def test_cuda_kernels_file_holds_no_host_library_code():
         assert "TORCH_" not in open(path).read(), f"{os.path.basename(path)} uses a TORCH_ macro"
 
 
+@pytest.fixture(scope="module")
+def cuda_sm90():
+    """The CUDA kernel files compiled for sm_90 once (bench/cuda_ptxas.py):
+    (ptxas's rows, the machine code's rows)."""
+    if not shutil.which("nvcc"):
+        pytest.skip("no nvcc: the CUDA kernels cannot be compiled here")
+    cuda_ptxas = import_bench_script("cuda_ptxas")
+    sass, report = cuda_ptxas.sass_rows(90, with_report=True)
+    return cuda_ptxas.parse(report), sass
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not shutil.which("nvcc"), reason="no nvcc: the CUDA kernels cannot be compiled here")
-def test_cuda_kernels_register_budget():
+def test_cuda_kernels_register_budget(cuda_sm90):
     """The kernels' register budgets for sm_90 (bench/cuda_ptxas.py), for both
     ways of reading rows (float32 vectors, any dtype): forward blocks of 128
     threads (every problem up to 1024 pixels) within 168 registers, so three
@@ -68,8 +78,7 @@ def test_cuda_kernels_register_budget():
     16 B of spills); the backward's blocks of 128 threads likewise three an
     SM up to 16 prompts (H in shared memory), at least four up to 4, and no
     spills up to 256 threads (2048 pixels up to 8 prompts, 1024 with 16)."""
-    cuda_ptxas = import_bench_script("cuda_ptxas")
-    rows = cuda_ptxas.parse(cuda_ptxas.ptxas_report(90))
+    rows = cuda_sm90[0]
     by_shape = {(r["kernel"], r["NP"], r["threads"], r["io"]): r for r in rows}
     assert len(by_shape) == 40, sorted(by_shape)  # every instantiation the dispatch can launch
     for io in ("float32 x4", "any"):
@@ -84,3 +93,47 @@ def test_cuda_kernels_register_budget():
     for r in rows:
         if r["kernel"] == "backward" and r["threads"] <= 256:
             assert r["spill_st"] == 0 and r["stack"] == 0, r
+
+
+@pytest.mark.slow
+def test_cuda_sass_counts_each_forwards_ordinary_iteration(cuda_sm90):
+    """bench/cuda_ptxas.py --sass: every kernel instantiation found in the
+    machine code, and in each forward the ordinary iteration (a sweep: one
+    block sum, shuffles, no exponential), a small part of the kernel's code."""
+    rows = cuda_sm90[1]
+    by_shape = {(r["kernel"], r["NP"], r["threads"], r["io"]): r for r in rows}
+    assert len(by_shape) == 40, sorted(by_shape)
+    for r in rows:
+        assert r["SHFL"] > 0 and r["MUFU"] > 0 and r["BAR"] > 0, r
+        if r["kernel"] == "backward":
+            assert r["per_iteration"] is None, r
+        else:
+            assert r["per_iteration"] is not None and 50 < r["per_iteration"] < r["instructions"] // 4, r
+
+
+def test_sass_iteration_path_takes_the_sweep_not_the_rebuild():
+    """bench/sass_paths.py on a made-up loop: of its two paths, the one with a
+    shuffle and no exponential is counted (5 instructions, the back edge
+    included), and functions() splits an nvdisasm listing by function."""
+    sass_paths = import_bench_script("sass_paths")
+    loop = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   FADD R2, R2, R3 ;
+        /*0020*/               @P0 BRA `(.L_x_2) ;
+        /*0030*/                   MUFU.EX2 R4, R4 ;
+        /*0040*/                   BRA `(.L_x_3) ;
+.L_x_2:
+        /*0050*/                   SHFL.BFLY PT, R5, R6, 0x10, 0x1f ;
+        /*0060*/                   FADD R5, R5, R6 ;
+.L_x_3:
+        /*0070*/               @P1 BRA `(.L_x_1) ;
+        /*0080*/                   EXIT ;
+"""
+    assert sass_paths.iteration_path(loop) == 5
+    assert sass_paths.iteration_path(loop.replace("SHFL.BFLY", "FMUL")) is None  # no path with a shuffle
+    assert sass_paths.op_counts(loop)["FADD"] == 2
+    listing = f"        .text.first:\n{loop}        .text.second:\n        /*0000*/                   EXIT ;\n"
+    parts = sass_paths.functions(listing)
+    assert list(parts) == ["first", "second"]
+    assert sass_paths.iteration_path(parts["first"]) == 5 and sass_paths.iteration_path(parts["second"]) is None

@@ -1,0 +1,86 @@
+"""Reading NVIDIA SASS (``nvdisasm -c`` output) without a GPU: instruction
+counts and the instructions of one ordinary iteration of a kernel's main loop.
+
+Shared by ``bench/triton_sass.py`` (the Triton kernels) and
+``bench/cuda_ptxas.py --sass`` (the CUDA kernels). No imports beyond the
+standard library, so that either script can use it without the other's
+toolchain.
+"""
+
+import collections
+import re
+
+# A branch to a label: "BRA `(.L_x_3)", also with a second predicate, "BRA P3, `(.L_x_3)".
+BRANCH = re.compile(r"\bBRA\s+(?:!?U?P\w+,\s*)?`?\(?(\.L_x_\d+)\)?")
+INSTR = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", re.M)
+# A function's start in nvdisasm's output: "        .text.<name>:" (its code follows).
+_FUNCTION = re.compile(r"^\s*\.text\.(\S+):\s*$", re.M)
+
+def op_counts(sass):
+    """Counter of the opcodes (FFMA, MUFU, SHFL, BAR, ...) in ``sass``."""
+    return collections.Counter(op for _, op in INSTR.findall(sass))
+
+
+def functions(sass):
+    """{name: its SASS} for each function of an ``nvdisasm`` listing."""
+    marks = list(_FUNCTION.finditer(sass))
+    return {m.group(1): sass[m.end():(marks[k + 1].start() if k + 1 < len(marks) else len(sass))]
+            for k, m in enumerate(marks)}
+
+
+def iteration_path(sass):
+    """Instructions a thread issues in one ordinary iteration of the main
+    loop of a Sinkhorn forward: from the loop head (the target of the
+    longest backward branch before the first EXIT) to the back edge,
+    along the path an iteration without absorption takes: of all the paths
+    through the loop's forward branches, the longest with shuffles (the
+    column sums of a sweep) and no exponential (MUFU.EX2: a log-domain
+    rebuild of K, which the first iteration and an absorption run). None
+    where there is no loop or no such path.
+
+    A longest-path pass over the loop's lines in order (its forward branches
+    make it a DAG), keeping for each line the longest way there with and
+    without a shuffle so far: linear in the loop's length, where walking
+    every path took minutes on the CUDA kernels' many branches."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\s*(\.L_x_\d+):", line))}
+    branches = [(i, m.group(1)) for i, line in enumerate(lines) if (m := BRANCH.search(line))]
+    # The loop's back edge: the longest backward branch before the first EXIT
+    # (after it come out-of-line blocks that jump back into the body).
+    first_exit = next((i for i, line in enumerate(lines) if re.search(r"\bEXIT\b", line)), len(lines))
+    back = [(i, t) for i, t in branches if t in labels and labels[t] < i - 1 and i < first_exit]
+    if not back:
+        return None
+    end, head = max(back, key=lambda b: b[0] - labels[b[1]])
+    # arriving[i]: {shuffled so far: the most instructions issued before line i}
+    arriving = {labels[head]: {False: 0}}
+    best = None
+    for i in range(labels[head], end + 1):
+        states = arriving.pop(i, None)
+        if not states:
+            continue
+        line = lines[i]
+        nexts = [i + 1]
+        if INSTR.match(line):
+            if "MUFU.EX2" in line:
+                continue  # a path through here rebuilds K: not the ordinary iteration
+            shfl = "SHFL" in line
+            after = {}
+            for shuffled, count in states.items():
+                key = shuffled or shfl
+                after[key] = max(after.get(key, -1), count + 1)
+            states = after
+            m = BRANCH.search(line)
+            if m and m.group(1) in labels and i < labels[m.group(1)] <= end:
+                target = labels[m.group(1)]
+                # Unconditional: jump; else taken or not.
+                nexts = [target] if not re.search(r"@!?U?P\w+\s+BRA\s", line) else [target, i + 1]
+        if i == end:
+            if True in states:
+                best = states[True] if best is None else max(best, states[True])
+            continue
+        for j in nexts:
+            slot = arriving.setdefault(j, {})
+            for shuffled, count in states.items():
+                slot[shuffled] = max(slot.get(shuffled, -1), count)
+    return best
