@@ -116,7 +116,11 @@ def sass_rows(arch, nvcc=None, with_report=False):
     with tempfile.TemporaryDirectory() as tmp:
         for ptxas, cubin in _compile(arch, tmp, nvcc, cubin=True).values():
             report += ptxas
-            sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+            dis = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
+            if dis.returncode != 0:
+                raise RuntimeError(f"nvdisasm failed on {os.path.basename(cubin)} ({dis.returncode}): "
+                                   f"{dis.stderr[-2000:]}")
+            sass = dis.stdout
             for name, code in functions(sass).items():
                 m = _MANGLED.search(name)
                 if not m:

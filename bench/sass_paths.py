@@ -73,8 +73,12 @@ def iteration_path(sass):
             m = BRANCH.search(line)
             if m and m.group(1) in labels and i < labels[m.group(1)] <= end:
                 target = labels[m.group(1)]
-                # Unconditional: jump; else taken or not.
-                nexts = [target] if not re.search(r"@!?U?P\w+\s+BRA\s", line) else [target, i + 1]
+                # Unconditional (or @PT): jump; @!PT: never taken; else taken or not.
+                pred = re.search(r"@(!?)(U?P\w+)\s+BRA\s", line)
+                if pred is None or pred.group(2) == "PT":
+                    nexts = [i + 1] if pred is not None and pred.group(1) else [target]
+                else:
+                    nexts = [target, i + 1]
         if i == end:
             if True in states:
                 best = states[True] if best is None else max(best, states[True])
