@@ -21,7 +21,6 @@ Needs nvcc (that of CUDA_HOME or CUDA_PATH, else the one on the PATH);
 """
 
 import argparse
-import importlib.util
 import os
 import re
 import shutil
@@ -29,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from sass_paths import functions, iteration_path, op_counts  # bench/sass_paths.py, beside this script
+from sass_paths import functions, iteration_path, op_counts, triton_tool  # bench/sass_paths.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # mps_fwd_kernel<8, 128, F32Vec4Rows<8>>: "_ZN5otseg4cuda12_GLOBAL__N_114mps_fwd_kernelILi8ELi128ENS0_11F32Vec4RowsILi8EEEEEvNS0_11ForwardArgsE"
@@ -94,12 +93,7 @@ def find_nvdisasm(nvcc=None):
     beside = os.path.join(os.path.dirname(nvcc), "nvdisasm") if nvcc else ""
     if os.path.isfile(beside):
         return beside
-    if shutil.which("nvdisasm"):
-        return shutil.which("nvdisasm")
-    spec = importlib.util.find_spec("triton")
-    wheel = (os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "nvdisasm")
-             if spec and spec.origin else "")
-    return wheel if os.path.isfile(wheel) else None
+    return shutil.which("nvdisasm") or triton_tool("nvdisasm")
 
 
 def sass_rows(arch, nvcc=None, with_report=False):

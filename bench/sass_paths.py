@@ -8,6 +8,8 @@ toolchain.
 """
 
 import collections
+import importlib.util
+import os
 import re
 
 # A branch to a label: "BRA `(.L_x_3)", also with a second predicate, "BRA P3, `(.L_x_3)".
@@ -15,6 +17,17 @@ BRANCH = re.compile(r"\bBRA\s+(?:!?U?P\w+,\s*)?`?\(?(\.L_x_\d+)\)?")
 INSTR = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", re.M)
 # A function's start in nvdisasm's output: "        .text.<name>:" (its code follows).
 _FUNCTION = re.compile(r"^\s*\.text\.(\S+):\s*$", re.M)
+
+def triton_tool(name):
+    """A CUDA binary tool (nvdisasm, cuobjdump) from the Triton wheel
+    (backends/nvidia/bin), without importing Triton; None where there is
+    none."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.origin:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", name)
+    return path if os.path.isfile(path) else None
+
 
 def op_counts(sass):
     """Counter of the opcodes (FFMA, MUFU, SHFL, BAR, ...) in ``sass``."""
@@ -54,7 +67,6 @@ def iteration_path(sass):
     end, head = max(back, key=lambda b: b[0] - labels[b[1]])
     # arriving[i]: {shuffled so far: the most instructions issued before line i}
     arriving = {labels[head]: {False: 0}}
-    best = None
     for i in range(labels[head], end + 1):
         states = arriving.pop(i, None)
         if not states:
@@ -80,11 +92,9 @@ def iteration_path(sass):
                 else:
                     nexts = [target, i + 1]
         if i == end:
-            if True in states:
-                best = states[True] if best is None else max(best, states[True])
-            continue
+            return states.get(True)  # the back edge: every path ends here
         for j in nexts:
             slot = arriving.setdefault(j, {})
             for shuffled, count in states.items():
                 slot[shuffled] = max(slot.get(shuffled, -1), count)
-    return best
+    return None  # no path reaches the back edge without an exponential

@@ -32,14 +32,13 @@ import triton
 from otseg.kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
 from otseg.kernels.offline import compile_mps_kernel
 from otseg.ops.mps import triton as tb
-from sass_paths import iteration_path, op_counts  # bench/sass_paths.py, beside this script
+from sass_paths import iteration_path, op_counts, triton_tool  # bench/sass_paths.py, beside this script
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
 def _tool(name):
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    return path if os.path.exists(path) else name
+    return triton_tool(name) or name
 
 
 def _stats(compiled, workdir, tag):

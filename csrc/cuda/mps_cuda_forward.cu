@@ -17,10 +17,6 @@ namespace cuda {
 namespace {
 
 constexpr float kAbsorb = 30.0f;  // scalings outside [e^-30, e^30] are absorbed
-// The log-domain f half-step (rebuild_rows, every problem's first
-// iteration) takes its exponentials as exp2f of arguments in units of
-// log2(e) (kLog2e; sm_90, 8 prompts, float32 rows: 5768 -> 5480
-// instructions of code, 168 -> 158 registers).
 
 // Blocks of kThreads the forward asks to fit on one SM (65536 registers):
 // three of 128 threads, at most 168 registers a thread (four up to 4
@@ -121,7 +117,10 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
   // NaN or inf and the check is asked for.
   auto rebuild_rows = [&](bool first, bool* bad) {
     const bool check = first && a.nonfinite != nullptr;
-    // K's entry is 2^(S ie2 + c2 - max), c2 = (beta - 1/eps) log2(e).
+    // K's entry is 2^(S ie2 + c2 - max), c2 = (beta - 1/eps) log2(e): the
+    // exponentials as exp2f of arguments in units of log2(e) (kLog2e;
+    // sm_90, 8 prompts, float32 rows: 5768 -> 5480 instructions of code,
+    // 168 -> 158 registers).
     auto c2 = [&](int n) { return fmaf(beta[n], kLog2e, -ie2); };
     float change = 0.0f;
 #pragma unroll
