@@ -32,9 +32,10 @@ except ImportError:  # a Triton without the interpreter
 # Scalings outside [e^-30, e^30] are absorbed into the log potentials (the CPU
 # kernel's bound, csrc/cpu/mps_cpu_kernels.h): with rebuilt kernel entries <= 1,
 # u * K * v cannot overflow, and an entry that underflowed carries a plan mass
-# below e^(60-87) relative to the marginals.
-_SAFE_LO = tl.constexpr(9.357622968840175e-14)  # e^-30
+# below e^(60-87) relative to the marginals. The bounds' product is 1, so x
+# is in range where max(x, 1/x) <= e^30, or |log2 x| <= 30 log2(e).
 _SAFE_HI = tl.constexpr(1.0686474581524463e13)  # e^30
+_SAFE_LG2 = tl.constexpr(43.280851226668897)  # 30 log2(e)
 
 
 @triton.jit
@@ -65,6 +66,20 @@ def _log(x):
         return libdevice.fast_logf(x)
     else:
         return tl.log(x)
+
+
+@triton.jit
+def _log2(x):
+    if _FAST_MATH and x.dtype == tl.float32:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _max_nan(a, b):
+    """max(a, b), NaN where either is NaN (tl.max drops NaNs)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -161,13 +176,17 @@ def _mps_fwd_kernel(
     beta = tl.zeros([NG, VEC], ACC)
     v = tl.full([NG, VEC], 1.0, ACC)
     k_mat = tl.zeros([NG, BLOCK_M, VEC], ACC)
-    # The previous f/eps is alpha + log_u_prev (alpha is the same at the top
-    # of every iteration): while alpha is unchanged the change is the
+    # The previous f/eps is alpha + lg_u_prev ln 2 (alpha is the same at the
+    # top of every iteration): while alpha is unchanged the change is the
     # difference of the log scalings alone (no cancellation against a large
-    # alpha).
-    log_u_prev = tl.zeros([BLOCK_M], ACC)
+    # alpha). The log scalings lg_u are base-2 logarithms (log2 u: one
+    # MUFU.LG2, with no multiply by ln 2 a row), converted where they meet
+    # alpha.
+    lg_u_prev = tl.zeros([BLOCK_M], ACC)
     # Exponentials as exp2 of arguments in units of log2(e) (see _FAST_MATH).
     inv_eps2 = inv_eps * _LOG2E
+    # err = eps * mean_m |f/eps change| = (eps ln2 / M) sum_m |lg change| in a sweep.
+    err_scale = eps / m_f
     err = tl.full([], float("inf"), ACC)
     it = 0
     # Stop when err < tol (a NaN err keeps going, as in the reference) or
@@ -180,15 +199,16 @@ def _mps_fwd_kernel(
             # so that they add 0 to every sum (one select a row).
             kv = _row_sum(k_mat * v[:, None, :])  # [BM]
             u = tl.where(mask_m, _div(mu, kv), 1.0)
-            # Out of range, or not > 0 (mu / 0 = inf, NaN): absorb.
-            bad_u = ~((u >= _SAFE_LO) & (u <= _SAFE_HI))
-            log_u = tl.where(mask_m, _log(u), 0.0)
-            # A scaling out of range makes the sum inf (a NaN input makes it NaN).
-            total = tl.sum(tl.where(bad_u, float("inf"), tl.abs(log_u - log_u_prev)), axis=0)
+            lg_u = tl.where(mask_m, _log2(u), 0.0)
+            # A scaling out of range, u outside [e^-30, e^30] (|log2 u| >
+            # 30 log2(e)), or not > 0 (mu / 0 = inf, NaN: log2 of them is
+            # +-inf or NaN), makes the sum inf: absorb.
+            ok_u = tl.abs(lg_u) <= _SAFE_LG2
+            total = tl.sum(tl.where(ok_u, tl.abs(lg_u - lg_u_prev), float("inf")), axis=0) * _LN2
             ktu = tl.sum(k_mat * u[None, :, None], axis=1)  # [NG, VEC]
         else:
             total = tl.full([], float("inf"), ACC)
-            log_u = tl.zeros([BLOCK_M], ACC)
+            lg_u = tl.zeros([BLOCK_M], ACC)
             ktu = tl.zeros([NG, VEC], ACC)
         if (total >= float("inf")) | (total != total):
             # The first iteration, or absorb v into beta: the f half-step in
@@ -205,20 +225,23 @@ def _mps_fwd_kernel(
             e = tl.exp2(z - z_max[None, :, None])
             e_sum = tl.where(mask_m, _row_sum(e), 1.0)
             alpha_new = tl.where(mask_m, log_mu - z_max * _LN2 - _log(e_sum), 0.0)
-            total = tl.sum(tl.where(mask_m, tl.abs((alpha_new - alpha) - log_u_prev), 0.0), axis=0)
+            total = tl.sum(tl.where(mask_m, tl.abs((alpha_new - alpha) - lg_u_prev * _LN2), 0.0), axis=0)
             alpha = alpha_new
             k_mat = e * _div(mu, e_sum)[None, :, None]
             u = tl.full([BLOCK_M], 1.0, ACC)
             v = tl.full([NG, VEC], 1.0, ACC)
-            log_u = tl.zeros([BLOCK_M], ACC)
+            lg_u = tl.zeros([BLOCK_M], ACC)
             ktu = tl.sum(k_mat, axis=1)
-        err = eps * total / m_f
-        log_u_prev = log_u
+        err = err_scale * total
+        lg_u_prev = lg_u
 
         # g half-step: v = nu / (K^T u); padding prompts keep v = 1.
         v = tl.where(mask_c, _div(nu, ktu), 1.0)
-        bad_v = ~((v >= _SAFE_LO) & (v <= _SAFE_HI))
-        if tl.max(tl.max(bad_v.to(tl.int32), axis=1), axis=0) > 0:
+        # Out of range: v or 1/v = N K^T u above e^30 (the bounds' product
+        # is 1), or NaN (kept by the NaN-propagating max). Padding prompts:
+        # v = 1, K^T u = 0.
+        v_out = tl.reduce(tl.reduce(_max_nan(v, ktu * n_f), 1, _max_nan), 0, _max_nan)
+        if not (v_out <= _SAFE_HI):
             # Absorb u into alpha and redo the g half-step in the log domain,
             # rebuilding K with columns summing to nu. The -1/eps of -C/eps
             # cancels inside the column max and reappears in beta.
@@ -226,7 +249,7 @@ def _mps_fwd_kernel(
                 s = s_held
             else:
                 s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
-            alpha = tl.where(mask_m, alpha + log_u, 0.0)
+            alpha = tl.where(mask_m, alpha + lg_u * _LN2, 0.0)
             # w = (S/eps + alpha) log2(e)
             w = s * inv_eps2 + (alpha * _LOG2E)[None, :, None]
             w_max = tl.where(mask_c, tl.max(w, axis=1), 0.0)
@@ -234,13 +257,13 @@ def _mps_fwd_kernel(
             e_sum = tl.where(mask_c, tl.sum(e, axis=1), 1.0)
             beta = tl.where(mask_c, log_nu + inv_eps - w_max * _LN2 - _log(e_sum), 0.0)
             k_mat = e * _div(nu, e_sum)[:, None, :]
-            log_u_prev = tl.zeros([BLOCK_M], ACC)
+            lg_u_prev = tl.zeros([BLOCK_M], ACC)
             u = tl.full([BLOCK_M], 1.0, ACC)
             v = tl.full([NG, VEC], 1.0, ACC)
         it += 1
 
     tl.store(NITER + pid, it)
-    tl.store(F + pid * M + offs_m, eps * (alpha + log_u_prev), mask=mask_m)
+    tl.store(F + pid * M + offs_m, eps * (alpha + lg_u_prev * _LN2), mask=mask_m)
     c_offs = offs_g[:, None] * VEC + offs_j[None, :]
     tl.store(G + pid * N + c_offs, eps * (beta + tl.log(v)), mask=mask_c)
     plan = u[None, :, None] * k_mat * v[:, None, :]
