@@ -57,6 +57,27 @@ def test_cuda_kernels_file_holds_no_host_library_code():
         assert "TORCH_" not in open(path).read(), f"{os.path.basename(path)} uses a TORCH_ macro"
 
 
+def test_cuda_block_reduction_emulated_on_the_host(tmp_path):
+    """The CUDA forward's block sums and maxima (csrc/cuda/block_reduce.h: a
+    reduce-scatter within each warp, then the warps' partials through shared
+    memory), compiled for the host with g++ and run by a block of threads
+    whose shuffles and barrier are emulated (tests/cuda_block_reduce_host.cpp):
+    exact sums and maxima of integers, and bitwise the same result in every
+    thread for fractions, for 1 to 33 values and 128 to 1024 threads. The
+    lane and index arithmetic is the GPU's; only the policy differs."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    cxx = os.environ.get("CXX", "g++")
+    assert shutil.which(cxx), f"no C++ compiler {cxx!r} (the extension needs one too)"
+    exe = str(tmp_path / "block_reduce_host")
+    subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+                    f"-I{os.path.join(here, '..', 'csrc')}", os.path.join(here, "cuda_block_reduce_host.cpp"),
+                    "-o", exe], check=True)
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
 @pytest.fixture(scope="module")
 def cuda_sm90():
     """The CUDA kernel files compiled for sm_90 once (bench/cuda_ptxas.py):

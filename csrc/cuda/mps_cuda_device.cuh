@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "block_reduce.h"
 #include "mps_cuda.h"
 
 namespace otseg {
@@ -285,59 +286,28 @@ __device__ __forceinline__ void stage_rows(float* tile, int M, Load load) {
   }
 }
 
-// Block-wide sum (or max) of V values per thread, result in every thread.
-// smem holds (kThreads / 32) * V floats. Every thread combines the warp
-// partials in the same order, so all threads get bitwise the same result and
-// the decisions taken on it are uniform across the block. kTrailingSync: a
-// barrier after the partials are read, so that smem can be written again at
-// once (BlockReducer alternates two buffers instead).
-template <int V, int kThreads, bool kMax, bool kTrailingSync = true>
-__device__ __forceinline__ void block_reduce(float (&x)[V], float* smem) {
-  constexpr int kWarps = kThreads / 32;
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float o = __shfl_xor_sync(0xffffffffu, x[v], off);
-      x[v] = kMax ? fmaxf(x[v], o) : x[v] + o;
-    }
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-#pragma unroll
-    for (int v = 0; v < V; ++v) smem[warp * V + v] = x[v];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    float acc = smem[v];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) acc = kMax ? fmaxf(acc, smem[w * V + v]) : acc + smem[w * V + v];
-    x[v] = acc;
-  }
-  if constexpr (kTrailingSync) __syncthreads();
-}
-
-// Block reductions of up to kMaxV values. With kHalves = 2, one barrier
-// each: consecutive reductions write alternate halves of smem (2 *
-// (kThreads / 32) * kMaxV floats), so a thread writing one half has passed
+// Block reductions of up to kMaxV values (block_reduce_scatter,
+// block_reduce.h). With kHalves = 2, one barrier each: consecutive reductions
+// write alternate halves of smem, so a thread writing one half has passed
 // the barrier of the reduction in between, which every thread reaches only
 // after reading that half. With kHalves = 1, one buffer and two barriers
 // each. Every thread must make the same sequence of calls (uniform control
 // flow), as with any block reduction.
 template <int kThreads, int kMaxV, int kHalves>
 struct BlockReducer {
-  static constexpr int kFloats = kHalves * (kThreads / 32) * kMaxV;  // of smem
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kFloats = kHalves * block_reduce_floats(kMaxV, kWarps);  // of smem
   float* smem;
   int half = 0;
   template <bool kMax, int V>
   __device__ __forceinline__ void operator()(float (&x)[V]) {
     static_assert(V <= kMaxV, "BlockReducer: too many values");
     if constexpr (kHalves == 2) {
-      block_reduce<V, kThreads, kMax, false>(x, smem + half * (kThreads / 32) * kMaxV);
+      block_reduce_scatter<V, kWarps, kMax>(x, smem + half * block_reduce_floats(kMaxV, kWarps), CudaBlock{});
       half ^= 1;
     } else {
-      block_reduce<V, kThreads, kMax, true>(x, smem);
+      block_reduce_scatter<V, kWarps, kMax>(x, smem, CudaBlock{});
+      __syncthreads();
     }
   }
 };

@@ -58,7 +58,14 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
   constexpr bool kSmem = fwd_scores_in_smem(NP, kThreads);
   FwdReducer<NP, kThreads> reduce{red};
   const int64_t p = blockIdx.x;
-  const int M = a.M, N = a.N;
+  // The float32 x4 kernel is launched for full rows only (N = NP, LaunchFwd),
+  // so that every test n < N is decided at compile time: a run-time N cost
+  // sm_90 code a branch and about 12 instructions a prompt where v is scaled.
+  const int M = a.M, N = Rows::kF32Vec4 ? NP : a.N;
+  // This thread's rows m = threadIdx.x + r kThreads below M: r < n_live. One
+  // register and a compare with a constant a row, where testing m < M kept
+  // each row's m (or its flag, packed into a register) live.
+  const int n_live = min(kRows, max(0, (M - static_cast<int>(threadIdx.x) + kThreads - 1) / kThreads));
   const float ie = 1.0f / a.eps;
   const float ie2 = ie * kLog2e;  // 1/eps in units of log2(e)
   const float mu = 1.0f / M, nu = 1.0f / N;
@@ -125,7 +132,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
     float change = 0.0f;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const bool live = threadIdx.x + r * kThreads < M;
+      const bool live = r < n_live;
       float s[NP];
       load_scores(r, s);
       float z[NP];
@@ -169,7 +176,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
     for (int n = 0; n < NP; ++n) mx[n] = -INFINITY;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const bool live = threadIdx.x + r * kThreads < M;
+      const bool live = r < n_live;
       float s[NP];
       load_scores(r, s);
 #pragma unroll
@@ -185,7 +192,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
       sum[n] = 0.0f;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const bool live = threadIdx.x + r * kThreads < M && n < N;
+        const bool live = r < n_live && n < N;
         k[r][n] = live ? __expf(k[r][n] - mx[n]) : 0.0f;
         sum[n] += k[r][n];
       }
@@ -255,7 +262,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
       float lu_new[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const bool live = threadIdx.x + r * kThreads < M;
+        const bool live = r < n_live;
         float kv = 0.0f;
 #pragma unroll
         for (int n = 0; n < NP; ++n) kv += k[r][n] * v[n];
@@ -265,7 +272,9 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
         // below: one select a row instead of one per entry.
         const float um = live ? mu / kv : 1.0f;
         lu_new[r] = live ? __logf(um) : 0.0f;
-        acc[NP] += um >= lo_ok && um <= hi_ok ? fabsf(lu_new[r] - log_u[r]) : INFINITY;
+        // u in [e^-30, e^30] where |log u| <= 30: one test, which the log
+        // of 0, inf or NaN (-inf, inf, NaN) fails too.
+        acc[NP] += fabsf(lu_new[r]) <= kAbsorb ? fabsf(lu_new[r] - log_u[r]) : INFINITY;
         u[r] = um;
 #pragma unroll
         for (int n = 0; n < NP; ++n) acc[n] += k[r][n] * um;
@@ -347,7 +356,7 @@ struct LaunchFwd {
   static constexpr int rows(int np) { return fwd_rows(np); }
   static void run(unsigned P, cudaStream_t stream, const ForwardArgs& a) {
     // The kernel for the rows' layout (AnyRows, F32Vec4Rows: mps_cuda_device.cuh).
-    if (a.dtype == Dtype::kFloat && a.s_vec == 4 && (a.plan == nullptr || a.plan_vec == 4)) {
+    if (a.dtype == Dtype::kFloat && a.s_vec == 4 && (a.plan == nullptr || a.plan_vec == 4) && a.N == NP) {
       mps_fwd_kernel<NP, T, F32Vec4Rows<NP>><<<P, T, 0, stream>>>(a);
     } else {
       mps_fwd_kernel<NP, T, AnyRows<NP>><<<P, T, 0, stream>>>(a);
