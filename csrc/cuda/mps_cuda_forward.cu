@@ -22,7 +22,7 @@ constexpr float kAbsorb = 30.0f;  // scalings outside [e^-30, e^30] are absorbed
 // three of 128 threads, at most 168 registers a thread (four up to 4
 // prompts, at most 128). The registers hold
 // the kernel matrix, not the scores, which leaves a thread of 8 rows x 8
-// prompts about 110 live values (sm_90: 168 registers, no spills). With the
+// prompts about 110 live values (sm_90: 150 registers, no spills). With the
 // scores in registers too, Nsight Compute on an H100 (commit 8667a72) found
 // 255 registers, 164 B of spills and two blocks an SM (12.5% occupancy),
 // limited by registers.
