@@ -185,7 +185,8 @@ def _mps_fwd_kernel(
     lg_u_prev = tl.zeros([BLOCK_M], ACC)
     # Exponentials as exp2 of arguments in units of log2(e) (see _FAST_MATH).
     inv_eps2 = inv_eps * _LOG2E
-    # err = eps * mean_m |f/eps change| = (eps ln2 / M) sum_m |lg change| in a sweep.
+    # err = eps * mean_m |f/eps change| = (eps / M) total, where a sweep's
+    # total is ln 2 sum_m |lg_u change|.
     err_scale = eps / m_f
     err = tl.full([], float("inf"), ACC)
     it = 0
