@@ -18,6 +18,7 @@ INSTR = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)"
 # A function's start in nvdisasm's output: "        .text.<name>:" (its code follows).
 _FUNCTION = re.compile(r"^\s*\.text\.(\S+):\s*$", re.M)
 
+
 def triton_tool(name):
     """A CUDA binary tool (nvdisasm, cuobjdump) from the Triton wheel
     (backends/nvidia/bin), without importing Triton; None where there is

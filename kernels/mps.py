@@ -61,19 +61,18 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _log(x):
+def _log(x, BASE2: tl.constexpr = False):
+    """ln x, or log2 x where BASE2 (fast_log2f: lg2.approx alone)."""
     if _FAST_MATH and x.dtype == tl.float32:
-        return libdevice.fast_logf(x)
+        if BASE2:
+            return libdevice.fast_log2f(x)
+        else:
+            return libdevice.fast_logf(x)
     else:
-        return tl.log(x)
-
-
-@triton.jit
-def _log2(x):
-    if _FAST_MATH and x.dtype == tl.float32:
-        return libdevice.fast_log2f(x)
-    else:
-        return tl.log2(x)
+        if BASE2:
+            return tl.log2(x)
+        else:
+            return tl.log(x)
 
 
 @triton.jit
@@ -200,7 +199,7 @@ def _mps_fwd_kernel(
             # so that they add 0 to every sum (one select a row).
             kv = _row_sum(k_mat * v[:, None, :])  # [BM]
             u = tl.where(mask_m, _div(mu, kv), 1.0)
-            lg_u = tl.where(mask_m, _log2(u), 0.0)
+            lg_u = tl.where(mask_m, _log(u, True), 0.0)
             # A scaling out of range, u outside [e^-30, e^30] (|log2 u| >
             # 30 log2(e)), or not > 0 (mu / 0 = inf, NaN: log2 of them is
             # +-inf or NaN), makes the sum inf: absorb.

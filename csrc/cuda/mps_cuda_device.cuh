@@ -296,14 +296,15 @@ __device__ __forceinline__ void stage_rows(float* tile, int M, Load load) {
 template <int kThreads, int kMaxV, int kHalves>
 struct BlockReducer {
   static constexpr int kWarps = kThreads / 32;
-  static constexpr int kFloats = kHalves * block_reduce_floats(kMaxV, kWarps);  // of smem
+  static constexpr int kHalfFloats = block_reduce_floats(kMaxV, kWarps);
+  static constexpr int kFloats = kHalves * kHalfFloats;  // of smem
   float* smem;
   int half = 0;
   template <bool kMax, int V>
   __device__ __forceinline__ void operator()(float (&x)[V]) {
     static_assert(V <= kMaxV, "BlockReducer: too many values");
     if constexpr (kHalves == 2) {
-      block_reduce_scatter<V, kWarps, kMax>(x, smem + half * block_reduce_floats(kMaxV, kWarps), CudaBlock{});
+      block_reduce_scatter<V, kWarps, kMax>(x, smem + half * kHalfFloats, CudaBlock{});
       half ^= 1;
     } else {
       block_reduce_scatter<V, kWarps, kMax>(x, smem, CudaBlock{});
