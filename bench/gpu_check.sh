@@ -32,7 +32,12 @@
 # pytest -k expression; with TEST_ARGS, to rerun a part within a short
 # lease), PROFILE_ARGS
 # (extra arguments of bench/gpu_profile.py, e.g. "--cases coco16
-# --no-host-profile"),
+# --no-host-profile"), TRITON_BASELINE (a file holding another version of
+# kernels/mps.py, e.g. `git show COMMIT:kernels/mps.py > FILE` made before
+# the copy to the GPU machine: the profile step times its forward kernel
+# against this tree's, same process, same GPU) and TRITON_BASELINE_LABEL
+# (what the table calls it, e.g. the commit), NCU_CASES (default "coco voc":
+# the cases Nsight Compute profiles),
 # BENCH_BACKENDS (default "reference", the fused backends that passed the
 # smoke step, of cuda and triton, and "floor", the harness's own cost around
 # scores.sum(-1), which bounds every speedup: the torch.compile peer is
@@ -46,7 +51,8 @@
 # summary.txt (with the smoke test's lines and the profile table), build.log, gpu-tests.log (per test,
 # then pytest's own output), bench.log, bench/latest.md, bench/results.jsonl,
 # bench-model.log, ncu.txt (Nsight Compute's details of one launch of each
-# fused kernel on coco, bench/gpu_kernels.py; only where ncu is installed).
+# fused kernel on each of NCU_CASES, bench/gpu_kernels.py; only where ncu is
+# installed).
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -159,24 +165,30 @@ fi
 if has_step profile && [[ -n "$fused" ]]; then
   step "kernel or host: eager vs CUDA-graph times (bench/gpu_profile.py)"
   # shellcheck disable=SC2086
-  timeout -k 10 120 "$py" bench/gpu_profile.py --backends $fused ${PROFILE_ARGS:-} 2>&1 | tee -a "$out/summary.txt" || status=1
+  baseline=()
+  if [[ -n "${TRITON_BASELINE:-}" ]]; then
+    baseline=(--triton-baseline "$TRITON_BASELINE" --triton-baseline-label "${TRITON_BASELINE_LABEL:-$TRITON_BASELINE}")
+  fi
+  # shellcheck disable=SC2086
+  timeout -k 10 180 "$py" bench/gpu_profile.py --backends $fused ${PROFILE_ARGS:-} "${baseline[@]}" 2>&1 \
+    | tee -a "$out/summary.txt" || status=1
 fi
 
 if has_step ncu && [[ -n "$fused" ]]; then
-  step "Nsight Compute: one launch of each fused kernel (bench/gpu_kernels.py under ncu)"
+  step "Nsight Compute: one launch of each fused kernel on ${NCU_CASES:-coco voc} (bench/gpu_kernels.py under ncu)"
   ncu=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)
   if [[ -n "$ncu" ]]; then
     timeout -k 10 120 "$ncu" --profile-from-start off --clock-control none --kernel-name regex:"mps_(fwd|bwd)_kernel" \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
       --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      "$py" bench/gpu_kernels.py --backends $fused > "$out/ncu.txt" 2>&1 || echo "ncu step failed (optional: the check goes on)" | tee -a "$out/summary.txt"
+      "$py" bench/gpu_kernels.py --backends $fused --cases ${NCU_CASES:-coco voc} > "$out/ncu.txt" 2>&1 || echo "ncu step failed (optional: the check goes on)" | tee -a "$out/summary.txt"
     grep -E "^  [A-Za-z_].*\(|Duration|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|profiled" \
-      "$out/ncu.txt" | head -80 | tee -a "$out/summary.txt"
+      "$out/ncu.txt" | head -160 | tee -a "$out/summary.txt"
     # Why warps wait, per kernel: the stall reasons over 0.5 cycles an issued
     # instruction (Warp State Statistics' breakdown, in ncu.txt in full).
     awk '/^  [A-Za-z_].*\(/ {print} /issue_stalled/ && $NF+0 > 0.5 {print}' "$out/ncu.txt" \
-      | head -80 | tee -a "$out/summary.txt"
+      | head -160 | tee -a "$out/summary.txt"
   else
     echo "ncu not found: skipped" | tee -a "$out/summary.txt"
   fi

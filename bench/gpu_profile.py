@@ -18,20 +18,26 @@ case: which launch configuration this GPU prefers (``_blocks`` in
 otseg/ops/mps/triton.py picks one without measuring); and the forward's
 variants (``FWD_VARIANTS``: the scores held in registers or reread, with or
 without a register cap), and how far their outputs are from the default's.
+With ``--triton-baseline FILE`` (another version of kernels/mps.py, e.g.
+``git show COMMIT:kernels/mps.py > FILE``), that file's forward kernel is
+timed against this tree's on every case, in the same process on the same
+GPU: a kernel change's speedup without comparing runs on different machines.
 
 Last, the host's side of a forward+backward call through autograd (as the
 benchmark makes it) per backend, on the first case: torch.profiler's table of
 its CPU-side operators.
 
     python bench/gpu_profile.py [--cases voc coco coco16] [--warps 2 4 8] [--backends cuda triton]
-                                [--no-host-profile] [--out FILE]
+                                [--triton-baseline FILE] [--no-host-profile] [--out FILE]
 
 Needs a CUDA GPU (bench/gpu_check.sh runs it). Prints a markdown table.
 """
 
 import argparse
 import cProfile
+import importlib.util
 import io
+import os
 import pstats
 import sys
 
@@ -191,6 +197,57 @@ def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
     return lines
 
 
+def _load_kernel(path, name="_mps_fwd_kernel"):
+    """The Triton kernel ``name`` of a kernels/mps.py-like file, loaded as a
+    module of its own (the file imports torch and triton only)."""
+    spec = importlib.util.spec_from_file_location("otseg_kernel_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def _baseline_forward(case_names, generators, copy, path, label=None, device="cuda", timer=None):
+    """Graph times of the triton forward kernel of this tree against the one
+    in ``path`` (another version of kernels/mps.py), same launch arguments
+    and variant, in turns on each case; the speedup is baseline / this, and
+    the outputs' largest difference (relative, as in ``_forward_variants``).
+    ``device``, ``timer``: for testing on the CPU interpreter."""
+    timer = timer or _graph_ms
+    baseline = _load_kernel(path)
+    label = label or path
+    lines = [
+        f"triton forward: this tree's kernel against {label}'s (same launch arguments and variant; graph times in "
+        "us, the better of two turns each; speedup = baseline / this).",
+        "",
+        "| case | scores | baseline | this | speedup | this GB/s (% copy) | max difference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case_name in case_names:
+        case = CASES[case_name] if isinstance(case_name, str) else case_name
+        for gen in generators:
+            scores, nbytes = _flat_scores(case, gen, device)
+            try:
+                outs = {which: _forward_outputs(scores) for which in ("baseline", "this")}
+                kernels = {"baseline": baseline, "this": None}
+                times = {"baseline": [], "this": []}
+                for _ in range(2):  # in turns, so that drift hits both
+                    for which in ("baseline", "this"):
+                        fn = lambda w=which: tb.launch_forward(scores, EPS, 100, 1e-6, *outs[w],  # noqa: E731
+                                                               kernel=kernels[w])
+                        times[which].append(timer(fn) * 1e3)
+            except Exception as exc:  # noqa: BLE001  (report and go on)
+                lines.append(f"| {case.name} | {gen} | failed: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:160]} | | | | |")
+                continue
+            t_base, t_this = min(times["baseline"]), min(times["this"])
+            diff = _max_rel_diff([t for t in outs["baseline"] if t is not None],
+                                 [t for t in outs["this"] if t is not None])
+            gbs = nbytes / (t_this * 1e-6) / 1e9
+            lines.append(f"| {case.name} | {gen} | {t_base:.1f} | {t_this:.1f} | {t_base / t_this:.2f}x "
+                         f"| {gbs:.0f} ({gbs / copy:.0%}) | {diff:.1e} |")
+    return lines
+
+
 def _host_profile(case_name, backends, calls=20):
     """Where the host's time of a forward+backward call goes, per backend: the
     benchmark's call (``ops.mps`` with autograd, loss ``(score * w).sum()``)
@@ -250,8 +307,15 @@ def main(argv=None):
     parser.add_argument("--backends", nargs="*", choices=("cuda", "triton"), default=["cuda", "triton"],
                         help="the fused backends to time, where available (default: both; triton also through its "
                              "Python launches)")
+    parser.add_argument("--triton-baseline", metavar="FILE",
+                        help="another version of kernels/mps.py whose forward kernel is timed against this tree's "
+                             "on every case (e.g. from `git show COMMIT:kernels/mps.py`)")
+    parser.add_argument("--triton-baseline-label", metavar="NAME",
+                        help="what to call the baseline in the table (default: its path)")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
+    if args.triton_baseline and not os.path.isfile(args.triton_baseline):
+        parser.error(f"--triton-baseline: no such file: {args.triton_baseline}")
     if not torch.cuda.is_available():
         sys.exit("gpu_profile.py needs a CUDA GPU")
     copy = copy_bandwidth_gbs("cuda")
@@ -303,6 +367,9 @@ def main(argv=None):
         if args.warps:
             lines += ["", *_warp_sweep(args.cases[-1], args.generators, args.warps, copy)]
         lines += ["", *_forward_variants(args.cases[-1], args.generators, copy)]
+        if args.triton_baseline:
+            lines += ["", *_baseline_forward(args.cases, args.generators, copy, args.triton_baseline,
+                                             args.triton_baseline_label)]
     if args.host_profile:
         try:
             lines += _host_profile(args.cases[0], [b for b in backends if b != PY_TRITON])

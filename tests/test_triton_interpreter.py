@@ -915,6 +915,40 @@ def test_gpu_profile_forward_variants_table(device):
     assert all(float(d) <= (0.0 if device.type == "cpu" else 1e-5) for d in diffs[1:]), rows
 
 
+def test_gpu_profile_baseline_forward_table(device, tmp_path):
+    # bench/gpu_profile.py --triton-baseline: a kernels/mps.py of another
+    # version, loaded from a file, launched with this tree's arguments next
+    # to this tree's kernel. Here the baseline is this tree's file copied
+    # with its error's scale doubled (err_scale is the stopping test's only
+    # factor): the table must show that copy's outputs differ, and the
+    # unchanged copy's not.
+    gpu_profile = import_bench_script("gpu_profile")
+    from otseg.benchmark.generators import Case
+
+    with open(os.path.join(os.path.dirname(kernels.__file__), "mps.py")) as fh:
+        source = fh.read()
+    same = tmp_path / "same.py"
+    same.write_text(source)
+    assert "err_scale = " in source
+    changed = tmp_path / "changed.py"
+    changed.write_text(source.replace("err_scale = ", "err_scale = 1e6 * ", 1))
+    case = Case("tiny", 1, 2, 37, 6, "voc20")
+
+    def once(fn):
+        fn()
+        return 1e-3
+
+    def diffs(path):
+        lines = gpu_profile._baseline_forward([case], ["hard"], 1000.0, str(path), device=device, timer=once)
+        rows = [line for line in lines if line.startswith("| tiny | hard |")]
+        assert len(rows) == 1 and "failed" not in rows[0], lines
+        assert rows[0].split("|")[5].strip() == "1.00x", rows
+        return float(rows[0].split("|")[-2])
+
+    assert diffs(same) == 0.0
+    assert diffs(changed) > 1e-3
+
+
 def test_gpu_smoke_script_on_triton(device, monkeypatch, capsys):
     # bench/gpu_smoke.py, which bench/gpu_check.sh runs on each fused backend
     # before timing anything, passes the triton backend (small problems):

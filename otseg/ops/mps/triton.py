@@ -228,7 +228,7 @@ def _flat(x, *tail):
 
 
 def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_warps=None, hold_scores=_DEFAULT,
-                   maxnreg=_DEFAULT):
+                   maxnreg=_DEFAULT, kernel=None):
     """Run ``_mps_fwd_kernel`` into given outputs (``plan`` may be None).
 
     Args:
@@ -247,6 +247,9 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
             launch runs eagerly and its threads can have that many registers,
             else None (torch.compile's tracing would take the cap for a
             kernel argument; passing one there raises).
+        kernel: the Triton forward kernel to launch, with
+            ``_mps_fwd_kernel``'s arguments (default: that one);
+            bench/gpu_profile.py times another version's against it.
 
     Returns:
         what Triton's launch returns: its CompiledKernel on a GPU (None when
@@ -272,7 +275,7 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
     options = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
     # Without a plan, PLAN is never touched; it gets a read-only input rather
     # than an output, so that no output is passed twice.
-    return wrap_triton(_mps_fwd_kernel)[(P,)](
+    return wrap_triton(kernel or _mps_fwd_kernel)[(P,)](
         scores, score, plan if plan is not None else scores, f, g, n_iter,
         scores.stride(0), scores.stride(1), scores.stride(2),
         M, N, max_iter,
