@@ -286,6 +286,139 @@ __device__ __forceinline__ void stage_rows(float* tile, int M, Load load) {
   }
 }
 
+// The tile index (tile_at's layout) of row m, prompt n: entry (m / kThreads,
+// n) of thread m % kThreads.
+template <int NP, int kThreads>
+__device__ __forceinline__ int tile_index(int m, int n) {
+  return ((m / kThreads) * NP + n) * kThreads + m % kThreads;
+}
+
+// Walks the elements i = m N + n of an M x N problem this thread takes in
+// the block's flat order (i = threadIdx.x, threadIdx.x + kThreads, ...),
+// kBatch at a time: visit(j, live, m, n) for j < kBatch, then done(j) for
+// the live ones, so that a batch's loads are all in flight before any is
+// used. (m, n) advance without a division an element.
+template <int kThreads, int kBatch, class Visit, class Done>
+__device__ __forceinline__ void for_flat(int M, int N, Visit visit, Done done) {
+  const int total = M * N;
+  const int dm = kThreads / N, dn = kThreads % N;
+  int m = threadIdx.x / N, n = threadIdx.x % N;
+#pragma unroll 1
+  for (int i = threadIdx.x; i < total; i += kBatch * kThreads) {
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      visit(j, i + j * kThreads < total, m, n);
+      m += dm;
+      n += dn;
+      if (n >= N) {
+        n -= N;
+        ++m;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j)
+      if (i + j * kThreads < total) done(j);
+  }
+}
+
+// A problem's [M, N] values, element i0 + m sM + n sN of `base` in dtype dt
+// (any strides), into the block's tile (tile_at's layout), read by the
+// whole block together: consecutive threads read consecutive elements
+// (coalesced where the rows are contiguous), 16 a thread in flight, in one
+// short loop for the dtype. The AnyRows kernels stage their scores so,
+// rather than row by row through load_row, whose every row is compiled for
+// every dtype and vector width (branches into code that runs once): Nsight
+// Compute on an H200 (commit 4b7bf91) found their backward on voc (N = 6,
+// 80 blocks of one pass each) waiting 9.7 of 17.8 cycles an issued
+// instruction for instructions, the Triton backward 0.5. Entries past N and
+// rows past M are 0. Every thread must call it; it ends with a barrier
+// (threads read entries that others wrote).
+template <int NP, int kRows, int kThreads>
+__device__ __forceinline__ void stage_tile_flat(float* tile, const void* base, int64_t i0, int64_t sM, int64_t sN,
+                                                int M, int N, Dtype dt) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const bool row_live = static_cast<int>(threadIdx.x) + r * kThreads < M;
+#pragma unroll
+    for (int n = 0; n < NP; ++n)
+      if (!row_live || n >= N) tile_at<NP, kThreads>(tile, r, n) = 0.0f;
+  }
+  constexpr int kBatch = 16;
+  auto gather = [&](auto read) {
+    float x[kBatch];
+    int at[kBatch];
+    for_flat<kThreads, kBatch>(
+        M, N,
+        [&](int j, bool live, int m, int n) {
+          x[j] = live ? read(m * sM + n * sN) : 0.0f;
+          at[j] = tile_index<NP, kThreads>(m, n);
+        },
+        [&](int j) { tile[at[j]] = x[j]; });
+  };
+  switch (dt) {
+    case Dtype::kHalf: {
+      const __half* src = static_cast<const __half*>(base) + i0;
+      gather([&](int64_t i) { return __half2float(src[i]); });
+      break;
+    }
+    case Dtype::kBFloat16: {
+      const __nv_bfloat16* src = static_cast<const __nv_bfloat16*>(base) + i0;
+      gather([&](int64_t i) { return __bfloat162float(src[i]); });
+      break;
+    }
+    default: {
+      const float* src = static_cast<const float*>(base) + i0;
+      gather([&](int64_t i) { return __ldg(src + i); });
+    }
+  }
+  __syncthreads();
+}
+
+// stage_tile_flat as a call (the kernels choose: mps_fwd_body, mps_bwd_body).
+template <int NP, int kRows, int kThreads>
+__device__ __noinline__ void stage_tile_flat_call(float* tile, const void* base, int64_t i0, int64_t sM, int64_t sN,
+                                                  int M, int N, Dtype dt) {
+  stage_tile_flat<NP, kRows, kThreads>(tile, base, i0, sM, sN, M, N, dt);
+}
+
+// The tile's rows m < M, prompts n < N (tile_at's layout, written by each
+// thread for its own rows) into contiguous rows of N at element i0 of
+// `base`, in dtype dt: the whole block together after a barrier,
+// consecutive threads writing consecutive elements, one short loop for the
+// dtype (as stage_tile_flat reads). Every thread must call it.
+template <int NP, int kThreads>
+__device__ __forceinline__ void store_tile_flat(const float* tile, void* base, int64_t i0, int M, int N, Dtype dt) {
+  __syncthreads();
+  constexpr int kBatch = 4;
+  auto scatter = [&](auto write) {
+    int64_t at[kBatch];
+    float x[kBatch];
+    for_flat<kThreads, kBatch>(
+        M, N,
+        [&](int j, bool live, int m, int n) {
+          at[j] = static_cast<int64_t>(m) * N + n;
+          x[j] = live ? tile[tile_index<NP, kThreads>(m, n)] : 0.0f;
+        },
+        [&](int j) { write(at[j], x[j]); });
+  };
+  switch (dt) {
+    case Dtype::kHalf: {
+      __half* dst = static_cast<__half*>(base) + i0;
+      scatter([&](int64_t i, float v) { dst[i] = __float2half_rn(v); });
+      break;
+    }
+    case Dtype::kBFloat16: {
+      __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(base) + i0;
+      scatter([&](int64_t i, float v) { dst[i] = __float2bfloat16_rn(v); });
+      break;
+    }
+    default: {
+      float* dst = static_cast<float*>(base) + i0;
+      scatter([&](int64_t i, float v) { dst[i] = v; });
+    }
+  }
+}
+
 // Block reductions of up to kMaxV values (block_reduce_scatter,
 // block_reduce.h). With kHalves = 2, one barrier each: consecutive reductions
 // write alternate halves of smem, so a thread writing one half has passed
