@@ -63,19 +63,13 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
 #pragma unroll
   for (int n = 0; n < NP; ++n) g[n] = n < N ? a.g[p * N + n] : 0.0f;
   // f, dS* and the scores of each row (0 past M and N): where H goes to
-  // shared memory, the scores are read before pass 1 and wait in h_tile
-  // until it writes H over them. The float32 kernel requests every row's
-  // loads, f and dS* too, at once, so that they are in flight together
-  // (Nsight Compute on an H100, commit ea3ceed: the warps waited 3.7 of 10.5
-  // cycles an instruction on memory with each row's loads issued after the
-  // previous row's arithmetic); the kernel for any rows reads the scores
-  // with the whole block, one short loop for the dtype (stage_tile_flat:
-  // its rows one by one, each compiled for every dtype and width, had the
-  // warps waiting for instructions), and f and dS* row by row (all at once,
-  // ptxas spilled 8 B: sm_90, 8 x 8, 128 threads). Without the tile, rows
-  // are read one by one (requested at once, ptxas chose 128 registers and
-  // spilled).
-  constexpr bool kStaged = kHSmem;
+  // shared memory, the float32 kernel requests every row's loads at once, so
+  // that they are in flight together (Nsight Compute on an H100, commit
+  // ea3ceed: the warps waited 3.7 of 10.5 cycles an instruction on memory
+  // with each row's loads issued after the previous row's arithmetic), and
+  // the scores wait in h_tile until pass 1 writes H over them. The kernel
+  // for any rows reads them row by row: requested at once, ptxas chose 128
+  // registers and spilled (sm_90, 8 x 8, 128 threads).
   constexpr bool kPrefetch = kHSmem && Rows::kF32Vec4;
   float fm[kRows];
   auto load_f_ds = [&](int r) {
@@ -90,11 +84,6 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
     stage_rows<NP, kRows, kThreads>(h_tile, M, [&](int m, float(&x)[NP]) {
       Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, x);
     });
-  } else if constexpr (kStaged) {
-    // Called, not inlined: ptxas then allocated the rest of the kernel
-    // better (sm_90, 8 prompts, 128 threads: 128 registers instead of 136,
-    // four blocks an SM instead of three).
-    stage_tile_flat_call<NP, kRows, kThreads>(h_tile, a.S, p * a.sP, a.sM, a.sN, M, N, a.dtype);
   }
   // Pass 1: T, H = -(T * G) / eps; row sums a, r; the right-hand side
   // s - T^T (r / a) of the Laplacian system.
@@ -110,12 +99,12 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
     float s[NP], dp[NP];
 #pragma unroll
     for (int n = 0; n < NP; ++n) s[n] = dp[n] = 0.0f;
-    if constexpr (kStaged) {
+    if constexpr (kPrefetch) {
 #pragma unroll
       for (int n = 0; n < NP; ++n) s[n] = h_at(r, n);
     }
     if (live) {
-      if constexpr (!kStaged) Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, s);
+      if constexpr (!kPrefetch) Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, s);
       if constexpr (!Rows::kF32Vec4) {
         if (a.dplan != nullptr) Rows::load(a.dplan, p * a.dpP + m * a.dpM, a.dpN, N, a.dtype, a.dp_vec, dp);
       }
@@ -205,11 +194,7 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
     if (lane < NP) y_s[lane] = y;
   }
   __syncthreads();
-  // Pass 2: x = (r - T y) / a; dS = -(H - T (x + y)) + M N T dS*. The
-  // kernel for any rows with H in shared memory writes each row's gradient
-  // over its H and the block stores them together (store_tile_flat), as
-  // it read the scores.
-  constexpr bool kStoreFlat = kHSmem && !Rows::kF32Vec4;
+  // Pass 2: x = (r - T y) / a; dS = -(H - T (x + y)) + M N T dS*.
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int m = threadIdx.x + r * kThreads;
@@ -223,11 +208,9 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
     for (int n = 0; n < NP; ++n) {
       const float dc = h_at(r, n) - t[r][n] * (x + static_cast<float>(y_s[n]));
       out[n] = t[r][n] * ds[r] - dc;
-      if constexpr (kStoreFlat) h_at(r, n) = out[n];
     }
-    if constexpr (!kStoreFlat) Rows::store(a.grad, (p * M + m) * N, N, a.dtype, a.grad_vec, out);
+    Rows::store(a.grad, (p * M + m) * N, N, a.dtype, a.grad_vec, out);
   }
-  if constexpr (kStoreFlat) store_tile_flat<NP, kThreads>(h_tile, a.grad, p * M * N, M, N, a.dtype);
 }
 
 template <int NP, int kThreads, class Rows>

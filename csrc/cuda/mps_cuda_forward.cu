@@ -90,22 +90,10 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
     v[n] = 1.0f;
   }
   if constexpr (kSmem) {
-    // The scores read once and kept in s_tile: the float32 x4 kernel reads
-    // its own rows, every row at once; the other by the whole block
-    // together, one short loop for the dtype (stage_tile_flat).
-    if constexpr (Rows::kF32Vec4) {
-      stage_rows<NP, kRows, kThreads>(s_tile, M, [&](int m, float(&x)[NP]) {
-        Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, x);
-      });
-    } else if constexpr (NP <= 8) {
-      // Called, not inlined: ptxas then allocated the rest of the kernel
-      // better (sm_90, 8 prompts, 128 threads: 150 registers instead of 168,
-      // 427 instructions an ordinary iteration instead of 440); for 16
-      // prompts the call took a 64 B stack frame, inline none.
-      stage_tile_flat_call<NP, kRows, kThreads>(s_tile, a.S, p * a.sP, a.sM, a.sN, M, N, a.dtype);
-    } else {
-      stage_tile_flat<NP, kRows, kThreads>(s_tile, a.S, p * a.sP, a.sM, a.sN, M, N, a.dtype);
-    }
+    // The scores read once, every row at once, and kept in s_tile.
+    stage_rows<NP, kRows, kThreads>(s_tile, M, [&](int m, float(&x)[NP]) {
+      Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, x);
+    });
   }
   // The scores of row r of this thread (0 past M and past N): from s_tile
   // where kSmem, else from memory.
