@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENTRY = re.compile(r"Compiling entry function '\S*mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)'")
 _MANGLED = re.compile(r"mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)")
 # Each kernel's way of reading and writing rows (its Rows template argument).
-_IO = (("F32Vec4", "float32 x4"), ("Any", "any"))
+_IO = (("F32Vec4", "float32 x4"), ("F32Vec2", "float32 x2"), ("Any", "any"))
 _USAGE = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -161,7 +161,8 @@ def main(argv=None):
         sys.exit("ptxas reported no MPS kernel")
     print(f"csrc/cuda/{', '.join(KERNEL_FILES)} for sm_{args.arch} (ptxas -v); prompts NP is the kernel's bucket "
           "(N <= 4, 8, 16), threads the block size (rows a thread x threads >= M), rows its way of reading and "
-          "writing rows (float32 x4: float32 in 16-byte vectors, no plan gradient; any: every dtype and stride)")
+          "writing rows (float32 x4: float32 in 16-byte vectors, no plan gradient; float32 x2: in 8-byte vectors, 8 "
+          "prompts only; any: every dtype and stride)")
     print()
     print("| kernel | NP | threads | rows | registers | stack B | spill stores B | spill loads B | static smem B "
           "| blocks an SM by registers |")

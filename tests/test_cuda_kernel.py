@@ -25,8 +25,9 @@ pytestmark = [
 # to 8 prompts (128 / 256 / 512 threads), 4 rows otherwise and in the backward.
 # (3000, 12): 16 prompts in 1024 threads; (2000, 4): 4 prompts in 256 threads,
 # the scores still in shared memory; (100, 4): the float32-vector kernel of 4
-# prompts (four blocks an SM); N = 1, 3, 6 and 12 take the kernel for any
-# dtype and stride in float32 too (rows not of whole float4s).
+# prompts (four blocks an SM); N = 6 takes the float32 x2 kernel (rows of
+# whole float2s, 8 prompts only) and N = 1, 3 and 12 the kernel for any
+# dtype and stride in float32 too.
 SIZES = [(1, 1), (37, 6), (100, 4), (129, 8), (900, 8), (1023, 16), (2000, 4), (2500, 6), (3000, 8), (3000, 12),
          (4096, 3)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -86,6 +87,28 @@ def test_non_contiguous_inputs(layout):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("M", [37, 1500, 4000], ids=lambda m: f"M{m}")
+def test_float2_row_kernels_match_the_kernel_for_any_rows(M):
+    # N = 6 in float32: contiguous rows take the float32 x2 kernels
+    # (F32Vec2Rows), transposed ones the kernels for any rows, at each block
+    # size of 8 prompts (M = 37, 1500, 4000: 128, 256 and 512 threads). The
+    # arithmetic is the same: the forward's outputs bitwise, the gradient
+    # within a few roundings (the x2 backward requests its rows at once).
+    base = hard_scores((3, M, 6), seed=M).float().cuda()
+    up = torch.randn(3, M, generator=torch.Generator().manual_seed(M)).cuda()
+    outs = []
+    for x in (base, base.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        x = x.detach().requires_grad_()
+        score, plan = mps(x, eps=0.1, max_iter=30, tol=0.0, return_plan=True, backend="cuda")
+        (g,) = torch.autograd.grad(score, x, up)
+        outs.append((score.detach(), plan.detach(), g))
+    assert outs[0][0].is_contiguous() and outs[1][2].shape == (3, M, 6)
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=0, atol=0)
+    g0, g1 = outs[0][2], outs[1][2]
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6 * float(g0.abs().max()))
+
+
 @pytest.mark.parametrize("eps", [0.002, 0.01, 10.0], ids=lambda e: f"eps{e}")
 @pytest.mark.parametrize("kind", ["hard", "big", "onehot50", "split", "const"])
 def test_extreme_inputs_take_the_log_domain_and_stay_exact(kind, eps):
@@ -112,10 +135,11 @@ def test_per_problem_independence():
     assert ia.n_iter[0] == ib.n_iter[0]
 
 
-# Both backward kernels (float32 vectors where N is a multiple of 4, else the
-# one for any row) and every place H can wait: shared memory with the rows
-# read at once (129 x 4, 1500 x 4 in 256 threads, 257 x 8, 129 x 16),
-# shared memory read row by row (50 x 3, 37 x 6), registers (2000 x 8, 2500 x 6).
+# Every backward kernel (float32 x4 where N is a multiple of 4, float32 x2
+# for N = 6, else the one for any row) and every place H can wait: shared
+# memory with the rows read at once (129 x 4, 1500 x 4 in 256 threads,
+# 257 x 8, 129 x 16, 37 x 6), shared memory read row by row (50 x 3),
+# registers (2000 x 8, 2500 x 6).
 GRAD_SIZES = [(50, 1), (50, 3), (37, 6), (129, 4), (1500, 4), (257, 8), (129, 16), (2000, 8), (2500, 6)]
 
 

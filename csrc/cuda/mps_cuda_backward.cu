@@ -13,9 +13,9 @@ namespace otseg {
 namespace cuda {
 namespace {
 
-// The backward's rows are read and written through AnyRows or F32Vec4Rows
-// (mps_cuda_device.cuh); the float32 kernel is launched only without a plan
-// gradient (LaunchBwd), so it never reads one.
+// The backward's rows are read and written through AnyRows, F32Vec4Rows or
+// F32Vec2Rows (mps_cuda_device.cuh); the float32 kernels are launched only
+// without a plan gradient (LaunchBwd), so they never read one.
 
 // Floats of shared memory a warp of the backward writes: its partial sums of
 // the prompt weights W[n][j] = sum_m T_mn T_mj / a_m (NP x NP, diagonal
@@ -63,14 +63,14 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
 #pragma unroll
   for (int n = 0; n < NP; ++n) g[n] = n < N ? a.g[p * N + n] : 0.0f;
   // f, dS* and the scores of each row (0 past M and N): where H goes to
-  // shared memory, the float32 kernel requests every row's loads at once, so
+  // shared memory, the float32 kernels request every row's loads at once, so
   // that they are in flight together (Nsight Compute on an H100, commit
   // ea3ceed: the warps waited 3.7 of 10.5 cycles an instruction on memory
   // with each row's loads issued after the previous row's arithmetic), and
   // the scores wait in h_tile until pass 1 writes H over them. The kernel
   // for any rows reads them row by row: requested at once, ptxas chose 128
   // registers and spilled (sm_90, 8 x 8, 128 threads).
-  constexpr bool kPrefetch = kHSmem && Rows::kF32Vec4;
+  constexpr bool kPrefetch = kHSmem && Rows::kFloat32;
   float fm[kRows];
   auto load_f_ds = [&](int r) {
     const int m = threadIdx.x + r * kThreads;
@@ -105,7 +105,7 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
     }
     if (live) {
       if constexpr (!kPrefetch) Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, s);
-      if constexpr (!Rows::kF32Vec4) {
+      if constexpr (!Rows::kFloat32) {
         if (a.dplan != nullptr) Rows::load(a.dplan, p * a.dpP + m * a.dpM, a.dpN, N, a.dtype, a.dp_vec, dp);
       }
     }
@@ -225,12 +225,20 @@ template <int NP, int T>
 struct LaunchBwd {
   static constexpr int rows(int np) { return bwd_rows(np); }
   static void run(unsigned P, cudaStream_t stream, const BackwardArgs& a) {
-    // The kernel for the rows' layout (AnyRows, F32Vec4Rows: mps_cuda_device.cuh).
-    if (a.dtype == Dtype::kFloat && a.s_vec == 4 && a.dplan == nullptr && a.grad_vec == 4) {
+    // The kernel for the rows' layout (AnyRows, F32Vec4Rows, F32Vec2Rows:
+    // mps_cuda_device.cuh); float2 rows for 8 prompts only.
+    const bool f32 = a.dtype == Dtype::kFloat && a.dplan == nullptr;
+    if (f32 && a.s_vec == 4 && a.grad_vec == 4) {
       mps_bwd_kernel<NP, T, F32Vec4Rows<NP>><<<P, T, 0, stream>>>(a);
-    } else {
-      mps_bwd_kernel<NP, T, AnyRows<NP>><<<P, T, 0, stream>>>(a);
+      return;
     }
+    if constexpr (NP == 8) {
+      if (f32 && a.s_vec == 2 && a.grad_vec == 2) {
+        mps_bwd_kernel<NP, T, F32Vec2Rows<NP>><<<P, T, 0, stream>>>(a);
+        return;
+      }
+    }
+    mps_bwd_kernel<NP, T, AnyRows<NP>><<<P, T, 0, stream>>>(a);
   }
 };
 

@@ -206,19 +206,26 @@ __device__ __forceinline__ void store_row(void* base, int64_t i0, int N, Dtype d
     if (n < N) store_from_float(base, i0 + n, x[n], dt);
 }
 
-// How a kernel reads and writes its rows; each kernel is compiled for both
+// How a kernel reads and writes its rows; each kernel is compiled for each
 // and the launch picks one (LaunchFwd, LaunchBwd). AnyRows takes every
 // dtype, stride and vector width, choosing at run time for each row;
-// F32Vec4Rows is the common case alone: float32 rows of whole float4
-// vectors, contiguous and aligned (vector_width 4, mps_cuda.cpp). Nsight
-// Compute on an H200 (commit 0b64572) found both kernels' warps waiting for
-// instructions (the forward 2.3 of 7.6 cycles an issued instruction, the
-// backward 5.4 of about 13) with every row's accesses compiled for every
-// dtype and width inline; on an H100 since (ea3ceed, e18088e), 0.14. In one
-// kernel with a branch, the two paths' joint register allocation spilled.
+// F32Vec4Rows and F32Vec2Rows are the common cases alone: float32 rows of
+// whole float4 (float2) vectors, contiguous and aligned (vector_width 4 or
+// 2, mps_cuda.cpp), float2 for 8 prompts only (N = 6, the prompt templates
+// of VOC). Nsight Compute on an H200 (commit 0b64572) found both kernels'
+// warps waiting for instructions (the forward 2.3 of 7.6 cycles an issued
+// instruction, the backward 5.4 of about 13) with every row's accesses
+// compiled for every dtype and width inline; on an H100 since (ea3ceed,
+// e18088e), 0.14 with float4 rows. In one kernel with a branch, the two
+// paths' joint register allocation spilled. With N = 6 (voc) the kernel for
+// any rows still waited 9.7 of 17.8 cycles an instruction in the backward
+// (H200, commit 4b7bf91), whence the float2 kernels.
+//   kFloat32: float32 rows read with no branch on the dtype or width;
+//   kVec: their vector width (0: any).
 template <int NP>
 struct AnyRows {
-  static constexpr bool kF32Vec4 = false;
+  static constexpr bool kFloat32 = false;
+  static constexpr int kVec = 0;
   __device__ __forceinline__ static void load(const void* base, int64_t i0, int64_t stride, int N, Dtype dt,
                                               int vec, float (&x)[NP]) {
     load_row<NP>(base, i0, stride, N, dt, vec, x, 0.0f);
@@ -235,16 +242,17 @@ struct AnyRows {
   }
 };
 
-template <int NP>
-struct F32Vec4Rows {
-  static_assert(NP % 4 == 0, "F32Vec4Rows: rows of whole float4s");
-  static constexpr bool kF32Vec4 = true;
+template <int NP, int V>
+struct F32VecRows {
+  static_assert(NP % V == 0, "F32VecRows: rows of whole vectors");
+  static constexpr bool kFloat32 = true;
+  static constexpr int kVec = V;
   __device__ __forceinline__ static void load(const void* base, int64_t i0, int64_t, int N, Dtype, int,
                                               float (&x)[NP]) {
-    load_chunks<NP, 4>(base, i0, N, Dtype::kFloat, x, 0.0f);
+    load_chunks<NP, V>(base, i0, N, Dtype::kFloat, x, 0.0f);
   }
   __device__ __forceinline__ static void store(void* base, int64_t i0, int N, Dtype, int, const float (&x)[NP]) {
-    store_chunks<NP, 4>(base, i0, N, Dtype::kFloat, x);
+    store_chunks<NP, V>(base, i0, N, Dtype::kFloat, x);
   }
   __device__ __forceinline__ static float load1(const void* base, int64_t i, Dtype) {
     return static_cast<const float*>(base)[i];
@@ -253,6 +261,11 @@ struct F32Vec4Rows {
     static_cast<float*>(base)[i] = v;
   }
 };
+// Named types, so that profilers and bench/cuda_ptxas.py tell the kernels apart.
+template <int NP>
+struct F32Vec4Rows : F32VecRows<NP, 4> {};
+template <int NP>
+struct F32Vec2Rows : F32VecRows<NP, 2> {};
 
 // A block's tile of kRows x NP values a thread in shared memory: entry (row
 // r, prompt n) of thread t at [(r * NP + n) * kThreads + t], consecutive

@@ -50,7 +50,7 @@ template <int NP, int kThreads>
 using FwdReducer = BlockReducer<kThreads, NP + 1, NP <= 8 ? 2 : 1>;
 
 // The forward of one problem (the block's), its rows accessed through Rows
-// (AnyRows or F32Vec4Rows). red: the reductions' shared memory; s_tile: the
+// (AnyRows, F32Vec4Rows or F32Vec2Rows). red: the reductions' shared memory; s_tile: the
 // scores' tile (tile_at) where kSmem.
 template <int NP, int kThreads, class Rows>
 __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, float* s_tile) {
@@ -61,7 +61,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
   // The float32 x4 kernel is launched for full rows only (N = NP, LaunchFwd),
   // so that every test n < N is decided at compile time: a run-time N cost
   // sm_90 code a branch and about 12 instructions a prompt where v is scaled.
-  const int M = a.M, N = Rows::kF32Vec4 ? NP : a.N;
+  const int M = a.M, N = Rows::kVec == 4 ? NP : a.N;
   // This thread's rows m = threadIdx.x + r kThreads below M: r < n_live. One
   // register and a compare with a constant a row, where testing m < M kept
   // each row's m (or its flag, packed into a register) live.
@@ -355,12 +355,20 @@ template <int NP, int T>
 struct LaunchFwd {
   static constexpr int rows(int np) { return fwd_rows(np); }
   static void run(unsigned P, cudaStream_t stream, const ForwardArgs& a) {
-    // The kernel for the rows' layout (AnyRows, F32Vec4Rows: mps_cuda_device.cuh).
-    if (a.dtype == Dtype::kFloat && a.s_vec == 4 && (a.plan == nullptr || a.plan_vec == 4) && a.N == NP) {
+    // The kernel for the rows' layout (AnyRows, F32Vec4Rows, F32Vec2Rows:
+    // mps_cuda_device.cuh); float2 rows for 8 prompts only.
+    const bool f32 = a.dtype == Dtype::kFloat;
+    if (f32 && a.s_vec == 4 && (a.plan == nullptr || a.plan_vec == 4) && a.N == NP) {
       mps_fwd_kernel<NP, T, F32Vec4Rows<NP>><<<P, T, 0, stream>>>(a);
-    } else {
-      mps_fwd_kernel<NP, T, AnyRows<NP>><<<P, T, 0, stream>>>(a);
+      return;
     }
+    if constexpr (NP == 8) {
+      if (f32 && a.s_vec == 2 && (a.plan == nullptr || a.plan_vec == 2)) {
+        mps_fwd_kernel<NP, T, F32Vec2Rows<NP>><<<P, T, 0, stream>>>(a);
+        return;
+      }
+    }
+    mps_fwd_kernel<NP, T, AnyRows<NP>><<<P, T, 0, stream>>>(a);
   }
 };
 
