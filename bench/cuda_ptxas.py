@@ -36,9 +36,25 @@ _ENTRY = re.compile(r"Compiling entry function '\S*mps_(fwd|bwd)_kernelILi(\d+)E
 _MANGLED = re.compile(r"mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)")
 # Each kernel's way of reading and writing rows (its Rows template argument).
 _IO = (("F32Vec4", "float32 x4"), ("F32Vec2", "float32 x2"), ("Any", "any"))
+# The forward's last template argument, the blocks an SM its registers are
+# budgeted for (mps_fwd_kernel's kMinBlocks), as the mangled name ends.
+_MIN_BLOCKS = re.compile(r"Li(\d+)EEEvNS0_11ForwardArgsE")
 _USAGE = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _rows_label(tail, NP, threads):
+    """The rows column of a kernel whose mangled name ends with ``tail``: its
+    Rows policy (_IO), and ", 4 blocks" where a forward's register budget is
+    not the default (fwd_min_blocks, mps_cuda_forward.cu: 1 above 128
+    threads, else 4 up to 4 prompts and 3 above)."""
+    io = next((name for key, name in _IO if key in tail), "?")
+    m = _MIN_BLOCKS.search(tail)
+    default = 1 if threads > 128 else (4 if NP <= 4 else 3)
+    if m and int(m.group(1)) != default:
+        io += f", {m.group(1)} blocks"
+    return io
 
 
 def find_nvcc():
@@ -122,7 +138,8 @@ def sass_rows(arch, nvcc=None, with_report=False):
                 ops = op_counts(code)
                 fwd = m.group(1) == "fwd"
                 rows.append(dict(kernel="forward" if fwd else "backward", NP=int(m.group(2)),
-                                 threads=int(m.group(3)), io=next((n for k, n in _IO if k in m.group(4)), "?"),
+                                 threads=int(m.group(3)), io=_rows_label(m.group(4), int(m.group(2)),
+                                                                         int(m.group(3))),
                                  instructions=sum(ops.values()), MUFU=ops["MUFU"], SHFL=ops["SHFL"],
                                  BAR=ops["BAR"], per_iteration=iteration_path(code) if fwd else None))
     rows.sort(key=lambda r: (r["kernel"] != "forward", r["NP"], r["threads"], r["io"]))
@@ -134,7 +151,7 @@ def parse(report):
     rows, cur = [], None
     for line in report.splitlines():
         if (m := _ENTRY.search(line)):
-            io = next((name for key, name in _IO if key in m.group(4)), "?")
+            io = _rows_label(m.group(4), int(m.group(2)), int(m.group(3)))
             cur = dict(kernel="forward" if m.group(1) == "fwd" else "backward", NP=int(m.group(2)),
                        threads=int(m.group(3)), io=io)
         elif cur is not None and (m := _FRAME.search(line)):
@@ -162,7 +179,8 @@ def main(argv=None):
     print(f"csrc/cuda/{', '.join(KERNEL_FILES)} for sm_{args.arch} (ptxas -v); prompts NP is the kernel's bucket "
           "(N <= 4, 8, 16), threads the block size (rows a thread x threads >= M), rows its way of reading and "
           "writing rows (float32 x4: float32 in 16-byte vectors, no plan gradient; float32 x2: in 8-byte vectors, 8 "
-          "prompts only; any: every dtype and stride)")
+          "prompts only; any: every dtype and stride; 4 blocks: registers budgeted for four blocks an SM, "
+          "OTSEG_CUDA_FWD_BLOCKS=4)")
     print()
     print("| kernel | NP | threads | rows | registers | stack B | spill stores B | spill loads B | static smem B "
           "| blocks an SM by registers |")

@@ -57,6 +57,8 @@ set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+# A relative TRITON_BASELINE names a file from where the script was started.
+if [[ -n "${TRITON_BASELINE:-}" && "$TRITON_BASELINE" != /* ]]; then TRITON_BASELINE=$PWD/$TRITON_BASELINE; fi
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 steps=${STEPS:-smoke errors bench model profile ncu tests}
@@ -166,11 +168,13 @@ if has_step profile && [[ -n "$fused" ]]; then
   step "kernel or host: eager vs CUDA-graph times (bench/gpu_profile.py)"
   # shellcheck disable=SC2086
   baseline=()
-  if [[ -n "${TRITON_BASELINE:-}" ]]; then
+  if [[ -n "${TRITON_BASELINE:-}" && -f "$TRITON_BASELINE" ]]; then
     baseline=(--triton-baseline "$TRITON_BASELINE" --triton-baseline-label "${TRITON_BASELINE_LABEL:-$TRITON_BASELINE}")
+  elif [[ -n "${TRITON_BASELINE:-}" ]]; then
+    status=1; echo "NOTE: TRITON_BASELINE=$TRITON_BASELINE is not a file: no baseline table" | tee -a "$out/summary.txt"
   fi
   # shellcheck disable=SC2086
-  timeout -k 10 180 "$py" bench/gpu_profile.py --backends $fused ${PROFILE_ARGS:-} "${baseline[@]}" 2>&1 \
+  timeout -k 10 180 "$py" bench/gpu_profile.py --backends $fused ${PROFILE_ARGS:-} ${baseline[@]+"${baseline[@]}"} 2>&1 \
     | tee -a "$out/summary.txt" || status=1
 fi
 

@@ -17,7 +17,10 @@ each warp count in ``--warps`` (the launchers' ``num_warps``), on the largest
 case: which launch configuration this GPU prefers (``_blocks`` in
 otseg/ops/mps/triton.py picks one without measuring); and the forward's
 variants (``FWD_VARIANTS``: the scores held in registers or reread, with or
-without a register cap), and how far their outputs are from the default's.
+without a register cap), and how far their outputs are from the default's;
+for the cuda backend, its forward with registers budgeted for three blocks
+an SM (the default) and for four (``OTSEG_CUDA_FWD_BLOCKS=4``), where that
+kernel exists (8 prompts, up to 1024 pixels).
 With ``--triton-baseline FILE`` (another version of kernels/mps.py, e.g.
 ``git show COMMIT:kernels/mps.py > FILE``), that file's forward kernel is
 timed against this tree's on every case, in the same process on the same
@@ -197,6 +200,53 @@ def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
     return lines
 
 
+def _cuda_forward_blocks(case_names, generators, copy, timer=None):
+    """Graph times of the cuda forward with its default register budget
+    (three blocks of 128 threads an SM for 8 prompts) and with
+    OTSEG_CUDA_FWD_BLOCKS=4 (the 8-prompt float32 x4 kernel of 128 threads
+    compiled for four, 128 registers), in turns, on the cases that kernel
+    takes (N = 8, M <= 1024), and how far the outputs are apart (0: bitwise
+    the same). ``timer``: for testing."""
+    timer = timer or _graph_ms
+    fwd, _ = _ops("cuda")
+    lines = [
+        "cuda forward by register budget: blocks of 128 threads an SM its registers allow, 3 (the default) or 4 "
+        "(OTSEG_CUDA_FWD_BLOCKS=4; 8 prompts, float32 x4 rows); graph times in us, the better of two turns each, "
+        "GB/s as above.",
+        "",
+        "| case | scores | 3 blocks | 4 blocks | speedup | 4 blocks GB/s (% copy) | max difference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case_name in case_names:
+        case = CASES[case_name] if isinstance(case_name, str) else case_name
+        if case.N != 8 or case.M > 1024:
+            continue  # no four-block kernel for this shape: the default would run twice
+        for gen in generators:
+            scores, nbytes = _flat_scores(case, gen)
+            times, outs = {"0": [], "4": []}, {}
+            before = os.environ.get("OTSEG_CUDA_FWD_BLOCKS")
+            try:
+                for _ in range(2):  # in turns, so that drift hits both
+                    for blocks in ("0", "4"):
+                        os.environ["OTSEG_CUDA_FWD_BLOCKS"] = blocks
+                        times[blocks].append(timer(lambda: fwd(scores)) * 1e3)
+                        outs[blocks] = [t for t in fwd(scores) if t.numel() > 0]
+            except Exception as exc:  # noqa: BLE001  (report and go on)
+                lines.append(f"| {case.name} | {gen} | failed: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:160]} | | | | |")
+                continue
+            finally:  # as it was before
+                if before is None:
+                    os.environ.pop("OTSEG_CUDA_FWD_BLOCKS", None)
+                else:
+                    os.environ["OTSEG_CUDA_FWD_BLOCKS"] = before
+            t3, t4 = min(times["0"]), min(times["4"])
+            gbs = nbytes / (t4 * 1e-6) / 1e9
+            lines.append(f"| {case.name} | {gen} | {t3:.1f} | {t4:.1f} | {t3 / t4:.2f}x | {gbs:.0f} ({gbs / copy:.0%}) "
+                         f"| {_max_rel_diff(outs['0'], outs['4']):.1e} |")
+    return lines
+
+
 def _load_kernel(path, name="_mps_fwd_kernel"):
     """The Triton kernel ``name`` of a kernels/mps.py-like file, loaded as a
     module of its own (the file imports torch and triton only)."""
@@ -362,6 +412,8 @@ def main(argv=None):
                 mps_cell = "-" if me is None else f"{me:.1f}"
                 lines.append(f"| {case_name} | {gen} | {backend} | {mps_cell} | {fe:.1f} | {fg:.1f} | {fe - fg:.1f} | "
                              f"{gbs:.0f} ({gbs / copy:.0%}) | {be:.1f} | {bg:.1f} |")
+    if "cuda" in backends:
+        lines += ["", *_cuda_forward_blocks(args.cases, args.generators, copy)]
     if "triton" in backends:
         lines += ["", f"triton launches in this run (otseg.ops.mps.triton.launch_stats()): {tb.launch_stats()}"]
         if args.warps:

@@ -7,6 +7,8 @@ agreement with the triton backend. Every test needs a CUDA GPU (marked ``gpu``,
 skipped elsewhere; bench/gpu_check.sh runs them).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -97,16 +99,63 @@ def test_float2_row_kernels_match_the_kernel_for_any_rows(M):
     base = hard_scores((3, M, 6), seed=M).float().cuda()
     up = torch.randn(3, M, generator=torch.Generator().manual_seed(M)).cuda()
     outs = []
-    for x in (base, base.transpose(-1, -2).contiguous().transpose(-1, -2)):
+    for x, rows in ((base, "F32Vec2Rows<8>"), (base.transpose(-1, -2).contiguous().transpose(-1, -2), "AnyRows<8>")):
         x = x.detach().requires_grad_()
-        score, plan = mps(x, eps=0.1, max_iter=30, tol=0.0, return_plan=True, backend="cuda")
-        (g,) = torch.autograd.grad(score, x, up)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            score, plan = mps(x, eps=0.1, max_iter=30, tol=0.0, return_plan=True, backend="cuda")
+            (g,) = torch.autograd.grad(score, x, up)
+            torch.cuda.synchronize()
+        # The profiler names the kernels that ran: the layout picked them.
+        for kernel in ("mps_fwd_kernel", "mps_bwd_kernel"):
+            names = [e.name for e in prof.events() if kernel in e.name]
+            assert names and all(rows in n for n in names), (kernel, rows, names)
         outs.append((score.detach(), plan.detach(), g))
     assert outs[0][0].is_contiguous() and outs[1][2].shape == (3, M, 6)
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=0, atol=0)
     g0, g1 = outs[0][2], outs[1][2]
     torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6 * float(g0.abs().max()))
+
+
+def test_four_block_forward_variant_gives_the_same_results(monkeypatch):
+    # OTSEG_CUDA_FWD_BLOCKS=4, a benchmark's knob (bench/gpu_profile.py),
+    # runs the 8-prompt float32 x4 forward of 128 threads compiled for four
+    # blocks an SM (128 registers): the same arithmetic, so bitwise the same
+    # outputs; the profiler names the kernel that ran. Another value is an
+    # error.
+    x = hard_scores((5, 1000, 8), seed=11).float().cuda()
+    kw = dict(eps=0.05, max_iter=30, tol=0.0, return_plan=True, backend="cuda")
+    want = mps(x, **kw)
+    monkeypatch.setenv("OTSEG_CUDA_FWD_BLOCKS", "4")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = mps(x, **kw)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "mps_fwd_kernel" in e.name]
+    assert any("F32Vec4Rows<8>, 4>" in n for n in names), names
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    monkeypatch.setenv("OTSEG_CUDA_FWD_BLOCKS", "5")
+    with pytest.raises(ValueError, match="OTSEG_CUDA_FWD_BLOCKS must be 4"):
+        mps(x, **kw)
+
+
+def test_gpu_profile_cuda_forward_blocks_table():
+    # bench/gpu_profile.py's table of the cuda forward by register budget, on
+    # a tiny case with a stand-in timer: both kernels launch, bitwise the same
+    # outputs, and a shape without the four-block kernel (N = 6) is left out.
+    gpu_profile = import_bench_script("gpu_profile")
+    from otseg.benchmark.generators import Case
+
+    def once(fn):
+        fn()
+        return 1e-3
+
+    cases = [Case("tiny8", 1, 2, 100, 8, "voc20"), Case("tiny6", 1, 2, 100, 6, "voc20")]
+    lines = gpu_profile._cuda_forward_blocks(cases, ["hard"], copy=1000.0, timer=once)
+    rows = [line for line in lines if line.startswith("| tiny")]
+    assert len(rows) == 1 and rows[0].startswith("| tiny8 | hard |") and "failed" not in rows[0], lines
+    assert float(rows[0].split("|")[-2]) == 0.0, rows
+    assert "OTSEG_CUDA_FWD_BLOCKS" not in os.environ
 
 
 @pytest.mark.parametrize("eps", [0.002, 0.01, 10.0], ids=lambda e: f"eps{e}")

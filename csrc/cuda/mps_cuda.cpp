@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -47,6 +49,20 @@ Dtype to_dtype(at::ScalarType t) {
 void launch_checked(cudaError_t status, const char* what, int64_t M, int64_t N) {
   OTSEG_CHECK(status == cudaSuccess, "the cuda backend's ", what, " launch for M = ", M, ", N = ", N,
               " failed: ", cudaGetErrorString(status));
+}
+
+// The forward's register budget (ForwardArgs::blocks_per_sm):
+// OTSEG_CUDA_FWD_BLOCKS where set (4: the 8-prompt float32 x4 kernel of 128
+// threads compiled for four blocks an SM; 0, empty or unset: the default), a benchmark's
+// knob (bench/gpu_profile.py). Read at every call, so that one process can
+// compare the two.
+int fwd_blocks_per_sm() {
+  const char* env = std::getenv("OTSEG_CUDA_FWD_BLOCKS");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0) return 0;
+  OTSEG_CHECK_VALUE(std::strcmp(env, "4") == 0,
+                    "OTSEG_CUDA_FWD_BLOCKS must be 4 (the 8-prompt float32 forward of 128 threads compiled for four "
+                    "blocks an SM) or 0, empty or unset (the default), got '", env, "'");
+  return 4;
 }
 
 Problems check_cuda_shape(const at::Tensor& scores) {
@@ -103,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
                 return_plan ? plan.mutable_data_ptr() : nullptr, f.mutable_data_ptr<float>(),
                 g.mutable_data_ptr<float>(), n_iter.mutable_data_ptr<int>(),
                 check_finite ? nonfinite.mutable_data_ptr<int>() : nullptr,
-                vector_width(flat), return_plan ? vector_width(plan.view({P, M, N})) : 1};
+                vector_width(flat), return_plan ? vector_width(plan.view({P, M, N})) : 1, fwd_blocks_per_sm()};
   launch_checked(launch_mps_forward(a, P, at::cuda::getCurrentCUDAStream()), "forward", M, N);
   // The one host synchronisation, and only when asked for: reporting bad input.
   if (check_finite) {

@@ -46,6 +46,11 @@ struct ForwardArgs {
   // Elements per vector access of the rows of S and of the plan (1: one at
   // a time, any strides); set by the host (vector_width, mps_cuda.cpp).
   int s_vec, plan_vec;
+  // Blocks an SM the kernel's registers are budgeted for: 0, the default
+  // (fwd_min_blocks); 4 runs the 8-prompt float32 x4 kernel of 128 threads
+  // compiled for four blocks an SM (128 registers) instead of three (a
+  // benchmark's knob, OTSEG_CUDA_FWD_BLOCKS; other kernels ignore it).
+  int blocks_per_sm;
 };
 
 struct BackwardArgs {
