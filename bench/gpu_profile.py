@@ -200,6 +200,37 @@ def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
     return lines
 
 
+def _in_turns(case_names, generators, copy, variants, call, timer, device="cuda", keep=lambda case: True):
+    """Table rows timing two variants of a forward in the same process, in
+    two turns (the better of each, so that drift hits both), per case (those
+    ``keep`` accepts) and generator: the two graph times, the speedup (first
+    / second), the second's GB/s and the outputs' largest difference
+    (``_max_rel_diff``; 0: bitwise the same). ``call(scores, variant)`` runs
+    one variant and returns its outputs (tensors)."""
+    rows = []
+    for case_name in case_names:
+        case = CASES[case_name] if isinstance(case_name, str) else case_name
+        if not keep(case):
+            continue
+        for gen in generators:
+            scores, nbytes = _flat_scores(case, gen, device)
+            times, outs = {v: [] for v in variants}, {}
+            try:
+                for _ in range(2):
+                    for v in variants:
+                        times[v].append(timer(lambda: call(scores, v)) * 1e3)
+                        outs[v] = call(scores, v)
+            except Exception as exc:  # noqa: BLE001  (report and go on)
+                rows.append(f"| {case.name} | {gen} | failed: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160]} | | | | |")
+                continue
+            first, second = (min(times[v]) for v in variants)
+            gbs = nbytes / (second * 1e-6) / 1e9
+            rows.append(f"| {case.name} | {gen} | {first:.1f} | {second:.1f} | {first / second:.2f}x "
+                        f"| {gbs:.0f} ({gbs / copy:.0%}) | {_max_rel_diff(*(outs[v] for v in variants)):.1e} |")
+    return rows
+
+
 def _cuda_forward_blocks(case_names, generators, copy, timer=None):
     """Graph times of the cuda forward with its default register budget
     (three blocks of 128 threads an SM for 8 prompts) and with
@@ -207,44 +238,31 @@ def _cuda_forward_blocks(case_names, generators, copy, timer=None):
     compiled for four, 128 registers), in turns, on the cases that kernel
     takes (N = 8, M <= 1024), and how far the outputs are apart (0: bitwise
     the same). ``timer``: for testing."""
-    timer = timer or _graph_ms
     fwd, _ = _ops("cuda")
-    lines = [
+
+    def call(scores, blocks):
+        os.environ["OTSEG_CUDA_FWD_BLOCKS"] = blocks
+        return [t for t in fwd(scores) if t.numel() > 0]
+
+    before = os.environ.get("OTSEG_CUDA_FWD_BLOCKS")
+    try:
+        # N = 8 up to 1024 pixels: elsewhere the default would run twice.
+        rows = _in_turns(case_names, generators, copy, ("0", "4"), call, timer or _graph_ms,
+                         keep=lambda case: case.N == 8 and case.M <= 1024)
+    finally:  # as it was before
+        if before is None:
+            os.environ.pop("OTSEG_CUDA_FWD_BLOCKS", None)
+        else:
+            os.environ["OTSEG_CUDA_FWD_BLOCKS"] = before
+    return [
         "cuda forward by register budget: blocks of 128 threads an SM its registers allow, 3 (the default) or 4 "
         "(OTSEG_CUDA_FWD_BLOCKS=4; 8 prompts, float32 x4 rows); graph times in us, the better of two turns each, "
         "GB/s as above.",
         "",
         "| case | scores | 3 blocks | 4 blocks | speedup | 4 blocks GB/s (% copy) | max difference |",
         "|---|---|---|---|---|---|---|",
+        *rows,
     ]
-    for case_name in case_names:
-        case = CASES[case_name] if isinstance(case_name, str) else case_name
-        if case.N != 8 or case.M > 1024:
-            continue  # no four-block kernel for this shape: the default would run twice
-        for gen in generators:
-            scores, nbytes = _flat_scores(case, gen)
-            times, outs = {"0": [], "4": []}, {}
-            before = os.environ.get("OTSEG_CUDA_FWD_BLOCKS")
-            try:
-                for _ in range(2):  # in turns, so that drift hits both
-                    for blocks in ("0", "4"):
-                        os.environ["OTSEG_CUDA_FWD_BLOCKS"] = blocks
-                        times[blocks].append(timer(lambda: fwd(scores)) * 1e3)
-                        outs[blocks] = [t for t in fwd(scores) if t.numel() > 0]
-            except Exception as exc:  # noqa: BLE001  (report and go on)
-                lines.append(f"| {case.name} | {gen} | failed: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:160]} | | | | |")
-                continue
-            finally:  # as it was before
-                if before is None:
-                    os.environ.pop("OTSEG_CUDA_FWD_BLOCKS", None)
-                else:
-                    os.environ["OTSEG_CUDA_FWD_BLOCKS"] = before
-            t3, t4 = min(times["0"]), min(times["4"])
-            gbs = nbytes / (t4 * 1e-6) / 1e9
-            lines.append(f"| {case.name} | {gen} | {t3:.1f} | {t4:.1f} | {t3 / t4:.2f}x | {gbs:.0f} ({gbs / copy:.0%}) "
-                         f"| {_max_rel_diff(outs['0'], outs['4']):.1e} |")
-    return lines
 
 
 def _load_kernel(path, name="_mps_fwd_kernel"):
@@ -262,40 +280,21 @@ def _baseline_forward(case_names, generators, copy, path, label=None, device="cu
     and variant, in turns on each case; the speedup is baseline / this, and
     the outputs' largest difference (relative, as in ``_forward_variants``).
     ``device``, ``timer``: for testing on the CPU interpreter."""
-    timer = timer or _graph_ms
-    baseline = _load_kernel(path)
-    label = label or path
-    lines = [
-        f"triton forward: this tree's kernel against {label}'s (same launch arguments and variant; graph times in "
-        "us, the better of two turns each; speedup = baseline / this).",
+    kernels = {"baseline": _load_kernel(path), "this": None}
+
+    def call(scores, which):
+        out = _forward_outputs(scores)
+        tb.launch_forward(scores, EPS, 100, 1e-6, *out, kernel=kernels[which])
+        return [t for t in out if t is not None]
+
+    return [
+        f"triton forward: this tree's kernel against {label or path}'s (same launch arguments and variant; graph "
+        "times in us, the better of two turns each; speedup = baseline / this).",
         "",
         "| case | scores | baseline | this | speedup | this GB/s (% copy) | max difference |",
         "|---|---|---|---|---|---|---|",
+        *_in_turns(case_names, generators, copy, ("baseline", "this"), call, timer or _graph_ms, device=device),
     ]
-    for case_name in case_names:
-        case = CASES[case_name] if isinstance(case_name, str) else case_name
-        for gen in generators:
-            scores, nbytes = _flat_scores(case, gen, device)
-            try:
-                outs = {which: _forward_outputs(scores) for which in ("baseline", "this")}
-                kernels = {"baseline": baseline, "this": None}
-                times = {"baseline": [], "this": []}
-                for _ in range(2):  # in turns, so that drift hits both
-                    for which in ("baseline", "this"):
-                        fn = lambda w=which: tb.launch_forward(scores, EPS, 100, 1e-6, *outs[w],  # noqa: E731
-                                                               kernel=kernels[w])
-                        times[which].append(timer(fn) * 1e3)
-            except Exception as exc:  # noqa: BLE001  (report and go on)
-                lines.append(f"| {case.name} | {gen} | failed: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:160]} | | | | |")
-                continue
-            t_base, t_this = min(times["baseline"]), min(times["this"])
-            diff = _max_rel_diff([t for t in outs["baseline"] if t is not None],
-                                 [t for t in outs["this"] if t is not None])
-            gbs = nbytes / (t_this * 1e-6) / 1e9
-            lines.append(f"| {case.name} | {gen} | {t_base:.1f} | {t_this:.1f} | {t_base / t_this:.2f}x "
-                         f"| {gbs:.0f} ({gbs / copy:.0%}) | {diff:.1e} |")
-    return lines
 
 
 def _host_profile(case_name, backends, calls=20):
