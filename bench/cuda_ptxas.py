@@ -44,17 +44,29 @@ _SMEM = re.compile(r"(\d+) bytes smem")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def _rows_label(tail, NP, threads):
-    """The rows column of a kernel whose mangled name ends with ``tail``: its
-    Rows policy (_IO), and ", 4 blocks" where a forward's register budget is
-    not the default (fwd_min_blocks, mps_cuda_forward.cu: 1 above 128
-    threads, else 4 up to 4 prompts and 3 above)."""
-    io = next((name for key, name in _IO if key in tail), "?")
+def _rows_label(tail):
+    """(the rows column, the forward's blocks an SM or None) of a kernel
+    whose mangled name ends with ``tail``: its Rows policy (_IO) and, for a
+    forward, its register budget (kMinBlocks)."""
     m = _MIN_BLOCKS.search(tail)
-    default = 1 if threads > 128 else (4 if NP <= 4 else 3)
-    if m and int(m.group(1)) != default:
-        io += f", {m.group(1)} blocks"
-    return io
+    return next((name for key, name in _IO if key in tail), "?"), int(m.group(1)) if m else None
+
+
+def _name_variants(rows):
+    """Where a kernel is compiled for more than one register budget (the
+    same kernel, prompts, threads and rows), the rows column of each budget
+    above the smallest, the default, gains ", <blocks> blocks"; the blocks
+    values are dropped."""
+    least = {}
+    for r in rows:
+        key = (r["kernel"], r["NP"], r["threads"], r["io"])
+        if r["blocks"] is not None:
+            least[key] = min(least.get(key, r["blocks"]), r["blocks"])
+    for r in rows:
+        blocks = r.pop("blocks")
+        if blocks is not None and blocks > least[(r["kernel"], r["NP"], r["threads"], r["io"])]:
+            r["io"] += f", {blocks} blocks"
+    return rows
 
 
 def find_nvcc():
@@ -137,11 +149,12 @@ def sass_rows(arch, nvcc=None, with_report=False):
                     continue
                 ops = op_counts(code)
                 fwd = m.group(1) == "fwd"
+                io, blocks = _rows_label(m.group(4))
                 rows.append(dict(kernel="forward" if fwd else "backward", NP=int(m.group(2)),
-                                 threads=int(m.group(3)), io=_rows_label(m.group(4), int(m.group(2)),
-                                                                         int(m.group(3))),
+                                 threads=int(m.group(3)), io=io, blocks=blocks,
                                  instructions=sum(ops.values()), MUFU=ops["MUFU"], SHFL=ops["SHFL"],
                                  BAR=ops["BAR"], per_iteration=iteration_path(code) if fwd else None))
+    rows = _name_variants(rows)
     rows.sort(key=lambda r: (r["kernel"] != "forward", r["NP"], r["threads"], r["io"]))
     return (rows, report) if with_report else rows
 
@@ -151,9 +164,9 @@ def parse(report):
     rows, cur = [], None
     for line in report.splitlines():
         if (m := _ENTRY.search(line)):
-            io = _rows_label(m.group(4), int(m.group(2)), int(m.group(3)))
+            io, blocks = _rows_label(m.group(4))
             cur = dict(kernel="forward" if m.group(1) == "fwd" else "backward", NP=int(m.group(2)),
-                       threads=int(m.group(3)), io=io)
+                       threads=int(m.group(3)), io=io, blocks=blocks)
         elif cur is not None and (m := _FRAME.search(line)):
             cur.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
         elif cur is not None and (m := _USAGE.search(line)):
@@ -161,7 +174,7 @@ def parse(report):
             cur.update(regs=int(m.group(1)), smem=int(smem.group(1)) if smem else 0)
             rows.append(cur)
             cur = None
-    return sorted(rows, key=lambda r: (r["kernel"] != "forward", r["NP"], r["threads"], r["io"]))
+    return sorted(_name_variants(rows), key=lambda r: (r["kernel"] != "forward", r["NP"], r["threads"], r["io"]))
 
 
 def main(argv=None):

@@ -919,9 +919,9 @@ def test_gpu_profile_baseline_forward_table(device, tmp_path):
     # bench/gpu_profile.py --triton-baseline: a kernels/mps.py of another
     # version, loaded from a file, launched with this tree's arguments next
     # to this tree's kernel. Here the baseline is this tree's file copied
-    # with its error's scale doubled (err_scale is the stopping test's only
-    # factor): the table must show that copy's outputs differ, and the
-    # unchanged copy's not.
+    # with its error's scale multiplied by 1e6 (err_scale is the stopping
+    # test's only factor: it never stops early): the table must show that
+    # copy's outputs differ, and the unchanged copy's not.
     gpu_profile = import_bench_script("gpu_profile")
     from otseg.benchmark.generators import Case
 

@@ -212,14 +212,15 @@ __device__ __forceinline__ void store_row(void* base, int64_t i0, int N, Dtype d
 // F32Vec4Rows and F32Vec2Rows are the common cases alone: float32 rows of
 // whole float4 (float2) vectors, contiguous and aligned (vector_width 4 or
 // 2, mps_cuda.cpp), float2 for 8 prompts only (N = 6, the prompt templates
-// of VOC). Nsight Compute on an H200 (commit 0b64572) found both kernels'
-// warps waiting for instructions (the forward 2.3 of 7.6 cycles an issued
-// instruction, the backward 5.4 of about 13) with every row's accesses
-// compiled for every dtype and width inline; on an H100 since (ea3ceed,
-// e18088e), 0.14 with float4 rows. In one kernel with a branch, the two
-// paths' joint register allocation spilled. With N = 6 (voc) the kernel for
-// any rows still waited 9.7 of 17.8 cycles an instruction in the backward
-// (H200, commit 4b7bf91), whence the float2 kernels.
+// of VOC, or N = 8 rows only 8-byte aligned). Nsight Compute on an H200
+// (commit 0b64572) found both kernels' warps waiting for instructions (the
+// forward 2.3 of 7.6 cycles an issued instruction, the backward 5.4 of about
+// 13) with every row's accesses compiled for every dtype and width inline;
+// on an H100 since (ea3ceed, e18088e), 0.14 with float4 rows. In one kernel
+// with a branch, the two paths' joint register allocation spilled. With
+// N = 6 (voc) the kernel for any rows still waited 9.7 of 17.8 cycles an
+// instruction in the backward (H200, commit 4b7bf91), whence the float2
+// kernels.
 //   kFloat32: float32 rows read with no branch on the dtype or width;
 //   kVec: their vector width (0: any).
 template <int NP>

@@ -50,8 +50,8 @@ template <int NP, int kThreads>
 using FwdReducer = BlockReducer<kThreads, NP + 1, NP <= 8 ? 2 : 1>;
 
 // The forward of one problem (the block's), its rows accessed through Rows
-// (AnyRows, F32Vec4Rows or F32Vec2Rows). red: the reductions' shared memory; s_tile: the
-// scores' tile (tile_at) where kSmem.
+// (AnyRows, F32Vec4Rows or F32Vec2Rows). red: the reductions' shared
+// memory; s_tile: the scores' tile (tile_at) where kSmem.
 template <int NP, int kThreads, class Rows>
 __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, float* s_tile) {
   constexpr int kRows = fwd_rows(NP);
