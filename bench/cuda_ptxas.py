@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENTRY = re.compile(r"Compiling entry function '\S*mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)'")
 _MANGLED = re.compile(r"mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)")
 # Each kernel's way of reading and writing rows (its Rows template argument).
-_IO = (("F32Vec4", "float32 x4"), ("F32Vec2", "float32 x2"), ("Any", "any"))
+_IO = (("F32Vec4Async", "float32 x4 async"), ("F32Vec4", "float32 x4"), ("F32Vec2", "float32 x2"), ("Any", "any"))
 # The forward's last template argument, the blocks an SM its registers are
 # budgeted for (mps_fwd_kernel's kMinBlocks), as the mangled name ends.
 _MIN_BLOCKS = re.compile(r"Li(\d+)EEEvNS0_11ForwardArgsE")
@@ -192,8 +192,8 @@ def main(argv=None):
     print(f"csrc/cuda/{', '.join(KERNEL_FILES)} for sm_{args.arch} (ptxas -v); prompts NP is the kernel's bucket "
           "(N <= 4, 8, 16), threads the block size (rows a thread x threads >= M), rows its way of reading and "
           "writing rows (float32 x4: float32 in 16-byte vectors, no plan gradient; float32 x2: in 8-byte vectors, 8 "
-          "prompts only; any: every dtype and stride; 4 blocks: registers budgeted for four blocks an SM, "
-          "OTSEG_CUDA_FWD_BLOCKS=4)")
+          "prompts only; any: every dtype and stride; float32 x4 async: the pipelined forward, "
+          "OTSEG_CUDA_FWD_PIPELINE=1, its two tiles in dynamic shared memory, not counted here)")
     print()
     print("| kernel | NP | threads | rows | registers | stack B | spill stores B | spill loads B | static smem B "
           "| blocks an SM by registers |")

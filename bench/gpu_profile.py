@@ -18,9 +18,10 @@ case: which launch configuration this GPU prefers (``_blocks`` in
 otseg/ops/mps/triton.py picks one without measuring); and the forward's
 variants (``FWD_VARIANTS``: the scores held in registers or reread, with or
 without a register cap), and how far their outputs are from the default's;
-for the cuda backend, its forward with registers budgeted for three blocks
-an SM (the default) and for four (``OTSEG_CUDA_FWD_BLOCKS=4``), where that
-kernel exists (8 prompts, up to 1024 pixels).
+for the cuda backend, its forward with one block a problem (the default)
+and pipelined (``OTSEG_CUDA_FWD_PIPELINE=1``: each block solves problem
+after problem, copying the next one's scores while it solves this one),
+where that kernel exists (8 prompts, float32 x4 rows, up to 1024 pixels).
 With ``--triton-baseline FILE`` (another version of kernels/mps.py, e.g.
 ``git show COMMIT:kernels/mps.py > FILE``), that file's forward kernel is
 timed against this tree's on every case, in the same process on the same
@@ -231,35 +232,36 @@ def _in_turns(case_names, generators, copy, variants, call, timer, device="cuda"
     return rows
 
 
-def _cuda_forward_blocks(case_names, generators, copy, timer=None):
-    """Graph times of the cuda forward with its default register budget
-    (three blocks of 128 threads an SM for 8 prompts) and with
-    OTSEG_CUDA_FWD_BLOCKS=4 (the 8-prompt float32 x4 kernel of 128 threads
-    compiled for four, 128 registers), in turns, on the cases that kernel
-    takes (N = 8, M <= 1024), and how far the outputs are apart (0: bitwise
-    the same). ``timer``: for testing."""
+def _cuda_forward_pipeline(case_names, generators, copy, timer=None):
+    """Graph times of the cuda forward with one block a problem (the
+    default) and with OTSEG_CUDA_FWD_PIPELINE=1 (the 8-prompt float32 x4
+    forward of 128 threads as the pipelined kernel: three blocks an SM, each
+    solving problem after problem while it copies the next one's scores), in
+    turns, on the cases that kernel takes (N = 8, M <= 1024), and how far
+    the outputs are apart (0: bitwise the same). ``timer``: for testing."""
     fwd, _ = _ops("cuda")
 
-    def call(scores, blocks):
-        os.environ["OTSEG_CUDA_FWD_BLOCKS"] = blocks
+    def call(scores, pipelined):
+        os.environ["OTSEG_CUDA_FWD_PIPELINE"] = pipelined
         return [t for t in fwd(scores) if t.numel() > 0]
 
-    before = os.environ.get("OTSEG_CUDA_FWD_BLOCKS")
+    before = os.environ.get("OTSEG_CUDA_FWD_PIPELINE")
     try:
         # N = 8 up to 1024 pixels: elsewhere the default would run twice.
-        rows = _in_turns(case_names, generators, copy, ("0", "4"), call, timer or _graph_ms,
+        rows = _in_turns(case_names, generators, copy, ("0", "1"), call, timer or _graph_ms,
                          keep=lambda case: case.N == 8 and case.M <= 1024)
     finally:  # as it was before
         if before is None:
-            os.environ.pop("OTSEG_CUDA_FWD_BLOCKS", None)
+            os.environ.pop("OTSEG_CUDA_FWD_PIPELINE", None)
         else:
-            os.environ["OTSEG_CUDA_FWD_BLOCKS"] = before
+            os.environ["OTSEG_CUDA_FWD_PIPELINE"] = before
     return [
-        "cuda forward by register budget: blocks of 128 threads an SM its registers allow, 3 (the default) or 4 "
-        "(OTSEG_CUDA_FWD_BLOCKS=4; 8 prompts, float32 x4 rows); graph times in us, the better of two turns each, "
-        "GB/s as above.",
+        "cuda forward, one block a problem (the default: four blocks of 128 threads an SM) or pipelined "
+        "(OTSEG_CUDA_FWD_PIPELINE=1; 8 prompts, float32 x4 rows: three blocks an SM, each solving problem after "
+        "problem and copying the next one's scores while it solves this one); graph times in us, the better of two "
+        "turns each, GB/s as above.",
         "",
-        "| case | scores | 3 blocks | 4 blocks | speedup | 4 blocks GB/s (% copy) | max difference |",
+        "| case | scores | a block a problem | pipelined | speedup | pipelined GB/s (% copy) | max difference |",
         "|---|---|---|---|---|---|---|",
         *rows,
     ]
@@ -412,7 +414,7 @@ def main(argv=None):
                 lines.append(f"| {case_name} | {gen} | {backend} | {mps_cell} | {fe:.1f} | {fg:.1f} | {fe - fg:.1f} | "
                              f"{gbs:.0f} ({gbs / copy:.0%}) | {be:.1f} | {bg:.1f} |")
     if "cuda" in backends:
-        lines += ["", *_cuda_forward_blocks(args.cases, args.generators, copy)]
+        lines += ["", *_cuda_forward_pipeline(args.cases, args.generators, copy)]
     if "triton" in backends:
         lines += ["", f"triton launches in this run (otseg.ops.mps.triton.launch_stats()): {tb.launch_stats()}"]
         if args.warps:
