@@ -35,38 +35,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENTRY = re.compile(r"Compiling entry function '\S*mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)'")
 _MANGLED = re.compile(r"mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)")
 # Each kernel's way of reading and writing rows (its Rows template argument).
-_IO = (("F32Vec4Async", "float32 x4 async"), ("F32Vec4", "float32 x4"), ("F32Vec2", "float32 x2"), ("Any", "any"))
-# The forward's last template argument, the blocks an SM its registers are
-# budgeted for (mps_fwd_kernel's kMinBlocks), as the mangled name ends.
-_MIN_BLOCKS = re.compile(r"Li(\d+)EEEvNS0_11ForwardArgsE")
+_IO = (("F32Vec4", "float32 x4"), ("F32Vec2", "float32 x2"), ("Any", "any"))
 _USAGE = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-
-
-def _rows_label(tail):
-    """(the rows column, the forward's blocks an SM or None) of a kernel
-    whose mangled name ends with ``tail``: its Rows policy (_IO) and, for a
-    forward, its register budget (kMinBlocks)."""
-    m = _MIN_BLOCKS.search(tail)
-    return next((name for key, name in _IO if key in tail), "?"), int(m.group(1)) if m else None
-
-
-def _name_variants(rows):
-    """Where a kernel is compiled for more than one register budget (the
-    same kernel, prompts, threads and rows), the rows column of each budget
-    above the smallest, the default, gains ", <blocks> blocks"; the blocks
-    values are dropped."""
-    least = {}
-    for r in rows:
-        key = (r["kernel"], r["NP"], r["threads"], r["io"])
-        if r["blocks"] is not None:
-            least[key] = min(least.get(key, r["blocks"]), r["blocks"])
-    for r in rows:
-        blocks = r.pop("blocks")
-        if blocks is not None and blocks > least[(r["kernel"], r["NP"], r["threads"], r["io"])]:
-            r["io"] += f", {blocks} blocks"
-    return rows
 
 
 def find_nvcc():
@@ -149,12 +121,10 @@ def sass_rows(arch, nvcc=None, with_report=False):
                     continue
                 ops = op_counts(code)
                 fwd = m.group(1) == "fwd"
-                io, blocks = _rows_label(m.group(4))
                 rows.append(dict(kernel="forward" if fwd else "backward", NP=int(m.group(2)),
-                                 threads=int(m.group(3)), io=io, blocks=blocks,
+                                 threads=int(m.group(3)), io=next((n for k, n in _IO if k in m.group(4)), "?"),
                                  instructions=sum(ops.values()), MUFU=ops["MUFU"], SHFL=ops["SHFL"],
                                  BAR=ops["BAR"], per_iteration=iteration_path(code) if fwd else None))
-    rows = _name_variants(rows)
     rows.sort(key=lambda r: (r["kernel"] != "forward", r["NP"], r["threads"], r["io"]))
     return (rows, report) if with_report else rows
 
@@ -164,9 +134,9 @@ def parse(report):
     rows, cur = [], None
     for line in report.splitlines():
         if (m := _ENTRY.search(line)):
-            io, blocks = _rows_label(m.group(4))
+            io = next((name for key, name in _IO if key in m.group(4)), "?")
             cur = dict(kernel="forward" if m.group(1) == "fwd" else "backward", NP=int(m.group(2)),
-                       threads=int(m.group(3)), io=io, blocks=blocks)
+                       threads=int(m.group(3)), io=io)
         elif cur is not None and (m := _FRAME.search(line)):
             cur.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
         elif cur is not None and (m := _USAGE.search(line)):
@@ -174,7 +144,7 @@ def parse(report):
             cur.update(regs=int(m.group(1)), smem=int(smem.group(1)) if smem else 0)
             rows.append(cur)
             cur = None
-    return sorted(_name_variants(rows), key=lambda r: (r["kernel"] != "forward", r["NP"], r["threads"], r["io"]))
+    return sorted(rows, key=lambda r: (r["kernel"] != "forward", r["NP"], r["threads"], r["io"]))
 
 
 def main(argv=None):
@@ -192,8 +162,7 @@ def main(argv=None):
     print(f"csrc/cuda/{', '.join(KERNEL_FILES)} for sm_{args.arch} (ptxas -v); prompts NP is the kernel's bucket "
           "(N <= 4, 8, 16), threads the block size (rows a thread x threads >= M), rows its way of reading and "
           "writing rows (float32 x4: float32 in 16-byte vectors, no plan gradient; float32 x2: in 8-byte vectors, 8 "
-          "prompts only; any: every dtype and stride; float32 x4 async: the pipelined forward, "
-          "OTSEG_CUDA_FWD_PIPELINE=1, its two tiles in dynamic shared memory, not counted here)")
+          "prompts only; any: every dtype and stride)")
     print()
     print("| kernel | NP | threads | rows | registers | stack B | spill stores B | spill loads B | static smem B "
           "| blocks an SM by registers |")

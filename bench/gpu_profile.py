@@ -17,11 +17,7 @@ each warp count in ``--warps`` (the launchers' ``num_warps``), on the largest
 case: which launch configuration this GPU prefers (``_blocks`` in
 otseg/ops/mps/triton.py picks one without measuring); and the forward's
 variants (``FWD_VARIANTS``: the scores held in registers or reread, with or
-without a register cap), and how far their outputs are from the default's;
-for the cuda backend, its forward with one block a problem (the default)
-and pipelined (``OTSEG_CUDA_FWD_PIPELINE=1``: each block solves problem
-after problem, copying the next one's scores while it solves this one),
-where that kernel exists (8 prompts, float32 x4 rows, up to 1024 pixels).
+without a register cap), and how far their outputs are from the default's.
 With ``--triton-baseline FILE`` (another version of kernels/mps.py, e.g.
 ``git show COMMIT:kernels/mps.py > FILE``), that file's forward kernel is
 timed against this tree's on every case, in the same process on the same
@@ -201,18 +197,16 @@ def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
     return lines
 
 
-def _in_turns(case_names, generators, copy, variants, call, timer, device="cuda", keep=lambda case: True):
+def _in_turns(case_names, generators, copy, variants, call, timer, device="cuda"):
     """Table rows timing two variants of a forward in the same process, in
-    two turns (the better of each, so that drift hits both), per case (those
-    ``keep`` accepts) and generator: the two graph times, the speedup (first
+    two turns (the better of each, so that drift hits both), per case and
+    generator: the two graph times, the speedup (first
     / second), the second's GB/s and the outputs' largest difference
     (``_max_rel_diff``; 0: bitwise the same). ``call(scores, variant)`` runs
     one variant and returns its outputs (tensors)."""
     rows = []
     for case_name in case_names:
         case = CASES[case_name] if isinstance(case_name, str) else case_name
-        if not keep(case):
-            continue
         for gen in generators:
             scores, nbytes = _flat_scores(case, gen, device)
             times, outs = {v: [] for v in variants}, {}
@@ -230,41 +224,6 @@ def _in_turns(case_names, generators, copy, variants, call, timer, device="cuda"
             rows.append(f"| {case.name} | {gen} | {first:.1f} | {second:.1f} | {first / second:.2f}x "
                         f"| {gbs:.0f} ({gbs / copy:.0%}) | {_max_rel_diff(*(outs[v] for v in variants)):.1e} |")
     return rows
-
-
-def _cuda_forward_pipeline(case_names, generators, copy, timer=None):
-    """Graph times of the cuda forward with one block a problem (the
-    default) and with OTSEG_CUDA_FWD_PIPELINE=1 (the 8-prompt float32 x4
-    forward of 128 threads as the pipelined kernel: three blocks an SM, each
-    solving problem after problem while it copies the next one's scores), in
-    turns, on the cases that kernel takes (N = 8, M <= 1024), and how far
-    the outputs are apart (0: bitwise the same). ``timer``: for testing."""
-    fwd, _ = _ops("cuda")
-
-    def call(scores, pipelined):
-        os.environ["OTSEG_CUDA_FWD_PIPELINE"] = pipelined
-        return [t for t in fwd(scores) if t.numel() > 0]
-
-    before = os.environ.get("OTSEG_CUDA_FWD_PIPELINE")
-    try:
-        # N = 8 up to 1024 pixels: elsewhere the default would run twice.
-        rows = _in_turns(case_names, generators, copy, ("0", "1"), call, timer or _graph_ms,
-                         keep=lambda case: case.N == 8 and case.M <= 1024)
-    finally:  # as it was before
-        if before is None:
-            os.environ.pop("OTSEG_CUDA_FWD_PIPELINE", None)
-        else:
-            os.environ["OTSEG_CUDA_FWD_PIPELINE"] = before
-    return [
-        "cuda forward, one block a problem (the default: four blocks of 128 threads an SM) or pipelined "
-        "(OTSEG_CUDA_FWD_PIPELINE=1; 8 prompts, float32 x4 rows: three blocks an SM, each solving problem after "
-        "problem and copying the next one's scores while it solves this one); graph times in us, the better of two "
-        "turns each, GB/s as above.",
-        "",
-        "| case | scores | a block a problem | pipelined | speedup | pipelined GB/s (% copy) | max difference |",
-        "|---|---|---|---|---|---|---|",
-        *rows,
-    ]
 
 
 def _load_kernel(path, name="_mps_fwd_kernel"):
@@ -413,8 +372,6 @@ def main(argv=None):
                 mps_cell = "-" if me is None else f"{me:.1f}"
                 lines.append(f"| {case_name} | {gen} | {backend} | {mps_cell} | {fe:.1f} | {fg:.1f} | {fe - fg:.1f} | "
                              f"{gbs:.0f} ({gbs / copy:.0%}) | {be:.1f} | {bg:.1f} |")
-    if "cuda" in backends:
-        lines += ["", *_cuda_forward_pipeline(args.cases, args.generators, copy)]
     if "triton" in backends:
         lines += ["", f"triton launches in this run (otseg.ops.mps.triton.launch_stats()): {tb.launch_stats()}"]
         if args.warps:

@@ -45,9 +45,8 @@ def functions(sass):
 def iteration_path(sass):
     """Instructions a thread issues in one ordinary iteration of the main
     loop of a Sinkhorn forward: from the loop head (the target of the
-    longest backward branch before the first unpredicated EXIT, around no
-    asynchronous copy) to the back edge, along the path an iteration
-    without absorption takes: of all the paths
+    longest backward branch before the first EXIT) to the back edge,
+    along the path an iteration without absorption takes: of all the paths
     through the loop's forward branches, the longest with shuffles (the
     column sums of a sweep) and no exponential (MUFU.EX2: a log-domain
     rebuild of K, which the first iteration and an absorption run). None
@@ -60,28 +59,16 @@ def iteration_path(sass):
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\s*(\.L_x_\d+):", line))}
     branches = [(i, m.group(1)) for i, line in enumerate(lines) if (m := BRANCH.search(line))]
-    # The loop's back edge: the longest backward branch before the first
-    # unpredicated EXIT (after it come out-of-line blocks that jump back into
-    # the body; a predicated one can be an early return) and around no
-    # asynchronous copy (LDGSTS): a kernel that solves problem after problem
-    # (the CUDA forward's pipelined kernel) copies the next problem's scores
-    # in its problems' loop, around the iterations' loop.
-    first_exit = next((i for i, line in enumerate(lines) if re.match(r"^\s*/\*\w+\*/\s+EXIT\b", line)),
-                      len(lines))
-    back = [(i, t) for i, t in branches if t in labels and labels[t] < i - 1 and i < first_exit
-            and not any("LDGSTS" in line for line in lines[labels[t]:i])]
+    # The loop's back edge: the longest backward branch before the first EXIT
+    # (after it come out-of-line blocks that jump back into the body).
+    first_exit = next((i for i, line in enumerate(lines) if re.search(r"\bEXIT\b", line)), len(lines))
+    back = [(i, t) for i, t in branches if t in labels and labels[t] < i - 1 and i < first_exit]
     if not back:
         return None
     end, head = max(back, key=lambda b: b[0] - labels[b[1]])
-    return _sweep_path(lines, labels, labels[head], end)
-
-
-def _sweep_path(lines, labels, start, end):
-    """The longest path from line ``start`` to the back edge at line ``end``
-    with a shuffle and no MUFU.EX2 (iteration_path), or None."""
     # arriving[i]: {shuffled so far: the most instructions issued before line i}
-    arriving = {start: {False: 0}}
-    for i in range(start, end + 1):
+    arriving = {labels[head]: {False: 0}}
+    for i in range(labels[head], end + 1):
         states = arriving.pop(i, None)
         if not states:
             continue

@@ -7,7 +7,6 @@ agreement with the triton backend. Every test needs a CUDA GPU (marked ``gpu``,
 skipped elsewhere; bench/gpu_check.sh runs them).
 """
 
-import os
 
 import pytest
 import torch
@@ -119,64 +118,6 @@ def test_float2_row_kernels_match_the_kernel_for_any_rows(M):
     torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6 * float(g0.abs().max()))
     ref_score, _ = _reference(S64, eps=0.1, max_iter=30, tol=0.0)
     assert_close_report(outs[0][0].double().cpu(), ref_score, atol=ATOL[torch.float32] * 6, what="refined score")
-
-
-@pytest.mark.parametrize("P, M, plan", [(5, 1000, True), (1001, 1024, False), (2999, 37, True)],
-                         ids=["P5xM1000", "P1001xM1024", "P2999xM37"])
-def test_pipelined_forward_gives_the_same_results(monkeypatch, P, M, plan):
-    # OTSEG_CUDA_FWD_PIPELINE=1, a benchmark's knob (bench/gpu_profile.py),
-    # runs the 8-prompt float32 x4 forward of 128 threads as the pipelined
-    # kernel: each block solves problem after problem (here up to several a
-    # block: P beyond the blocks a GPU holds at once, about 400 on an H100;
-    # P = 5: one a block), copying the next problem's scores into shared
-    # memory while it solves this one. The same arithmetic on the same
-    # values: bitwise the same outputs, problems stopping at different
-    # iterations; the profiler names the kernel that ran. NaN in the last
-    # problem is found; a value other than 0 or 1 is an error.
-    x = hard_scores((P, M, 8), seed=P).float().cuda()
-    kw = dict(eps=0.05, max_iter=40, tol=1e-5, return_plan=plan, backend="cuda")
-    want = mps(x, **kw)
-    monkeypatch.setenv("OTSEG_CUDA_FWD_PIPELINE", "1")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        got = mps(x, **kw)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if "mps_fwd_kernel" in e.name]
-    assert names and all("F32Vec4AsyncRows<8>" in n for n in names), names
-    for a, b in zip(got if plan else (got,), want if plan else (want,)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    _, _, f, g, n_iter = torch.ops.otseg.mps_forward(x, 0.05, 40, 1e-5, False, False)
-    monkeypatch.delenv("OTSEG_CUDA_FWD_PIPELINE")
-    f0, g0, n0 = torch.ops.otseg.mps_forward(x, 0.05, 40, 1e-5, False, False)[2:]
-    assert torch.equal(f, f0) and torch.equal(g, g0) and torch.equal(n_iter, n0)
-    assert int(n_iter.min()) < int(n_iter.max()), "every problem stopped at the same iteration"
-    monkeypatch.setenv("OTSEG_CUDA_FWD_PIPELINE", "1")
-    bad = x.clone()
-    bad[-1, M // 2, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN or inf"):
-        mps(bad, eps=0.05, backend="cuda", check_finite=True)
-    monkeypatch.setenv("OTSEG_CUDA_FWD_PIPELINE", "2")
-    with pytest.raises(ValueError, match="OTSEG_CUDA_FWD_PIPELINE must be 1"):
-        mps(x, **kw)
-
-
-def test_gpu_profile_cuda_forward_pipeline_table():
-    # bench/gpu_profile.py's table of the cuda forward, one block a problem
-    # against the pipelined kernel, on a tiny case with a stand-in timer:
-    # both kernels launch, bitwise the same outputs, and a shape the
-    # pipelined kernel does not take (N = 6) is left out.
-    gpu_profile = import_bench_script("gpu_profile")
-    from otseg.benchmark.generators import Case
-
-    def once(fn):
-        fn()
-        return 1e-3
-
-    cases = [Case("tiny8", 1, 2, 100, 8, "voc20"), Case("tiny6", 1, 2, 100, 6, "voc20")]
-    lines = gpu_profile._cuda_forward_pipeline(cases, ["hard"], copy=1000.0, timer=once)
-    rows = [line for line in lines if line.startswith("| tiny")]
-    assert len(rows) == 1 and rows[0].startswith("| tiny8 | hard |") and "failed" not in rows[0], lines
-    assert float(rows[0].split("|")[-2]) == 0.0, rows
-    assert "OTSEG_CUDA_FWD_PIPELINE" not in os.environ
 
 
 @pytest.mark.parametrize("eps", [0.002, 0.01, 10.0], ids=lambda e: f"eps{e}")

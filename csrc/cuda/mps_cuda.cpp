@@ -11,8 +11,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -49,20 +47,6 @@ Dtype to_dtype(at::ScalarType t) {
 void launch_checked(cudaError_t status, const char* what, int64_t M, int64_t N) {
   OTSEG_CHECK(status == cudaSuccess, "the cuda backend's ", what, " launch for M = ", M, ", N = ", N,
               " failed: ", cudaGetErrorString(status));
-}
-
-// ForwardArgs::pipelined: OTSEG_CUDA_FWD_PIPELINE=1 where set (the 8-prompt
-// float32 x4 forward of 128 threads by the pipelined kernel, which copies a
-// block's next problem while it solves this one; 0, empty or unset: one
-// block a problem), a benchmark's knob (bench/gpu_profile.py) until a GPU
-// run decides. Read at every call, so that one process can compare the two.
-int fwd_pipelined() {
-  const char* env = std::getenv("OTSEG_CUDA_FWD_PIPELINE");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0) return 0;
-  OTSEG_CHECK_VALUE(std::strcmp(env, "1") == 0,
-                    "OTSEG_CUDA_FWD_PIPELINE must be 1 (the 8-prompt float32 forward of 128 threads by the "
-                    "pipelined kernel) or 0, empty or unset (one block a problem), got '", env, "'");
-  return 1;
 }
 
 Problems check_cuda_shape(const at::Tensor& scores) {
@@ -119,11 +103,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mps_forwa
                 return_plan ? plan.mutable_data_ptr() : nullptr, f.mutable_data_ptr<float>(),
                 g.mutable_data_ptr<float>(), n_iter.mutable_data_ptr<int>(),
                 check_finite ? nonfinite.mutable_data_ptr<int>() : nullptr,
-                vector_width(flat), return_plan ? vector_width(plan.view({P, M, N})) : 1, fwd_pipelined(), P};
-  launch_checked(launch_mps_forward(a, P, at::cuda::getCurrentCUDAStream()),
-                 a.pipelined ? "forward (OTSEG_CUDA_FWD_PIPELINE=1, which needs compute capability 8.0 or later)"
-                             : "forward",
-                 M, N);
+                vector_width(flat), return_plan ? vector_width(plan.view({P, M, N})) : 1};
+  launch_checked(launch_mps_forward(a, P, at::cuda::getCurrentCUDAStream()), "forward", M, N);
   // The one host synchronisation, and only when asked for: reporting bad input.
   if (check_finite) {
     OTSEG_CHECK_VALUE(nonfinite.item<int>() == 0,

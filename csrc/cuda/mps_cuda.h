@@ -46,14 +46,6 @@ struct ForwardArgs {
   // Elements per vector access of the rows of S and of the plan (1: one at
   // a time, any strides); set by the host (vector_width, mps_cuda.cpp).
   int s_vec, plan_vec;
-  // 1: the 8-prompt float32 x4 rows of blocks of 128 threads are solved by
-  // the pipelined kernel (F32Vec4AsyncRows: each block solves problem after
-  // problem, copying the next one's scores while it solves this one; sm_80
-  // and later); 0: one block a problem. A benchmark's knob for now
-  // (OTSEG_CUDA_FWD_PIPELINE, mps_cuda.cpp); other kernels ignore it.
-  int pipelined;
-  // The number of problems P, set by launch_mps_forward.
-  int64_t problems;
 };
 
 struct BackwardArgs {

@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) mps_bwd_kernel(BackwardArgs a) {
 template <int NP, int T>
 struct LaunchBwd {
   static constexpr int rows(int np) { return bwd_rows(np); }
-  static cudaError_t run(unsigned P, cudaStream_t stream, const BackwardArgs& a) {
+  static void run(unsigned P, cudaStream_t stream, const BackwardArgs& a) {
     // The kernel for the rows' layout (AnyRows, F32Vec4Rows, F32Vec2Rows:
     // mps_cuda_device.cuh); float2 rows for 8 prompts only, where the rows
     // are whole float2s but not whole float4s (N = 6; N = 8 only 8-byte
@@ -232,16 +232,15 @@ struct LaunchBwd {
     const bool f32 = a.dtype == Dtype::kFloat && a.dplan == nullptr;
     if (f32 && a.s_vec == 4 && a.grad_vec == 4) {
       mps_bwd_kernel<NP, T, F32Vec4Rows<NP>><<<P, T, 0, stream>>>(a);
-      return cudaSuccess;
+      return;
     }
     if constexpr (NP == 8) {
       if (f32 && a.s_vec % 2 == 0 && a.grad_vec % 2 == 0) {
         mps_bwd_kernel<NP, T, F32Vec2Rows<NP>><<<P, T, 0, stream>>>(a);
-        return cudaSuccess;
+        return;
       }
     }
     mps_bwd_kernel<NP, T, AnyRows<NP>><<<P, T, 0, stream>>>(a);
-    return cudaSuccess;
   }
 };
 

@@ -267,54 +267,6 @@ template <int NP>
 struct F32Vec4Rows : F32VecRows<NP, 4> {};
 template <int NP>
 struct F32Vec2Rows : F32VecRows<NP, 2> {};
-// Float32 x4 rows that the forward copies into shared memory asynchronously
-// (cp.async, sm_80 and later), a problem ahead of the one it solves: one
-// block then solves problem after problem (mps_fwd_pipelined,
-// mps_cuda_forward.cu), so that its next tile's reads overlap this one's
-// iterations.
-template <int NP>
-struct F32Vec4AsyncRows : F32VecRows<NP, 4> {};
-
-// Rows policies other than F32Vec4AsyncRows read their scores synchronously.
-template <class Rows>
-struct IsAsyncRows {
-  static constexpr bool value = false;
-};
-template <int NP>
-struct IsAsyncRows<F32Vec4AsyncRows<NP>> {
-  static constexpr bool value = true;
-};
-
-// 16 bytes from global to shared memory, asynchronously (cp.async.cg, which
-// bypasses L1; `valid` false: 16 zero bytes, nothing read). Complete for
-// the issuing thread, and visible to it, after the async_wait that covers
-// its group. Below sm_80 (never launched there: the host asks for sm_80),
-// a plain copy.
-__device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0)
-               : "memory");
-#else
-  *static_cast<float4*>(smem) = valid ? *static_cast<const float4*>(gmem) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#endif
-}
-
-// Closes this thread's group of copies issued since the last commit (an empty
-// group where none was).
-__device__ __forceinline__ void async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-// Waits until at most kPending of this thread's groups are in flight.
-template <int kPending>
-__device__ __forceinline__ void async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
 
 // A block's tile of kRows x NP values a thread in shared memory: entry (row
 // r, prompt n) of thread t at [(r * NP + n) * kThreads + t], consecutive
@@ -322,15 +274,6 @@ __device__ __forceinline__ void async_wait() {
 template <int NP, int kThreads>
 __device__ __forceinline__ float& tile_at(float* tile, int r, int n) {
   return tile[(r * NP + n) * kThreads + threadIdx.x];
-}
-
-// The float4 tile of F32Vec4AsyncRows: chunk c (prompts 4c .. 4c + 3) of row
-// r of thread t at float4 [(r * NP / 4 + c) * kThreads + t], consecutive
-// threads on consecutive 16 bytes (no bank conflicts for 16-byte accesses).
-// Each thread touches its own entries only.
-template <int NP, int kThreads>
-__device__ __forceinline__ float4* tile4_at(float* tile, int r, int c) {
-  return reinterpret_cast<float4*>(tile) + (r * (NP / 4) + c) * kThreads + threadIdx.x;
 }
 
 // This thread's rows m = threadIdx.x + r * kThreads (r < kRows) into its
@@ -401,8 +344,8 @@ cudaError_t dispatch(int M, int N, int64_t P, cudaStream_t stream, const Args& a
 #define OTSEG_LAUNCH(NP_, T_)                                                              \
   if constexpr (T_ == 128 || T_ * Launch<NP_, T_>::rows(NP_) <= kMaxPixels) {               \
     if (np == NP_ && threads == T_) {                                                      \
-      const cudaError_t e = Launch<NP_, T_>::run(static_cast<unsigned>(P), stream, args);  \
-      return e != cudaSuccess ? e : cudaGetLastError();                                    \
+      Launch<NP_, T_>::run(static_cast<unsigned>(P), stream, args);                        \
+      return cudaGetLastError();                                                           \
     }                                                                                      \
   }
 #define OTSEG_LAUNCH_NP(NP_) \

@@ -10,9 +10,6 @@
 // (otseg/ops/mps/README.md): scaling domain, u = mu / (K v) per row in
 // registers and z = K^T u by one block reduction, with log-domain absorption
 // when a scaling leaves [e^-30, e^30].
-#include <algorithm>
-#include <atomic>
-
 #include "mps_cuda_device.cuh"
 
 namespace otseg {
@@ -56,14 +53,11 @@ using FwdReducer = BlockReducer<kThreads, NP + 1, NP <= 8 ? 2 : 1>;
 // (AnyRows, F32Vec4Rows or F32Vec2Rows). red: the reductions' shared
 // memory; s_tile: the scores' tile (tile_at) where kSmem.
 template <int NP, int kThreads, class Rows>
-__device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, int64_t p, float* red, float* s_tile) {
+__device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, float* s_tile) {
   constexpr int kRows = fwd_rows(NP);
   constexpr bool kSmem = fwd_scores_in_smem(NP, kThreads);
-  // F32Vec4AsyncRows: the tile (float4 entries, tile4_at) arrives filled
-  // (mps_fwd_pipelined).
-  constexpr bool kAsync = IsAsyncRows<Rows>::value;
-  static_assert(!kAsync || (kSmem && NP % 4 == 0), "async rows: a float4 tile in shared memory");
   FwdReducer<NP, kThreads> reduce{red};
+  const int64_t p = blockIdx.x;
   // The float32 x4 kernel is launched for full rows only (N = NP, LaunchFwd),
   // so that every test n < N is decided at compile time: a run-time N cost
   // sm_90 code a branch and about 12 instructions a prompt where v is scaled.
@@ -95,7 +89,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, int64_t p, fl
     beta[n] = 0.0f;
     v[n] = 1.0f;
   }
-  if constexpr (kSmem && !kAsync) {
+  if constexpr (kSmem) {
     // The scores read once, every row at once, and kept in s_tile.
     stage_rows<NP, kRows, kThreads>(s_tile, M, [&](int m, float(&x)[NP]) {
       Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, x);
@@ -104,14 +98,6 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, int64_t p, fl
   // The scores of row r of this thread (0 past M and past N): from s_tile
   // where kSmem, else from memory.
   auto load_scores = [&](int r, float (&x)[NP]) {
-    if constexpr (kAsync) {
-#pragma unroll
-      for (int c = 0; c < NP / 4; ++c) {
-        const float4 q = *tile4_at<NP, kThreads>(s_tile, r, c);
-        x[4 * c] = q.x, x[4 * c + 1] = q.y, x[4 * c + 2] = q.z, x[4 * c + 3] = q.w;
-      }
-      return;
-    }
     if constexpr (kSmem) {
 #pragma unroll
       for (int n = 0; n < NP; ++n) x[n] = tile_at<NP, kThreads>(s_tile, r, n);
@@ -358,145 +344,46 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, int64_t p, fl
   }
 }
 
-// Floats of one problem's tile of scores in shared memory.
-__host__ __device__ constexpr int fwd_tile_floats(int NP, int threads) { return fwd_rows(NP) * NP * threads; }
-
 // The blocks an SM the float32 x4 forward's registers are budgeted for: four
 // for 8 prompts in blocks of 128 threads (128 registers, no spills, 395
 // instructions an iteration against 381 at 168, sm_90; on an H200, commit
 // aecf88a, graph times 1.00-1.07x shorter than with three, bitwise the same
 // outputs: README "GPU runs"), else fwd_min_blocks. The other rows' kernels
-// keep three (the float32 x2 and any-rows code needs more registers).
+// keep three (their code needs more registers).
 __host__ __device__ constexpr int fwd_vec4_min_blocks(int NP, int threads) {
   return NP == 8 && threads == 128 ? 4 : fwd_min_blocks(NP, threads);
 }
 
-// F32Vec4AsyncRows: the block solves problems p = blockIdx.x, + gridDim.x,
-// ... below a.problems, in two tiles of shared memory (`tiles`, dynamic):
-// while it solves one problem from one tile, the next problem's scores are
-// copied into the other (cp.async). A block per problem instead reads its
-// tile and then iterates, and the blocks that start together on the SMs
-// read together and compute together: at 4 iterations (coco16, clip
-// scores) the reads and the iterations take about the same time, and the
-// memory idles while the SMs compute. Each thread copies and reads only its
-// own entries, so the tiles need no barrier; the barrier after each problem
-// guards the reduction buffers, which the next problem reuses.
-template <int NP, int kThreads, class Rows>
-__device__ __forceinline__ void mps_fwd_pipelined(const ForwardArgs& a, float* red, float* tiles) {
-  constexpr int kRows = fwd_rows(NP), kTile = fwd_tile_floats(NP, kThreads);
-  const int M = a.M;
-  const float* S = static_cast<const float*>(a.S);
-  // This thread's rows of problem q into `tile` (rows past M: zeros).
-  auto copy_tile = [&](int64_t q, float* tile) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int m = threadIdx.x + r * kThreads;
-      const bool valid = m < M;
-      const float* row = valid ? S + q * a.sP + m * a.sM : S;
-#pragma unroll
-      for (int c = 0; c < NP / 4; ++c) copy16_async(tile4_at<NP, kThreads>(tile, r, c), row + 4 * c, valid);
-    }
-  };
-  int64_t p = blockIdx.x;
-  if (p >= a.problems) return;  // the host launches at most one block a problem
-  copy_tile(p, tiles);
-  async_commit();
-  for (int buf = 0; p < a.problems; p += gridDim.x, buf ^= 1) {
-    const int64_t next = p + gridDim.x;
-    if (next < a.problems) copy_tile(next, tiles + (buf ^ 1) * kTile);
-    // A group every round (empty at the last), so that all but the newest
-    // complete means this problem's tile.
-    async_commit();
-    async_wait<1>();
-    mps_fwd_body<NP, kThreads, Rows>(a, p, red, tiles + buf * kTile);
-    __syncthreads();
-  }
-}
-
 // kMinBlocks: the blocks an SM the registers are budgeted for
-// (fwd_min_blocks, fwd_vec4_min_blocks). F32Vec4AsyncRows: two tiles of
-// dynamic shared memory (LaunchFwd), mps_fwd_pipelined; else one block a
-// problem.
+// (fwd_min_blocks, fwd_vec4_min_blocks).
 template <int NP, int kThreads, class Rows, int kMinBlocks>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) mps_fwd_kernel(ForwardArgs a) {
-  constexpr bool kAsync = IsAsyncRows<Rows>::value;
   __shared__ float red[FwdReducer<NP, kThreads>::kFloats];
-  __shared__ float s_tile[fwd_scores_in_smem(NP, kThreads) && !kAsync ? fwd_tile_floats(NP, kThreads) : 1];
-  if constexpr (kAsync) {
-    extern __shared__ float4 otseg_fwd_tiles[];
-    mps_fwd_pipelined<NP, kThreads, Rows>(a, red, reinterpret_cast<float*>(otseg_fwd_tiles));
-  } else {
-    mps_fwd_body<NP, kThreads, Rows>(a, blockIdx.x, red, s_tile);
-  }
-}
-
-// The pipelined forward's grid on the current device: the blocks of
-// `kernel` (128 threads, `smem` bytes of dynamic shared memory) that fit on
-// it at once, at most P; 0 below sm_80 (no cp.async) or where none fits.
-// Found once a device (the dynamic shared memory above 48 KB is opted into
-// then) and kept.
-cudaError_t pipelined_grid(const void* kernel, int smem, int64_t P, int* grid) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> resident[kMaxDevices];  // blocks + 1; 0: not yet found
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return e;
-  if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
-  int blocks = resident[dev].load(std::memory_order_relaxed) - 1;
-  if (blocks < 0) {
-    int major = 0, sms = 0, per_sm = 0;
-    if ((e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess) return e;
-    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return e;
-    if (major >= 8) {
-      if ((e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) != cudaSuccess)
-        return e;
-      if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 128, smem)) != cudaSuccess) return e;
-    }
-    blocks = per_sm * sms;
-    resident[dev].store(blocks + 1, std::memory_order_relaxed);
-  }
-  *grid = static_cast<int>(std::min<int64_t>(blocks, P));
-  return cudaSuccess;
+  __shared__ float s_tile[fwd_scores_in_smem(NP, kThreads) ? fwd_rows(NP) * NP * kThreads : 1];
+  mps_fwd_body<NP, kThreads, Rows>(a, red, s_tile);
 }
 
 template <int NP, int T>
 struct LaunchFwd {
   static constexpr int rows(int np) { return fwd_rows(np); }
-  static cudaError_t run(unsigned P, cudaStream_t stream, const ForwardArgs& args) {
+  static void run(unsigned P, cudaStream_t stream, const ForwardArgs& a) {
     constexpr int kBlocks = fwd_min_blocks(NP, T);
-    ForwardArgs a = args;
-    a.problems = P;
-    // The kernel for the rows' layout (AnyRows, F32Vec4Rows, F32Vec2Rows,
-    // F32Vec4AsyncRows: mps_cuda_device.cuh); float2 rows for 8 prompts
-    // only, where the rows are whole float2s but not the float4 kernel's
-    // (N = 6; N = 8 only 8-byte aligned, or with such a plan). Width 4
-    // implies width 2.
+    // The kernel for the rows' layout (AnyRows, F32Vec4Rows, F32Vec2Rows:
+    // mps_cuda_device.cuh); float2 rows for 8 prompts only, where the rows
+    // are whole float2s but not the float4 kernel's (N = 6; N = 8 only
+    // 8-byte aligned, or with such a plan). Width 4 implies width 2.
     const bool f32 = a.dtype == Dtype::kFloat;
     if (f32 && a.s_vec == 4 && (a.plan == nullptr || a.plan_vec == 4) && a.N == NP) {
-      if constexpr (NP == 8 && T == 128) {
-        if (a.pipelined) {
-          // Three blocks an SM: two 32 KB tiles each (four would need 264 KB).
-          const auto kernel = mps_fwd_kernel<NP, T, F32Vec4AsyncRows<NP>, 3>;
-          constexpr int kSmem = 2 * fwd_tile_floats(NP, T) * static_cast<int>(sizeof(float));
-          int grid = 0;
-          const cudaError_t e = pipelined_grid(reinterpret_cast<const void*>(kernel), kSmem, P, &grid);
-          if (e != cudaSuccess) return e;
-          if (grid == 0) return cudaErrorNotSupported;  // below sm_80, or the tiles do not fit
-          kernel<<<grid, T, kSmem, stream>>>(a);
-          return cudaSuccess;
-        }
-      }
       mps_fwd_kernel<NP, T, F32Vec4Rows<NP>, fwd_vec4_min_blocks(NP, T)><<<P, T, 0, stream>>>(a);
-      return cudaSuccess;
+      return;
     }
     if constexpr (NP == 8) {
       if (f32 && a.s_vec % 2 == 0 && (a.plan == nullptr || a.plan_vec % 2 == 0)) {
         mps_fwd_kernel<NP, T, F32Vec2Rows<NP>, kBlocks><<<P, T, 0, stream>>>(a);
-        return cudaSuccess;
+        return;
       }
     }
     mps_fwd_kernel<NP, T, AnyRows<NP>, kBlocks><<<P, T, 0, stream>>>(a);
-    return cudaSuccess;
   }
 };
 
