@@ -22,6 +22,8 @@
 # so the test step now stops by 470 s. On an H200 (commit 4b7bf91, Nsight
 # Compute on coco and voc): build 111 s, smoke 42 s, errors 11 s, benchmark
 # 21 s, model 14 s, profile 27 s, Nsight Compute 26 s, GPU tests 68 s; 327 s.
+# On an H200 (commit aecf88a): build 98 s, smoke 38 s, errors 11 s, benchmark
+# 22 s, model 14 s, profile 21 s, Nsight Compute 24 s, GPU tests 61 s; 295 s.
 #
 #   bash bench/gpu_check.sh OUT_DIR
 #
