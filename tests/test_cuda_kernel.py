@@ -26,9 +26,9 @@ pytestmark = [
 # to 8 prompts (128 / 256 / 512 threads), 4 rows otherwise and in the backward.
 # (3000, 12): 16 prompts in 1024 threads; (2000, 4): 4 prompts in 256 threads,
 # the scores still in shared memory; (100, 4): the float32-vector kernel of 4
-# prompts (four blocks an SM, as for 8); N = 6 takes the float32 x2 kernel (rows of
-# whole float2s, 8 prompts only) and N = 1, 3 and 12 the kernel for any
-# dtype and stride in float32 too.
+# prompts (four blocks an SM, as the float32 x4 kernel of 8); N = 6 takes the
+# float32 x2 kernel (rows of whole float2s, 8 prompts only) and N = 1, 3 and
+# 12 the kernel for any dtype and stride in float32 too.
 SIZES = [(1, 1), (37, 6), (100, 4), (129, 8), (900, 8), (1023, 16), (2000, 4), (2500, 6), (3000, 8), (3000, 12),
          (4096, 3)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -118,6 +118,18 @@ def test_float2_row_kernels_match_the_kernel_for_any_rows(M):
     torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6 * float(g0.abs().max()))
     ref_score, _ = _reference(S64, eps=0.1, max_iter=30, tol=0.0)
     assert_close_report(outs[0][0].double().cpu(), ref_score, atol=ATOL[torch.float32] * 6, what="refined score")
+
+
+def test_eight_prompt_float32_forward_runs_the_four_block_kernel():
+    # The float32 x4 forward of 8 prompts in blocks of 128 threads is
+    # budgeted for four blocks an SM (fwd_vec4_min_blocks, its last template
+    # argument): the profiler names the kernel that ran.
+    x = hard_scores((3, 1000, 8), seed=8).float().cuda()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        mps(x, eps=0.05, backend="cuda")
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "mps_fwd_kernel" in e.name]
+    assert names and all("F32Vec4Rows<8>, 4>" in n for n in names), names
 
 
 @pytest.mark.parametrize("eps", [0.002, 0.01, 10.0], ids=lambda e: f"eps{e}")

@@ -20,9 +20,11 @@ constexpr float kAbsorb = 30.0f;  // scalings outside [e^-30, e^30] are absorbed
 
 // Blocks of kThreads the forward asks to fit on one SM (65536 registers):
 // three of 128 threads, at most 168 registers a thread (four up to 4
-// prompts, at most 128). The registers hold
+// prompts, at most 128; the float32 x4 kernel of 8 prompts asks for four
+// too: fwd_vec4_min_blocks). The registers hold
 // the kernel matrix, not the scores, which leaves a thread of 8 rows x 8
-// prompts about 110 live values (sm_90: 150 registers, no spills). With the
+// prompts about 110 live values (sm_90: 150 registers budgeted for three, 128
+// for four, no spills). With the
 // scores in registers too, Nsight Compute on an H100 (commit 8667a72) found
 // 255 registers, 164 B of spills and two blocks an SM (12.5% occupancy),
 // limited by registers.
@@ -38,7 +40,10 @@ __host__ __device__ constexpr int fwd_min_blocks(int NP, int threads) {
 // an SM's shared memory (bench/cuda_ptxas.py): about 100 KB of 228 on an H100
 // and 164 on an A100, but all of the 100 KB of an sm_86 GPU (a 3090), with
 // 160 B to spare for 8 prompts (33056 B a block) and 208 B for 16 (33040 B,
-// one reduction buffer). Larger tiles read the scores again from global
+// one reduction buffer). Four blocks (fwd_vec4_min_blocks) take about 133
+// KB: an H100's or A100's fit them, a 3090's does not, and there the
+// four-block budget costs 14 instructions an iteration for no more blocks
+// (measured on an H200 only). Larger tiles read the scores again from global
 // memory (L2), as spilled registers would be.
 __host__ __device__ constexpr bool fwd_scores_in_smem(int NP, int threads) {
   return fwd_rows(NP) * NP * threads * 4 <= 32 * 1024;
@@ -346,9 +351,10 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
 
 // The blocks an SM the float32 x4 forward's registers are budgeted for: four
 // for 8 prompts in blocks of 128 threads (128 registers, no spills, 395
-// instructions an iteration against 381 at 168, sm_90; on an H200, commit
-// aecf88a, graph times 1.00-1.07x shorter than with three, bitwise the same
-// outputs: README "GPU runs"), else fwd_min_blocks. The other rows' kernels
+// instructions an iteration against 381 at three blocks' 150, sm_90; on an
+// H200, commit aecf88a, graph times level on coco and 1.06-1.07x shorter on
+// coco16 than with three, bitwise the same outputs: README "GPU runs"), else
+// fwd_min_blocks. The other rows' kernels
 // keep three (their code needs more registers).
 __host__ __device__ constexpr int fwd_vec4_min_blocks(int NP, int threads) {
   return NP == 8 && threads == 128 ? 4 : fwd_min_blocks(NP, threads);
