@@ -200,8 +200,8 @@ def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
 def _in_turns(case_names, generators, copy, variants, call, timer, device="cuda"):
     """Table rows timing two variants of a forward in the same process, in
     two turns (the better of each, so that drift hits both), per case and
-    generator: the two graph times, the speedup (first
-    / second), the second's GB/s and the outputs' largest difference
+    generator: the two graph times, the speedup (first / second), the
+    second's GB/s and the outputs' largest difference
     (``_max_rel_diff``; 0: bitwise the same). ``call(scores, variant)`` runs
     one variant and returns its outputs (tensors)."""
     rows = []

@@ -21,13 +21,12 @@ constexpr float kAbsorb = 30.0f;  // scalings outside [e^-30, e^30] are absorbed
 // Blocks of kThreads the forward asks to fit on one SM (65536 registers):
 // three of 128 threads, at most 168 registers a thread (four up to 4
 // prompts, at most 128; the float32 x4 kernel of 8 prompts asks for four
-// too: fwd_vec4_min_blocks). The registers hold
-// the kernel matrix, not the scores, which leaves a thread of 8 rows x 8
-// prompts about 110 live values (sm_90: 150 registers budgeted for three, 128
-// for four, no spills). With the
-// scores in registers too, Nsight Compute on an H100 (commit 8667a72) found
-// 255 registers, 164 B of spills and two blocks an SM (12.5% occupancy),
-// limited by registers.
+// too: fwd_vec4_min_blocks). The registers hold the kernel matrix, not the
+// scores, which leaves a thread of 8 rows x 8 prompts about 110 live values
+// (sm_90: 150 registers budgeted for three blocks, 128 for four, no
+// spills). With the scores in registers too, Nsight Compute on an H100
+// (commit 8667a72) found 255 registers, 164 B of spills and two blocks an SM
+// (12.5% occupancy), limited by registers.
 __host__ __device__ constexpr int fwd_min_blocks(int NP, int threads) {
   return threads > 128 ? 1 : (NP <= 4 ? 4 : 3);
 }
@@ -354,8 +353,8 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
 // instructions an iteration against 381 at three blocks' 150, sm_90; on an
 // H200, commit aecf88a, graph times level on coco and 1.06-1.07x shorter on
 // coco16 than with three, bitwise the same outputs: README "GPU runs"), else
-// fwd_min_blocks. The other rows' kernels
-// keep three (their code needs more registers).
+// fwd_min_blocks. The other rows' kernels keep three (their code needs more
+// registers).
 __host__ __device__ constexpr int fwd_vec4_min_blocks(int NP, int threads) {
   return NP == 8 && threads == 128 ? 4 : fwd_min_blocks(NP, threads);
 }
