@@ -56,7 +56,9 @@
 # then pytest's own output), bench.log, bench/latest.md, bench/results.jsonl,
 # bench-model.log, ncu.txt (Nsight Compute's details of one launch of each
 # fused kernel on each of NCU_CASES, bench/gpu_kernels.py; only where ncu is
-# installed).
+# installed). Write nothing else under the device tool's $OUT when OUT_DIR is
+# inside it: in the H200 run of aecf88a a ninth file (the caller's log) cost
+# bench/results.jsonl its place.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
