@@ -98,11 +98,11 @@ def test_cuda_kernels_register_budget(cuda_sm90):
     ways of reading rows (float32 vectors, any dtype): forward blocks of 128
     threads (every problem up to 1024 pixels) within 168 registers, so three
     fit on an SM (four up to 4 prompts, and for 8 in float32 x4 rows: 128
-    registers), with the scores in
-    shared memory and no local memory up to 8 prompts (16 prompts: at most
-    16 B of spills); the backward's blocks of 128 threads likewise three an
-    SM up to 16 prompts (H in shared memory), at least four up to 4, and no
-    spills up to 256 threads (2048 pixels up to 8 prompts, 1024 with 16).
+    registers), with the scores in shared memory and no local memory up to
+    8 prompts (16 prompts: at most 16 B of spills); the backward's blocks of
+    128 threads likewise three an SM up to 16 prompts (H in shared memory),
+    at least four up to 4, and no spills up to 256 threads (2048 pixels up
+    to 8 prompts, 1024 with 16).
     The float32 x2 kernels exist for 8 prompts only."""
     rows = cuda_sm90[0]
     by_shape = {(r["kernel"], r["NP"], r["threads"], r["io"]): r for r in rows}

@@ -28,9 +28,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Pixel rows per thread. The forward gives each thread 8 rows up to 8
 // prompts: fewer threads a problem make its two block sums an iteration
 // cheaper, and 128 threads for 1024 x 8 leave room for three problems an SM
-// (four with float32 x4 rows: fwd_min_blocks, fwd_vec4_min_blocks; the
-// Triton forward ran 1.6-1.9x faster with 4 warps than with 8 on an H100:
-// otseg/ops/mps/triton.py, _blocks). 16 prompts keep 4 rows (registers).
+// (four with float32 x4 rows: fwd_min_blocks; the Triton forward ran
+// 1.6-1.9x faster with 4 warps than with 8 on an H100: otseg/ops/mps/triton.py,
+// _blocks). 16 prompts keep 4 rows (registers).
 // The backward likewise (the Triton backward ran 1.4x faster with 4 warps than
 // with 8 on an H100, while this kernel, at 4 rows and 256 threads for
 // 1024 x 8, took twice the Triton backward's time): with H in shared memory

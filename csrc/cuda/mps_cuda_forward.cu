@@ -18,17 +18,21 @@ namespace {
 
 constexpr float kAbsorb = 30.0f;  // scalings outside [e^-30, e^30] are absorbed
 
-// Blocks of kThreads the forward asks to fit on one SM (65536 registers):
-// three of 128 threads, at most 168 registers a thread (four up to 4
-// prompts, at most 128; the float32 x4 kernel of 8 prompts asks for four
-// too: fwd_vec4_min_blocks). The registers hold the kernel matrix, not the
-// scores, which leaves a thread of 8 rows x 8 prompts about 110 live values
-// (sm_90: 150 registers budgeted for three blocks, 128 for four, no
-// spills). With the scores in registers too, Nsight Compute on an H100
-// (commit 8667a72) found 255 registers, 164 B of spills and two blocks an SM
-// (12.5% occupancy), limited by registers.
-__host__ __device__ constexpr int fwd_min_blocks(int NP, int threads) {
-  return threads > 128 ? 1 : (NP <= 4 ? 4 : 3);
+// Blocks of kThreads the forward asks to fit on one SM (65536 registers),
+// for the kernel of float32 x4 rows where `f32x4`: three of 128 threads, at
+// most 168 registers a thread; four up to 4 prompts, and for the float32 x4
+// kernel of 8 prompts, at most 128. The registers hold the kernel matrix,
+// not the scores, which leaves a thread of 8 rows x 8 prompts about 110 live
+// values (sm_90: 150 registers budgeted for three blocks, 128 for four, no
+// spills; the float32 x4 kernel then issues 395 instructions an iteration
+// against 381, and on an H200, commit aecf88a, its graph times were level
+// on coco and 1.06-1.07x shorter on coco16 than with three, bitwise the same
+// outputs: README "GPU runs"; the other rows' code needs more registers).
+// With the scores in registers too, Nsight Compute on an H100 (commit
+// 8667a72) found 255 registers, 164 B of spills and two blocks an SM (12.5%
+// occupancy), limited by registers.
+__host__ __device__ constexpr int fwd_min_blocks(int NP, int threads, bool f32x4) {
+  return threads > 128 ? 1 : (NP <= 4 || (NP == 8 && f32x4) ? 4 : 3);
 }
 
 // Where the forward keeps the scores after reading them once: in shared
@@ -39,7 +43,7 @@ __host__ __device__ constexpr int fwd_min_blocks(int NP, int threads) {
 // an SM's shared memory (bench/cuda_ptxas.py): about 100 KB of 228 on an H100
 // and 164 on an A100, but all of the 100 KB of an sm_86 GPU (a 3090), with
 // 160 B to spare for 8 prompts (33056 B a block) and 208 B for 16 (33040 B,
-// one reduction buffer). Four blocks (fwd_vec4_min_blocks) take about 133
+// one reduction buffer). Four blocks (fwd_min_blocks) take about 133
 // KB: an H100's or A100's fit them, a 3090's does not, and there the
 // four-block budget costs 14 instructions an iteration for no more blocks
 // (measured on an H200 only). Larger tiles read the scores again from global
@@ -348,19 +352,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
   }
 }
 
-// The blocks an SM the float32 x4 forward's registers are budgeted for: four
-// for 8 prompts in blocks of 128 threads (128 registers, no spills, 395
-// instructions an iteration against 381 at three blocks' 150, sm_90; on an
-// H200, commit aecf88a, graph times level on coco and 1.06-1.07x shorter on
-// coco16 than with three, bitwise the same outputs: README "GPU runs"), else
-// fwd_min_blocks. The other rows' kernels keep three (their code needs more
-// registers).
-__host__ __device__ constexpr int fwd_vec4_min_blocks(int NP, int threads) {
-  return NP == 8 && threads == 128 ? 4 : fwd_min_blocks(NP, threads);
-}
-
-// kMinBlocks: the blocks an SM the registers are budgeted for
-// (fwd_min_blocks, fwd_vec4_min_blocks).
+// kMinBlocks: the blocks an SM the registers are budgeted for (fwd_min_blocks).
 template <int NP, int kThreads, class Rows, int kMinBlocks>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) mps_fwd_kernel(ForwardArgs a) {
   __shared__ float red[FwdReducer<NP, kThreads>::kFloats];
@@ -372,14 +364,14 @@ template <int NP, int T>
 struct LaunchFwd {
   static constexpr int rows(int np) { return fwd_rows(np); }
   static void run(unsigned P, cudaStream_t stream, const ForwardArgs& a) {
-    constexpr int kBlocks = fwd_min_blocks(NP, T);
+    constexpr int kBlocks = fwd_min_blocks(NP, T, false);
     // The kernel for the rows' layout (AnyRows, F32Vec4Rows, F32Vec2Rows:
     // mps_cuda_device.cuh); float2 rows for 8 prompts only, where the rows
     // are whole float2s but not the float4 kernel's (N = 6; N = 8 only
     // 8-byte aligned, or with such a plan). Width 4 implies width 2.
     const bool f32 = a.dtype == Dtype::kFloat;
     if (f32 && a.s_vec == 4 && (a.plan == nullptr || a.plan_vec == 4) && a.N == NP) {
-      mps_fwd_kernel<NP, T, F32Vec4Rows<NP>, fwd_vec4_min_blocks(NP, T)><<<P, T, 0, stream>>>(a);
+      mps_fwd_kernel<NP, T, F32Vec4Rows<NP>, fwd_min_blocks(NP, T, true)><<<P, T, 0, stream>>>(a);
       return;
     }
     if constexpr (NP == 8) {
