@@ -9,8 +9,9 @@ thread, static shared memory per block, and the blocks of that size the
 registers allow on an SM (65536 registers; shared memory and the warp limit
 can allow fewer). With ``--sass``, the instructions of each kernel's machine
 code instead (``nvdisasm``): in all, special-function (MUFU), shuffles,
-barriers, and those of one ordinary forward iteration (``bench/sass_paths.py``,
-as ``bench/triton_sass.py`` counts the Triton forward's). These are static
+barriers, and those of one ordinary forward iteration and of the first
+(``bench/sass_paths.py``, as ``bench/triton_sass.py`` counts the Triton
+forward's). These are static
 counts, not timings; ``bench/gpu_profile.py`` and Nsight Compute
 (``bench/gpu_check.sh``) time the kernels on a GPU.
 
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 
-from sass_paths import functions, iteration_path, op_counts, triton_tool  # bench/sass_paths.py, beside this script
+from sass_paths import first_iteration_path, functions, iteration_path, op_counts, triton_tool  # bench/sass_paths.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # mps_fwd_kernel<8, 128, F32Vec4Rows<8>>: "_ZN5otseg4cuda12_GLOBAL__N_114mps_fwd_kernelILi8ELi128ENS0_11F32Vec4RowsILi8EEEEEvNS0_11ForwardArgsE"
@@ -99,7 +100,9 @@ def find_nvdisasm(nvcc=None):
 def sass_rows(arch, nvcc=None, with_report=False):
     """One dict per kernel of the files compiled for sm_<arch> to cubins and
     disassembled (nvdisasm): kernel, NP, threads, io, instructions, MUFU,
-    SHFL, BAR, and for the forward per_iteration, the instructions a thread
+    SHFL, BAR, and for the forward first_iteration and per_iteration, the
+    instructions a thread issues in the first iteration (the log-domain
+    rebuild every problem runs) and
     issues in one ordinary iteration (bench/sass_paths.py): a sweep, no
     absorption. with_report: also ptxas's -v output of that compilation,
     as ``ptxas_report`` gives it: (rows, report)."""
@@ -124,7 +127,8 @@ def sass_rows(arch, nvcc=None, with_report=False):
                 rows.append(dict(kernel="forward" if fwd else "backward", NP=int(m.group(2)),
                                  threads=int(m.group(3)), io=next((n for k, n in _IO if k in m.group(4)), "?"),
                                  instructions=sum(ops.values()), MUFU=ops["MUFU"], SHFL=ops["SHFL"],
-                                 BAR=ops["BAR"], per_iteration=iteration_path(code) if fwd else None))
+                                 BAR=ops["BAR"], per_iteration=iteration_path(code) if fwd else None,
+                                 first_iteration=first_iteration_path(code) if fwd else None))
     rows.sort(key=lambda r: (r["kernel"] != "forward", r["NP"], r["threads"], r["io"]))
     return (rows, report) if with_report else rows
 
@@ -182,14 +186,17 @@ def print_sass(arch):
         sys.exit("nvdisasm found no MPS kernel")
     print(f"csrc/cuda/{', '.join(KERNEL_FILES)} for sm_{arch}: instructions of each kernel's machine code "
           "(nvdisasm), columns as in the ptxas table; per iteration: what a thread issues in one ordinary forward "
-          "iteration (the sweep u = mu / (K v) and the column sums K^T u, no absorption; bench/sass_paths.py)")
+          "iteration (the sweep u = mu / (K v) and the column sums K^T u, no absorption); first iteration: in "
+          "the first (the log-domain rebuild of K and the column sums, no check, no absorption; "
+          "bench/sass_paths.py)")
     print()
-    print("| kernel | NP | threads | rows | instructions | per iteration | MUFU | SHFL | BAR |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | NP | threads | rows | instructions | first iteration | per iteration | MUFU | SHFL | BAR |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         it = "-" if r["per_iteration"] is None else r["per_iteration"]
-        print(f"| {r['kernel']} | {r['NP']} | {r['threads']} | {r['io']} | {r['instructions']} | {it} | {r['MUFU']} | "
-              f"{r['SHFL']} | {r['BAR']} |")
+        first = "-" if r["first_iteration"] is None else r["first_iteration"]
+        print(f"| {r['kernel']} | {r['NP']} | {r['threads']} | {r['io']} | {r['instructions']} | {first} | {it} | "
+              f"{r['MUFU']} | {r['SHFL']} | {r['BAR']} |")
     return 0
 
 

@@ -42,20 +42,17 @@ def functions(sass):
             for k, m in enumerate(marks)}
 
 
-def iteration_path(sass):
-    """Instructions a thread issues in one ordinary iteration of the main
-    loop of a Sinkhorn forward: from the loop head (the target of the
-    longest backward branch before the first EXIT) to the back edge,
-    along the path an iteration without absorption takes: of all the paths
-    through the loop's forward branches, the longest with shuffles (the
-    column sums of a sweep) and no exponential (MUFU.EX2: a log-domain
-    rebuild of K, which the first iteration and an absorption run). None
-    where there is no loop or no such path.
+def _loop_paths(sass):
+    """The paths through the main loop of a Sinkhorn forward, from the loop
+    head (the target of the longest backward branch before the first EXIT)
+    to the back edge: {(with a shuffle, with an exponential): (fewest,
+    most instructions)} over the paths of each kind; None where there is no
+    loop.
 
-    A longest-path pass over the loop's lines in order (its forward branches
-    make it a DAG), keeping for each line the longest way there with and
-    without a shuffle so far: linear in the loop's length, where walking
-    every path took minutes on the CUDA kernels' many branches."""
+    One pass over the loop's lines in order (its forward branches make it a
+    DAG), keeping for each line and kind of path the shortest and longest
+    way there: linear in the loop's length, where walking every path took
+    minutes on the CUDA kernels' many branches."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\s*(\.L_x_\d+):", line))}
     branches = [(i, m.group(1)) for i, line in enumerate(lines) if (m := BRANCH.search(line))]
@@ -66,8 +63,8 @@ def iteration_path(sass):
     if not back:
         return None
     end, head = max(back, key=lambda b: b[0] - labels[b[1]])
-    # arriving[i]: {shuffled so far: the most instructions issued before line i}
-    arriving = {labels[head]: {False: 0}}
+    # arriving[i]: {(shuffled, exponential) so far: (fewest, most) instructions issued before line i}
+    arriving = {labels[head]: {(False, False): (0, 0)}}
     for i in range(labels[head], end + 1):
         states = arriving.pop(i, None)
         if not states:
@@ -75,13 +72,12 @@ def iteration_path(sass):
         line = lines[i]
         nexts = [i + 1]
         if INSTR.match(line):
-            if "MUFU.EX2" in line:
-                continue  # a path through here rebuilds K: not the ordinary iteration
-            shfl = "SHFL" in line
+            shfl, exp = "SHFL" in line, "MUFU.EX2" in line
             after = {}
-            for shuffled, count in states.items():
-                key = shuffled or shfl
-                after[key] = max(after.get(key, -1), count + 1)
+            for (shuffled, exped), (lo, hi) in states.items():
+                key = (shuffled or shfl, exped or exp)
+                old = after.get(key)
+                after[key] = (lo + 1, hi + 1) if old is None else (min(old[0], lo + 1), max(old[1], hi + 1))
             states = after
             m = BRANCH.search(line)
             if m and m.group(1) in labels and i < labels[m.group(1)] <= end:
@@ -93,9 +89,34 @@ def iteration_path(sass):
                 else:
                     nexts = [target, i + 1]
         if i == end:
-            return states.get(True)  # the back edge: every path ends here
+            return states  # the back edge: every path ends here
         for j in nexts:
             slot = arriving.setdefault(j, {})
-            for shuffled, count in states.items():
-                slot[shuffled] = max(slot.get(shuffled, -1), count)
-    return None  # no path reaches the back edge without an exponential
+            for key, (lo, hi) in states.items():
+                old = slot.get(key)
+                slot[key] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+    return {}
+
+
+def iteration_path(sass):
+    """Instructions a thread issues in one ordinary iteration of the main
+    loop of a Sinkhorn forward, along the path an iteration without
+    absorption takes: of all the paths through the loop (_loop_paths), the
+    longest with shuffles (the column sums of a sweep) and no exponential
+    (MUFU.EX2: a log-domain rebuild of K, which the first iteration and an
+    absorption run). None where there is no loop or no such path."""
+    paths = _loop_paths(sass)
+    hit = (paths or {}).get((True, False))
+    return hit[1] if hit else None
+
+
+def first_iteration_path(sass):
+    """Instructions a thread issues in the first iteration of the main loop
+    of a Sinkhorn forward, which every problem runs: the log-domain rebuild
+    of K (exponentials) and the column sums, without an absorption or a
+    check that a flag turns on: the shortest path through the loop with an
+    exponential (an absorption adds a second rebuild, a check its own
+    code). None where there is no loop or no such path."""
+    paths = _loop_paths(sass) or {}
+    lows = [lo for (_, exped), (lo, _) in paths.items() if exped]
+    return min(lows) if lows else None

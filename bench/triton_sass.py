@@ -8,7 +8,8 @@ and counts of SASS instructions (all of them, barriers, special-function
 ops, shuffles). For the forward it also counts the instructions on the path
 one ordinary iteration takes (a sweep, no absorption), from the loop's first
 block to its back edge: the work every iteration repeats, per thread and per
-program.
+program; and those of the first iteration (the log-domain rebuild of K every
+problem runs), per thread.
 
 These are static counts, not timings: they say how much an iteration issues,
 not how long it waits. They are what can be checked about the kernels' speed
@@ -32,7 +33,7 @@ import triton
 from otseg.kernels.mps import _mps_bwd_kernel, _mps_fwd_kernel
 from otseg.kernels.offline import compile_mps_kernel
 from otseg.ops.mps import triton as tb
-from sass_paths import iteration_path, op_counts, triton_tool  # bench/sass_paths.py, beside this script
+from sass_paths import first_iteration_path, iteration_path, op_counts, triton_tool  # bench/sass_paths.py, beside this script
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
@@ -70,9 +71,9 @@ def main(argv=None):
     print(f"triton {triton.__version__}, sm_{args.arch}, [M={args.M}, N={args.N}] {args.dtype} scores "
           f"(contiguous): BLOCK_M={block_m}, NG={block_n // vec}, VEC={vec}")
     print()
-    print("| kernel | warps | registers | local memory B | shared B | instructions | per iteration "
-          "(thread / warp-instructions of a program) | barriers | MUFU | SHFL |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | warps | registers | local memory B | shared B | instructions | first iteration (thread) | "
+          "per iteration (thread / warp-instructions of a program) | barriers | MUFU | SHFL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     # (name, kernel, constexprs, warps, capped): the forward as the launchers
     # run it eagerly (FWD_HOLD_S, with the cap _fwd_variant gives each warp
     # count), as torch.compile traces it (no cap), and with the scores held.
@@ -94,9 +95,10 @@ def main(argv=None):
                 sass, res, ops = _stats(compiled, workdir, f"{name}{warps}")
                 per_it = iteration_path(sass) if name.startswith("forward") else None
                 it_text = f"{per_it} / {per_it * warps}" if per_it else "-"
+                first = first_iteration_path(sass) if name.startswith("forward") else None
                 mark = "" if warps == default else " (not the default)"
                 print(f"| {name}{mark} | {warps} | {res.get('REG')} | {res.get('STACK', 0) + res.get('LOCAL', 0)} | "
-                      f"{res.get('SHARED')} | {sum(ops.values())} | {it_text} | {ops['BAR']} | {ops['MUFU']} | "
+                      f"{res.get('SHARED')} | {sum(ops.values())} | {first or '-'} | {it_text} | {ops['BAR']} | {ops['MUFU']} | "
                       f"{ops['SHFL']} |")
     return 0
 

@@ -141,6 +141,8 @@ def test_cuda_sass_counts_each_forwards_ordinary_iteration(cuda_sm90):
         assert r["SHFL"] > 0 and r["MUFU"] > 0 and r["BAR"] > 0, r
         if r["kernel"] == "forward":
             assert r["per_iteration"] is not None and 50 < r["per_iteration"] < r["instructions"] // 4, r
+            # The first iteration rebuilds K with exponentials: longer than a sweep.
+            assert r["first_iteration"] is not None and r["per_iteration"] < r["first_iteration"] < r["instructions"], r
 
 
 def test_sass_iteration_path_takes_the_sweep_not_the_rebuild():
@@ -149,8 +151,9 @@ def test_sass_iteration_path_takes_the_sweep_not_the_rebuild():
     (a shuffle, no exponential) of 8 instructions or, skipping two, 6; an
     unconditional branch skips 3 dead instructions. The sweep's longest path
     is counted: 8. (Counting the rebuild would give 11, every branch taken
-    6, every branch conditional 11, the shortest path 6.) functions() splits
-    an nvdisasm listing by function."""
+    6, every branch conditional 11, the shortest path 6.) The first
+    iteration, the shortest path with an exponential, is the rebuild: 11.
+    functions() splits an nvdisasm listing by function."""
     sass_paths = import_bench_script("sass_paths")
     loop = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -185,6 +188,9 @@ def test_sass_iteration_path_takes_the_sweep_not_the_rebuild():
     assert sass_paths.iteration_path(loop.replace("@P2 BRA", "@PT BRA")) == 6
     assert sass_paths.iteration_path(loop.replace("@P2 BRA", "@!PT BRA")) == 8
     assert sass_paths.op_counts(loop)["FMUL"] == 8
+    assert sass_paths.first_iteration_path(loop) == 11
+    assert sass_paths.first_iteration_path(loop.replace("MUFU.EX2", "FMUL")) is None  # no exponential
+    assert sass_paths.first_iteration_path(loop.replace("@P1 BRA `(.L_x_1)", "FMUL R1, R1, R1")) is None  # no loop
     listing = f"        .text.first:\n{loop}        .text.second:\n        /*0000*/                   EXIT ;\n"
     parts = sass_paths.functions(listing)
     assert list(parts) == ["first", "second"]

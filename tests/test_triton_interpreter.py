@@ -242,7 +242,8 @@ def test_kernels_compile_with_float64_scalars_as_inductor_passes_them():
 
 def test_sass_statistics_script_reads_the_forward_iteration():
     """bench/triton_sass.py (static SASS statistics without a GPU) finds the
-    forward's loop and counts one iteration's instructions."""
+    forward's loop and counts the instructions of an ordinary iteration and
+    of the first."""
     if INTERPRET:
         pytest.skip("the interpreter process holds interpreted kernels")
     if not kernels.available:
@@ -260,9 +261,11 @@ def test_sass_statistics_script_reads_the_forward_iteration():
     # The cap holds; rereading the scores takes fewer registers than holding them.
     assert int(rows[eager][3]) <= tb.FWD_MAXNREG, out.stdout
     assert int(rows[traced][3]) < int(rows[held][3]), out.stdout
-    per_thread, per_program = rows[eager][7].split("/")
+    per_thread, per_program = rows[eager][8].split("/")
     # 256 x 8 (N = 6, VEC = 2) in one warp.
     assert 100 < int(per_thread) < 2000 and int(per_program) == int(per_thread) * int(rows[eager][2])
+    # The first iteration rebuilds K with exponentials: longer than a sweep.
+    assert int(per_thread) < int(rows[eager][7]) < int(rows[eager][6]), out.stdout
     assert "VEC=2" in out.stdout
 
 
