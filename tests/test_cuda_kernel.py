@@ -246,6 +246,30 @@ def test_bad_input_is_a_clear_error():
         mps(x, backend="cuda")
 
 
+@pytest.mark.parametrize("M,N,dtype", [(1024, 8, torch.float32), (129, 6, torch.float32), (2500, 8, torch.float32),
+                                         (37, 5, torch.bfloat16), (1023, 16, torch.float16)],
+                         ids=["f32x4-smem", "f32x2-smem", "f32x4-reread", "any-bf16", "any-f16"])
+def test_kernel_finiteness_check_flags_nan_and_either_infinity(M, N, dtype):
+    # The operator's own check (check_finite=True, a flag the kernel sets
+    # from the sum of s 2^-10 over each thread's entries, read after it):
+    # NaN, +inf and -inf anywhere raise, on the kernels with the scores in
+    # shared memory and on those that read them again (M > 1024 for 8
+    # prompts); the largest finite scores do not (no overflow of the sum),
+    # nor does a NaN with the check off.
+    for bad in (float("nan"), float("inf"), float("-inf"), "both"):
+        x = torch.rand(3, M, N, device="cuda").to(dtype)
+        if bad == "both":
+            x[0, M - 1, 0], x[2, M // 2, N - 1] = float("inf"), float("-inf")
+        else:
+            x[1, M // 3, N // 2] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            torch.ops.otseg.mps_forward(x, 0.05, 10, 0.0, False, True)
+        torch.ops.otseg.mps_forward(x, 0.05, 10, 0.0, False, False)  # unchecked: no error
+    big = torch.full((3, M, N), torch.finfo(dtype).max, device="cuda", dtype=dtype)
+    big[:, ::2] = -torch.finfo(dtype).max
+    torch.ops.otseg.mps_forward(big, 0.05, 3, 0.0, False, True)
+
+
 def test_opcheck_on_cuda_tensors():
     S = hard_scores((3, 65, 8), seed=4).float().cuda()
     torch.library.opcheck(torch.ops.otseg.mps_forward.default, (S, 0.05, 20, 0.0, True, True))

@@ -81,9 +81,12 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
   if constexpr (kPrefetch) {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) load_f_ds(r);
-    stage_rows<NP, kRows, kThreads>(h_tile, M, [&](int m, float(&x)[NP]) {
-      Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, x);
-    });
+    stage_rows<NP, kRows, kThreads>(
+        M, [&](int m, float(&x)[NP]) { Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, x); },
+        [&](int r, const float(&x)[NP]) {
+#pragma unroll
+          for (int n = 0; n < NP; ++n) tile_at<NP, kThreads>(h_tile, r, n) = x[n];
+        });
   }
   // Pass 1: T, H = -(T * G) / eps; row sums a, r; the right-hand side
   // s - T^T (r / a) of the Laplacian system.

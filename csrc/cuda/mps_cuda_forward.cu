@@ -10,6 +10,8 @@
 // (otseg/ops/mps/README.md): scaling domain, u = mu / (K v) per row in
 // registers and z = K^T u by one block reduction, with log-domain absorption
 // when a scaling leaves [e^-30, e^30].
+#include <type_traits>
+
 #include "mps_cuda_device.cuh"
 
 namespace otseg {
@@ -24,8 +26,9 @@ constexpr float kAbsorb = 30.0f;  // scalings outside [e^-30, e^30] are absorbed
 // kernel of 8 prompts, at most 128. The registers hold the kernel matrix,
 // not the scores, which leaves a thread of 8 rows x 8 prompts about 110 live
 // values (sm_90: 150 registers budgeted for three blocks, 128 for four, no
-// spills; the float32 x4 kernel then issues 395 instructions an iteration
-// against 381, and on an H200, commit aecf88a, its graph times were level
+// spills; the float32 x4 kernel then issued 395 instructions an iteration
+// against 381 (403 since its first rebuild got its own code), and on an
+// H200, commit aecf88a, its graph times were level
 // on coco and 1.06-1.07x shorter on coco16 than with three, bitwise the same
 // outputs: README "GPU runs"; the other rows' code needs more registers).
 // With the scores in registers too, Nsight Compute on an H100 (commit
@@ -59,9 +62,9 @@ using FwdReducer = BlockReducer<kThreads, NP + 1, NP <= 8 ? 2 : 1>;
 
 // The forward of one problem (the block's), its rows accessed through Rows
 // (AnyRows, F32Vec4Rows or F32Vec2Rows). red: the reductions' shared
-// memory; s_tile: the scores' tile (tile_at) where kSmem.
+// memory; s_tile: the scores' tile (tile4_at) where kSmem.
 template <int NP, int kThreads, class Rows>
-__device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, float* s_tile) {
+__device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, float4* s_tile) {
   constexpr int kRows = fwd_rows(NP);
   constexpr bool kSmem = fwd_scores_in_smem(NP, kThreads);
   FwdReducer<NP, kThreads> reduce{red};
@@ -97,18 +100,37 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
     beta[n] = 0.0f;
     v[n] = 1.0f;
   }
+  // The check for NaN and inf scores, when asked for (the same in every
+  // thread): the sum of s 2^-10 over this thread's entries, which is finite
+  // if and only if every entry is (at most 64 entries a thread, fwd_rows:
+  // no finite sum reaches FLT_MAX; +inf and -inf together make a NaN). One
+  // FMA an entry, under a branch the whole block takes alike, where testing
+  // each entry issued about 5 instructions an entry, predicated off but
+  // issued all the same without the check (sm_90, 8 prompts, 128 threads:
+  // about 320 a thread).
+  const bool check = a.nonfinite != nullptr;
+  float finite_sum = 0.0f;
+  constexpr float kFiniteScale = 0x1p-10f;
   if constexpr (kSmem) {
     // The scores read once, every row at once, and kept in s_tile.
-    stage_rows<NP, kRows, kThreads>(s_tile, M, [&](int m, float(&x)[NP]) {
-      Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, x);
-    });
+    stage_rows<NP, kRows, kThreads>(
+        M, [&](int m, float(&x)[NP]) { Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, x); },
+        [&](int r, const float(&x)[NP]) { tile4_store<NP, kThreads>(s_tile, r, x); });
+    if (check) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float x[NP];
+        tile4_load<NP, kThreads>(s_tile, r, x);
+#pragma unroll
+        for (int n = 0; n < NP; ++n) finite_sum = fmaf(x[n], kFiniteScale, finite_sum);
+      }
+    }
   }
   // The scores of row r of this thread (0 past M and past N): from s_tile
   // where kSmem, else from memory.
   auto load_scores = [&](int r, float (&x)[NP]) {
     if constexpr (kSmem) {
-#pragma unroll
-      for (int n = 0; n < NP; ++n) x[n] = tile_at<NP, kThreads>(s_tile, r, n);
+      tile4_load<NP, kThreads>(s_tile, r, x);
       return;
     }
     const int m = threadIdx.x + r * kThreads;
@@ -127,11 +149,19 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
   };
 
   // Log-domain f half-step from beta (v = 1): alpha and K with rows summing
-  // to mu. Returns this thread's part of sum_m |f/eps - previous f/eps|;
-  // `first`: the first read of the scores, which sets *bad when a score is
-  // NaN or inf and the check is asked for.
-  auto rebuild_rows = [&](bool first, bool* bad) {
-    const bool check = first && a.nonfinite != nullptr;
+  // to mu. Returns this thread's part of sum_m |f/eps - previous f/eps|.
+  // `first`: the first iteration (beta = 0), as std::true_type or
+  // std::false_type in the float32 x4 kernels with the scores in shared
+  // memory (two copies of this code, the first one shorter: kFirst; sm_90,
+  // 8 prompts: 695 instructions a thread in the first iteration instead of
+  // 751 with one copy, and 403 instead of 397 in every other), else as a
+  // bool (one copy: two cost the other 128-thread kernels up to 18
+  // instructions an iteration, and the larger blocks spills); where the
+  // scores are not in shared memory, it is also their first read, which
+  // adds them to finite_sum when the check is asked for.
+  auto rebuild_rows = [&](auto first) {
+    constexpr bool kFirst = std::is_same_v<decltype(first), std::true_type>;
+    const bool first_read = !kSmem && static_cast<bool>(first);
     // K's entry is 2^(S ie2 + c2 - max), c2 = (beta - 1/eps) log2(e): the
     // exponentials as exp2f of arguments in units of log2(e) (kLog2e;
     // sm_90, 8 prompts, float32 rows: 5768 -> 5480 instructions of code,
@@ -143,20 +173,39 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
       const bool live = r < n_live;
       float s[NP];
       load_scores(r, s);
+      // z = S ie2 + c2 - max, the exponent of each entry.
       float z[NP];
       float mx = -INFINITY;
+      if (first_read && check) {
 #pragma unroll
-      for (int n = 0; n < NP; ++n) {
-        z[n] = fmaf(s[n], ie2, c2(n));
-        if (n < N) {
-          if (check) *bad |= !isfinite(s[n]);
-          mx = fmaxf(mx, z[n]);
+        for (int n = 0; n < NP; ++n) finite_sum = fmaf(s[n], kFiniteScale, finite_sum);
+      }
+      if constexpr (kFirst) {
+        // beta = 0: every c2 is -ie2, so the largest exponent is that of the
+        // row's largest score (fmaf is monotone in s), and z - max =
+        // S ie2 - s_max ie2 is one FMA an entry instead of an FMA and a
+        // subtraction (64 instructions a thread for 8 x 8 rows).
+        float smax = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < NP; ++n)
+          if (n < N) smax = fmaxf(smax, s[n]);
+        mx = fmaf(smax, ie2, -ie2);
+        const float off = -smax * ie2;
+#pragma unroll
+        for (int n = 0; n < NP; ++n) z[n] = fmaf(s[n], ie2, off);
+      } else {
+#pragma unroll
+        for (int n = 0; n < NP; ++n) {
+          z[n] = fmaf(s[n], ie2, c2(n));
+          if (n < N) mx = fmaxf(mx, z[n]);
         }
+#pragma unroll
+        for (int n = 0; n < NP; ++n) z[n] -= mx;
       }
       float sum = 0.0f;
 #pragma unroll
       for (int n = 0; n < NP; ++n) {
-        k[r][n] = n < N ? exp2f(z[n] - mx) : 0.0f;
+        k[r][n] = n < N ? exp2f(z[n]) : 0.0f;
         sum += k[r][n];
       }
       const float a_new = log_mu - mx * kLn2 - __logf(sum);
@@ -309,10 +358,17 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
 #pragma unroll
         for (int n = 0; n < NP; ++n) beta[n] += n < N ? __logf(v[n]) : 0.0f;
       }
-      bool bad = false;
-      change = rebuild_rows(!have_kernel, &bad);
+      if constexpr (kSmem && Rows::kVec == 4) {
+        if (have_kernel) {
+          change = rebuild_rows(std::false_type{});
+        } else {
+          change = rebuild_rows(std::true_type{});
+        }
+      } else {
+        change = rebuild_rows(!have_kernel);
+      }
       // The pointer is the same in every thread, so the barrier is reached by all or none.
-      if (!have_kernel && a.nonfinite != nullptr && __syncthreads_or(bad)) {
+      if (!have_kernel && check && __syncthreads_or(!isfinite(finite_sum))) {
         if (threadIdx.x == 0) atomicExch(a.nonfinite, 1);
       }
       have_kernel = true;
@@ -356,7 +412,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
 template <int NP, int kThreads, class Rows, int kMinBlocks>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) mps_fwd_kernel(ForwardArgs a) {
   __shared__ float red[FwdReducer<NP, kThreads>::kFloats];
-  __shared__ float s_tile[fwd_scores_in_smem(NP, kThreads) ? fwd_rows(NP) * NP * kThreads : 1];
+  __shared__ float4 s_tile[fwd_scores_in_smem(NP, kThreads) ? fwd_rows(NP) * NP / 4 * kThreads : 1];
   mps_fwd_body<NP, kThreads, Rows>(a, red, s_tile);
 }
 
