@@ -96,6 +96,15 @@ def _row_max(x):
 
 
 @triton.jit
+def _exp_rows(s, beta, inv_eps, inv_eps2, mask_m):
+    """The log-domain f half-step's exponentials: (2^(z - max_n z), max_n z)
+    of z = (S/eps + beta - 1/eps) log2(e), the row maxima 0 past M."""
+    z = s * inv_eps2 + ((beta - inv_eps) * _LOG2E)[:, None, :]
+    z_max = tl.where(mask_m, _row_max(z), 0.0)
+    return tl.exp2(z - z_max[None, :, None]), z_max
+
+
+@triton.jit
 def _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, other,
                BLOCK_M: tl.constexpr, NG: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr):
     """A problem's [M, N] scores as an [NG, BLOCK_M, VEC] tile in ACC, padding
@@ -217,12 +226,25 @@ def _mps_fwd_kernel(
                 s = s_held
             else:
                 s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
-            # (v = 1 at the first iteration: beta stays 0 without a log of 1.)
-            beta = tl.where(mask_c & (it > 0), beta + _log(v), beta)
-            # z = (S/eps + beta - 1/eps) log2(e)
-            z = s * inv_eps2 + ((beta - inv_eps) * _LOG2E)[:, None, :]
-            z_max = tl.where(mask_m, _row_max(z), 0.0)
-            e = tl.exp2(z - z_max[None, :, None])
+            if HOLD_S:
+                # One copy of this step (with the first iteration's below too,
+                # the held scores spilled: sm_90, 1024 x 8, no cap, 16 -> 296 B).
+                # (v = 1 at the first iteration: beta stays 0 without a log of 1.)
+                beta = tl.where(mask_c & (it > 0), beta + _log(v), beta)
+                e, z_max = _exp_rows(s, beta, inv_eps, inv_eps2, mask_m)
+            elif it == 0:
+                # beta = 0: the exponent z = (S/eps - 1/eps) log2(e) is
+                # largest where S is (the same affine map for every
+                # prompt), and z - max(z) = (S - max S) log2(e)/eps is one
+                # FMA an entry, where _exp_rows takes an FMA and a
+                # subtraction (sm_90, 1024 x 8, 4 warps: 38 instructions
+                # fewer a thread, in the iteration every problem runs).
+                s_max = tl.where(mask_m, _row_max(s), 0.0)
+                z_max = s_max * inv_eps2 - inv_eps * _LOG2E
+                e = tl.exp2(s * inv_eps2 + (-s_max * inv_eps2)[None, :, None])
+            else:
+                beta = tl.where(mask_c, beta + _log(v), beta)
+                e, z_max = _exp_rows(s, beta, inv_eps, inv_eps2, mask_m)
             e_sum = tl.where(mask_m, _row_sum(e), 1.0)
             alpha_new = tl.where(mask_m, log_mu - z_max * _LN2 - _log(e_sum), 0.0)
             total = tl.sum(tl.where(mask_m, tl.abs((alpha_new - alpha) - lg_u_prev * _LN2), 0.0), axis=0)
@@ -265,15 +287,22 @@ def _mps_fwd_kernel(
     tl.store(NITER + pid, it)
     tl.store(F + pid * M + offs_m, eps * (alpha + lg_u_prev * _LN2), mask=mask_m)
     c_offs = offs_g[:, None] * VEC + offs_j[None, :]
-    tl.store(G + pid * N + c_offs, eps * (beta + tl.log(v)), mask=mask_c)
-    plan = u[None, :, None] * k_mat * v[:, None, :]
+    # log v as log2 v ln 2 (the fast logarithm where _FAST_MATH): every
+    # thread computes the NG * VEC values, where tl.log's accurate
+    # logarithm took about 20 instructions each (sm_90). Its absolute error,
+    # about 2^-22 in log2 v, is eps 2^-22 ln 2 in g (8e-9 at eps = 0.05).
+    tl.store(G + pid * N + c_offs, eps * (beta + _log(v, True) * _LN2), mask=mask_c)
     if HOLD_S:
         s = tl.where(mask_m[None, :, None] & mask_c[:, None, :], s_held, 0.0)
     else:
         s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, 0.0, BLOCK_M, NG, VEC, ACC)
-    score = (m_f * n_f) * _row_sum(plan * s)
+    # The refined score M N sum_n T S with T = u K v: u taken out of the sum
+    # (two operations an entry instead of three where no plan is written).
+    kv = k_mat * v[:, None, :]
+    score = (m_f * n_f) * u * _row_sum(kv * s)
     tl.store(SCORE + pid * M + offs_m, score.to(SCORE.dtype.element_ty), mask=mask_m)
     if HAS_PLAN:
+        plan = u[None, :, None] * kv
         r_g, r_m = _group_rows(NG, BLOCK_M)
         mask_r = (r_m < M)[:, None] & (r_g < N // VEC)[:, None]  # [NG * BM, 1]
         p_base = tl.multiple_of((pid * M + r_m) * N + r_g * VEC, [VEC])
