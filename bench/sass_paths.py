@@ -115,8 +115,11 @@ def first_iteration_path(sass):
     of a Sinkhorn forward, which every problem runs: the log-domain rebuild
     of K (exponentials) and the column sums, without an absorption or a
     check that a flag turns on: the shortest path through the loop with an
-    exponential (an absorption adds a second rebuild, a check its own
-    code). None where there is no loop or no such path."""
+    exponential (in our forwards the other paths with exponentials, a sweep
+    followed by an absorption, are longer). Where rows past M are skipped
+    under a branch (the CUDA kernels that read the scores again from
+    memory), the shortest path skips them too: an undercount there. None
+    where there is no loop or no such path."""
     paths = _loop_paths(sass) or {}
     lows = [lo for (_, exped), (lo, _) in paths.items() if exped]
     return min(lows) if lows else None

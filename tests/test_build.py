@@ -189,6 +189,9 @@ def test_sass_iteration_path_takes_the_sweep_not_the_rebuild():
     assert sass_paths.iteration_path(loop.replace("@P2 BRA", "@!PT BRA")) == 8
     assert sass_paths.op_counts(loop)["FMUL"] == 8
     assert sass_paths.first_iteration_path(loop) == 11
+    # With an exponential on the sweep's paths too (8 or 6), the shortest: 6.
+    assert sass_paths.first_iteration_path(loop.replace("SHFL.BFLY PT, R5, R6, 0x10, 0x1f ;\n        /*00c0*/",
+                                                        "MUFU.EX2 R5, R6 ;\n        /*00c0*/")) == 6
     assert sass_paths.first_iteration_path(loop.replace("MUFU.EX2", "FMUL")) is None  # no exponential
     assert sass_paths.first_iteration_path(loop.replace("@P1 BRA `(.L_x_1)", "FMUL R1, R1, R1")) is None  # no loop
     listing = f"        .text.first:\n{loop}        .text.second:\n        /*0000*/                   EXIT ;\n"

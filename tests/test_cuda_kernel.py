@@ -68,7 +68,12 @@ def test_forward_matches_float64_reference(M, N, dtype, mode):
 def test_non_contiguous_inputs(layout):
     # Every layout the vector reads must handle: none (transposed, strided),
     # 8-byte ones (a storage offset of 2 floats), 16-byte ones over padded
-    # rows (row stride 12 for 8 prompts).
+    # rows (row stride 12 for 8 prompts). Expanded and padded rows run the
+    # contiguous input's kernel (float32 x4): bitwise the same. The others
+    # run the kernels for any rows and for float32 x2, whose first iteration
+    # takes the exponents as S ie2 + c - max where the float32 x4 kernel
+    # with the scores in shared memory takes (S - max S) ie2: within a few
+    # float32 roundings.
     base = hard_scores((4, 300, 8), seed=3).float().cuda()
     if layout == "transposed":
         x = base.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -84,7 +89,11 @@ def test_non_contiguous_inputs(layout):
         x = base[:1].expand(3, 300, 8)
     got = mps(x, backend="cuda", max_iter=20, tol=0.0)
     want = mps(x.contiguous(), backend="cuda", max_iter=20, tol=0.0)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if layout in ("expanded", "padded_rows"):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        assert_close_report(got.double().cpu(), want.double().cpu(), atol=1e-5 * float(want.abs().max()),
+                            what=f"{layout} against contiguous")
 
 
 @pytest.mark.parametrize("M", [37, 1500, 4000], ids=lambda m: f"M{m}")
@@ -256,10 +265,12 @@ def test_kernel_finiteness_check_flags_nan_and_either_infinity(M, N, dtype):
     # shared memory and on those that read them again (M > 1024 for 8
     # prompts); the largest finite scores do not (no overflow of the sum),
     # nor does a NaN with the check off.
-    for bad in (float("nan"), float("inf"), float("-inf"), "both"):
+    for bad in (float("nan"), float("inf"), float("-inf"), "both", "both in a row"):
         x = torch.rand(3, M, N, device="cuda").to(dtype)
         if bad == "both":
             x[0, M - 1, 0], x[2, M // 2, N - 1] = float("inf"), float("-inf")
+        elif bad == "both in a row":  # inf - inf: a NaN in one thread's sum
+            x[1, M // 2, 0], x[1, M // 2, N - 1] = float("inf"), float("-inf")
         else:
             x[1, M // 3, N // 2] = bad
         with pytest.raises(ValueError, match="NaN or inf"):
