@@ -224,9 +224,6 @@ def _mps_fwd_kernel(
             # the log domain, rebuilding K with rows summing to mu (u = v = 1).
             if HOLD_S:
                 s = s_held
-            else:
-                s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
-            if HOLD_S:
                 # One copy of this step (with the first iteration's below too,
                 # the held scores spilled: sm_90, 1024 x 8, no cap, 16 -> 296 B).
                 # (v = 1 at the first iteration: beta stays 0 without a log of 1.)
@@ -238,11 +235,16 @@ def _mps_fwd_kernel(
                 # prompt), and z - max(z) = (S - max S) log2(e)/eps is one
                 # FMA an entry, where _exp_rows takes an FMA and a
                 # subtraction (sm_90, 1024 x 8, 4 warps: the first iteration
-                # 907 -> 863 instructions a thread, bench/triton_sass.py).
+                # 907 -> 828 instructions a thread, bench/triton_sass.py).
+                # The scores are read in each branch: read before it, they
+                # were moved into place for both (64 MOVs, 35 instructions
+                # more, and 72 B spilled with triton 3.6 instead of 32).
+                s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
                 s_max = tl.where(mask_m, _row_max(s), 0.0)
                 z_max = s_max * inv_eps2 - inv_eps * _LOG2E
                 e = tl.exp2(s * inv_eps2 + (-s_max * inv_eps2)[None, :, None])
             else:
+                s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
                 beta = tl.where(mask_c, beta + _log(v), beta)
                 e, z_max = _exp_rows(s, beta, inv_eps, inv_eps2, mask_m)
             e_sum = tl.where(mask_m, _row_sum(e), 1.0)
