@@ -37,6 +37,16 @@ _ENTRY = re.compile(r"Compiling entry function '\S*mps_(fwd|bwd)_kernelILi(\d+)E
 _MANGLED = re.compile(r"mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)")
 # Each kernel's way of reading and writing rows (its Rows template argument).
 _IO = (("F32Vec4", "float32 x4"), ("F32Vec2", "float32 x2"), ("Any", "any"))
+# The forward's last template argument, kFull (M = rows x threads, every row
+# a pixel; mangled "Lb1E"): its twins are named "<rows>, full tile".
+_FULL = "Lb1E"
+
+
+def _io(tail):
+    """The rows column of a kernel from the mangled name's tail after its
+    threads argument."""
+    io = next((name for key, name in _IO if key in tail), "?")
+    return io + ", full tile" if _FULL in tail else io
 _USAGE = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -125,7 +135,7 @@ def sass_rows(arch, nvcc=None, with_report=False):
                 ops = op_counts(code)
                 fwd = m.group(1) == "fwd"
                 rows.append(dict(kernel="forward" if fwd else "backward", NP=int(m.group(2)),
-                                 threads=int(m.group(3)), io=next((n for k, n in _IO if k in m.group(4)), "?"),
+                                 threads=int(m.group(3)), io=_io(m.group(4)),
                                  instructions=sum(ops.values()), MUFU=ops["MUFU"], SHFL=ops["SHFL"],
                                  BAR=ops["BAR"], per_iteration=iteration_path(code) if fwd else None,
                                  first_iteration=first_iteration_path(code) if fwd else None))
@@ -138,7 +148,7 @@ def parse(report):
     rows, cur = [], None
     for line in report.splitlines():
         if (m := _ENTRY.search(line)):
-            io = next((name for key, name in _IO if key in m.group(4)), "?")
+            io = _io(m.group(4))
             cur = dict(kernel="forward" if m.group(1) == "fwd" else "backward", NP=int(m.group(2)),
                        threads=int(m.group(3)), io=io)
         elif cur is not None and (m := _FRAME.search(line)):
@@ -166,7 +176,8 @@ def main(argv=None):
     print(f"csrc/cuda/{', '.join(KERNEL_FILES)} for sm_{args.arch} (ptxas -v); prompts NP is the kernel's bucket "
           "(N <= 4, 8, 16), threads the block size (rows a thread x threads >= M), rows its way of reading and "
           "writing rows (float32 x4: float32 in 16-byte vectors, no plan gradient; float32 x2: in 8-byte vectors, 8 "
-          "prompts only; any: every dtype and stride)")
+          "prompts only; any: every dtype and stride; full tile: the forward's twin for M = rows x threads, "
+          "every row a pixel)")
     print()
     print("| kernel | NP | threads | rows | registers | stack B | spill stores B | spill loads B | static smem B "
           "| blocks an SM by registers |")

@@ -138,9 +138,41 @@ def test_eight_prompt_float32_forward_runs_the_four_block_kernel():
         score = mps(S64.float().cuda(), eps=0.1, max_iter=30, tol=0.0, backend="cuda")
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if "mps_fwd_kernel" in e.name]
-    assert names and all("F32Vec4Rows<8>, 4>" in n for n in names), names
+    assert names and all("F32Vec4Rows<8>, 4, false>" in n for n in names), names
     ref_score, _ = _reference(S64, eps=0.1, max_iter=30, tol=0.0)
     assert_close_report(score.double().cpu(), ref_score, atol=ATOL[torch.float32] * 8, what="refined score")
+
+
+@pytest.mark.parametrize("M,N,blocks", [(1024, 8, 4), (1024, 4, 4), (512, 16, 3), (1023, 8, 4), (511, 16, 3)],
+                         ids=["M1024xN8", "M1024xN4", "M512xN16", "M1023xN8-not-full", "M511xN16-not-full"])
+@pytest.mark.parametrize("mode", ["fixed", "converged"])
+def test_full_tile_kernels_run_where_every_row_is_a_pixel(M, N, blocks, mode):
+    # The float32 x4 forwards of 128 threads have a twin for M = rows x 128
+    # (1024 up to 8 prompts, 512 for 16: fwd_full_tile), without the per-row
+    # tests of the rows past M, its last template argument true; one pixel
+    # fewer takes the other (false). The profiler names the kernel that ran;
+    # the refined score and the plan meet the float64 reference (hard scores,
+    # 30 iterations or converged), and in fixed iterations the kernel for any
+    # rows (the transposed layout) within float32 roundings.
+    S64 = hard_scores((3, M, N), seed=M + N)
+    kw = dict(eps=0.05, max_iter=30, tol=0.0) if mode == "fixed" else dict(eps=0.05, max_iter=500, tol=1e-7)
+    x = S64.float().cuda()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        score, plan = mps(x, return_plan=True, backend="cuda", **kw)
+        torch.cuda.synchronize()
+    full = M in (1024, 512)
+    names = [e.name for e in prof.events() if "mps_fwd_kernel" in e.name]
+    want = f"F32Vec4Rows<{N}>, {blocks}, {'true' if full else 'false'}>"
+    assert names and all(want in n for n in names), (want, names)
+    ref_score, ref_plan = _reference(S64, **kw)
+    assert_close_report(score.double().cpu(), ref_score, atol=ATOL[torch.float32] * N, what="refined score")
+    assert_close_report(plan.double().cpu() * M * N, ref_plan * M * N, atol=ATOL[torch.float32] * 10, what="plan*M*N")
+    if mode == "converged":
+        return  # two kernels' stopping iterations may differ by one (roundings)
+    t = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # the kernel for any rows
+    other, other_plan = mps(t, return_plan=True, backend="cuda", **kw)
+    assert_close_report(score, other, atol=2e-5 * float(other.abs().max()), what="full tile against any rows")
+    assert_close_report(plan, other_plan, atol=2e-5 * float(other_plan.abs().max()), what="plan against any rows")
 
 
 @pytest.mark.parametrize("eps", [0.002, 0.01, 10.0], ids=lambda e: f"eps{e}")
@@ -255,9 +287,9 @@ def test_bad_input_is_a_clear_error():
         mps(x, backend="cuda")
 
 
-@pytest.mark.parametrize("M,N,dtype", [(1024, 8, torch.float32), (129, 6, torch.float32), (2500, 8, torch.float32),
-                                         (37, 5, torch.bfloat16), (1023, 16, torch.float16)],
-                         ids=["f32x4-smem", "f32x2-smem", "f32x4-reread", "any-bf16", "any-f16"])
+@pytest.mark.parametrize("M,N,dtype", [(1024, 8, torch.float32), (1000, 8, torch.float32), (129, 6, torch.float32),
+                                         (2500, 8, torch.float32), (37, 5, torch.bfloat16), (1023, 16, torch.float16)],
+                         ids=["f32x4-full", "f32x4-smem", "f32x2-smem", "f32x4-reread", "any-bf16", "any-f16"])
 def test_kernel_finiteness_check_flags_nan_and_either_infinity(M, N, dtype):
     # The operator's own check (check_finite=True, a flag the kernel sets
     # from the sum of s 2^-10 over each thread's entries, read after it):

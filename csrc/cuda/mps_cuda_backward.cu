@@ -81,7 +81,7 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
   if constexpr (kPrefetch) {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) load_f_ds(r);
-    stage_rows<NP, kRows, kThreads>(
+    stage_rows<NP, kRows, kThreads, false>(
         M, [&](int m, float(&x)[NP]) { Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, x); },
         [&](int r, const float(&x)[NP]) {
 #pragma unroll

@@ -312,14 +312,15 @@ __device__ __forceinline__ void tile4_store(float4* tile, int r, const float (&x
 // load(m, row), every row requested before any is stored, so that all their
 // loads are in flight together; rows past M are 0. Then store(r, row) for
 // each (into the thread's own entries of a tile: no barrier is needed, as
-// each thread reads back only what it wrote).
-template <int NP, int kRows, int kThreads, class Load, class Store>
+// each thread reads back only what it wrote). kFull: M = kRows kThreads,
+// every row a pixel.
+template <int NP, int kRows, int kThreads, bool kFull, class Load, class Store>
 __device__ __forceinline__ void stage_rows(int M, Load load, Store store) {
   float x[kRows][NP];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int m = threadIdx.x + r * kThreads;
-    if (m < M) {
+    if (kFull || m < M) {
       load(m, x[r]);
     } else {
 #pragma unroll

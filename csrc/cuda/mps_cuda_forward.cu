@@ -62,8 +62,15 @@ using FwdReducer = BlockReducer<kThreads, NP + 1, NP <= 8 ? 2 : 1>;
 
 // The forward of one problem (the block's), its rows accessed through Rows
 // (AnyRows, F32Vec4Rows or F32Vec2Rows). red: the reductions' shared
-// memory; s_tile: the scores' tile (tile4_at) where kSmem.
-template <int NP, int kThreads, class Rows>
+// memory; s_tile: the scores' tile (tile4_at) where kSmem. kFull: launched
+// only for M = kRows kThreads (fwd_full_tile), so that every row of every
+// thread is a pixel, decided at compile time: no per-row test of r < n_live
+// (sm_90, the float32 x4 kernel of 8 prompts: 403 -> 357 instructions an
+// ordinary iteration, 695 -> 656 in the first; 4 prompts: 275 -> 238 and
+// 431 -> 395; 16 prompts: 479 -> 459 and 751 -> 742; bench/cuda_ptxas.py).
+// M = 1024, the 32 x 32 token grid of a 512 x 512 crop, is the case of
+// every benchmark and of the model.
+template <int NP, int kThreads, class Rows, bool kFull>
 __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, float4* s_tile) {
   constexpr int kRows = fwd_rows(NP);
   constexpr bool kSmem = fwd_scores_in_smem(NP, kThreads);
@@ -76,7 +83,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
   // This thread's rows m = threadIdx.x + r kThreads below M: r < n_live. One
   // register and a compare with a constant a row, where testing m < M kept
   // each row's m (or its flag, packed into a register) live.
-  const int n_live = min(kRows, max(0, (M - static_cast<int>(threadIdx.x) + kThreads - 1) / kThreads));
+  const int n_live = kFull ? kRows : min(kRows, max(0, (M - static_cast<int>(threadIdx.x) + kThreads - 1) / kThreads));
   const float ie = 1.0f / a.eps;
   const float ie2 = ie * kLog2e;  // 1/eps in units of log2(e)
   const float mu = 1.0f / M, nu = 1.0f / N;
@@ -113,7 +120,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
   constexpr float kFiniteScale = 0x1p-10f;
   if constexpr (kSmem) {
     // The scores read once, every row at once, and kept in s_tile.
-    stage_rows<NP, kRows, kThreads>(
+    stage_rows<NP, kRows, kThreads, kFull>(
         M, [&](int m, float(&x)[NP]) { Rows::load(a.S, p * a.sP + m * a.sM, a.sN, N, a.dtype, a.s_vec, x); },
         [&](int r, const float(&x)[NP]) { tile4_store<NP, kThreads>(s_tile, r, x); });
     if (check) {
@@ -134,7 +141,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
       return;
     }
     const int m = threadIdx.x + r * kThreads;
-    if (m < M) {
+    if (kFull || m < M) {
       // Strides made opaque to the compiler here: else it computes the 64-bit
       // address of every score once, before the loop, and holds them all
       // (sm_90, 8 x 8, 128 threads: 168 registers and 1.1 KB of spill stores
@@ -384,7 +391,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int m = threadIdx.x + r * kThreads;
-    if (m >= M) continue;
+    if (!kFull && m >= M) continue;
     a.f[p * M + m] = a.eps * (alpha[r] + log_u[r]);
     float s[NP];
     load_scores(r, s);
@@ -408,12 +415,25 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
   }
 }
 
-// kMinBlocks: the blocks an SM the registers are budgeted for (fwd_min_blocks).
-template <int NP, int kThreads, class Rows, int kMinBlocks>
+// kMinBlocks: the blocks an SM the registers are budgeted for (fwd_min_blocks);
+// kFull: for M = kRows kThreads only (mps_fwd_body).
+template <int NP, int kThreads, class Rows, int kMinBlocks, bool kFull>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) mps_fwd_kernel(ForwardArgs a) {
   __shared__ float red[FwdReducer<NP, kThreads>::kFloats];
   __shared__ float4 s_tile[fwd_scores_in_smem(NP, kThreads) ? fwd_rows(NP) * NP / 4 * kThreads : 1];
-  mps_fwd_body<NP, kThreads, Rows>(a, red, s_tile);
+  mps_fwd_body<NP, kThreads, Rows, kFull>(a, red, s_tile);
+}
+
+// Whether a problem of M pixels takes the kFull twin of a kernel of kThreads:
+// every row of every thread a pixel. Twins only for the float32 x4 kernels
+// of 128 threads (M = 1024 for 4 and 8 prompts, 512 for 16): three more
+// kernels to compile, where a twin of every kernel would be 21. (The float32
+// x2 kernel's twin, 428 -> 402 instructions an ordinary iteration, branched
+// around each prompt's exponentials on the run-time N, which left no path
+// through its machine code that bench/sass_paths.py could call the sweep.)
+template <int NP, int kThreads>
+constexpr bool fwd_full_tile(int M) {
+  return kThreads == 128 && M == fwd_rows(NP) * kThreads;
 }
 
 template <int NP, int T>
@@ -426,17 +446,25 @@ struct LaunchFwd {
     // are whole float2s but not the float4 kernel's (N = 6; N = 8 only
     // 8-byte aligned, or with such a plan). Width 4 implies width 2.
     const bool f32 = a.dtype == Dtype::kFloat;
+    const bool full = fwd_full_tile<NP, T>(a.M);
     if (f32 && a.s_vec == 4 && (a.plan == nullptr || a.plan_vec == 4) && a.N == NP) {
-      mps_fwd_kernel<NP, T, F32Vec4Rows<NP>, fwd_min_blocks(NP, T, true)><<<P, T, 0, stream>>>(a);
+      constexpr int kBlocks4 = fwd_min_blocks(NP, T, true);
+      if constexpr (T == 128) {
+        if (full) {
+          mps_fwd_kernel<NP, T, F32Vec4Rows<NP>, kBlocks4, true><<<P, T, 0, stream>>>(a);
+          return;
+        }
+      }
+      mps_fwd_kernel<NP, T, F32Vec4Rows<NP>, kBlocks4, false><<<P, T, 0, stream>>>(a);
       return;
     }
     if constexpr (NP == 8) {
       if (f32 && a.s_vec % 2 == 0 && (a.plan == nullptr || a.plan_vec % 2 == 0)) {
-        mps_fwd_kernel<NP, T, F32Vec2Rows<NP>, kBlocks><<<P, T, 0, stream>>>(a);
+        mps_fwd_kernel<NP, T, F32Vec2Rows<NP>, kBlocks, false><<<P, T, 0, stream>>>(a);
         return;
       }
     }
-    mps_fwd_kernel<NP, T, AnyRows<NP>, kBlocks><<<P, T, 0, stream>>>(a);
+    mps_fwd_kernel<NP, T, AnyRows<NP>, kBlocks, false><<<P, T, 0, stream>>>(a);
   }
 };
 
