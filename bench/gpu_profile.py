@@ -151,15 +151,24 @@ def _warp_sweep(case_name, generators, warps, copy):
 FWD_VARIANTS = ((tb.FWD_HOLD_S, tb.FWD_MAXNREG), (True, None), (False, None), (False, 128), (True, 168))
 
 
-def _max_rel_diff(want, got):
-    """The largest difference between two forwards' outputs (score, f, g,
-    n_iter), each relative to the largest magnitude of that output (+1): 0
-    when every output is bitwise the same."""
-    worst = 0.0
+def _differences(want, got):
+    """How two forwards' outputs (score, f, g, n_iter) differ: the largest
+    difference of the float outputs, each relative to the largest magnitude
+    of that output (+1; 0 when they are bitwise the same), and, as text, the
+    problems whose iteration counts differ ("0", or "k of P, by up to d").
+    Kept apart: a count one apart on one problem (a stopping test that falls
+    the other side of tol after a rounding) is not a difference of values,
+    and as one it read 1/(iterations + 1), 1.7e-2 on the hard scores."""
+    worst, iters = 0.0, "0"
     for a, b in zip(want, got):
+        if not a.is_floating_point():
+            d = (a.long() - b.long()).abs()
+            k = int((d > 0).sum())
+            iters = "0" if k == 0 else f"{k} of {d.numel()}, by up to {int(d.max())}"
+            continue
         a, b = a.double(), b.double()
         worst = max(worst, float((a - b).abs().max()) / (float(a.abs().max()) + 1.0))
-    return worst
+    return worst, iters
 
 
 def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
@@ -174,8 +183,9 @@ def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
         "(HOLD_S) or reread, and a register cap (maxnreg) that fits more problems on an SM; the first row is the "
         "default (FWD_HOLD_S, FWD_MAXNREG); graph times in us, GB/s as above.",
         "",
-        "| scores | HOLD_S | maxnreg | fwd graph | fwd GB/s (% copy) | max difference from the default |",
-        "|---|---|---|---|---|---|",
+        "| scores | HOLD_S | maxnreg | fwd graph | fwd GB/s (% copy) | iterations differ from the default "
+        "| max difference from the default |",
+        "|---|---|---|---|---|---|---|",
     ]
     for gen in generators:
         scores, nbytes = _flat_scores(case, gen, device)
@@ -187,13 +197,17 @@ def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
                 fg = timer(fwd) * 1e3
             except Exception as exc:  # noqa: BLE001  (report and go on)
                 lines.append(f"| {gen} | {hold} | {maxnreg} | failed: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:160]} | | |")
+                             f"{str(exc).splitlines()[0][:160]} | | | |")
                 continue
             results = [t for t in out if t is not None]
-            same = "-" if first is None else f"{_max_rel_diff(first, results):.1e}"
+            if first is None:
+                iters, same = "-", "-"
+            else:
+                worst, iters = _differences(first, results)
+                same = f"{worst:.1e}"
             first = first or results
             gbs = nbytes / (fg * 1e-6) / 1e9
-            lines.append(f"| {gen} | {hold} | {maxnreg} | {fg:.1f} | {gbs:.0f} ({gbs / copy:.0%}) | {same} |")
+            lines.append(f"| {gen} | {hold} | {maxnreg} | {fg:.1f} | {gbs:.0f} ({gbs / copy:.0%}) | {iters} | {same} |")
     return lines
 
 
@@ -201,8 +215,8 @@ def _in_turns(case_names, generators, copy, variants, call, timer, device="cuda"
     """Table rows timing two variants of a forward in the same process, in
     two turns (the better of each, so that drift hits both), per case and
     generator: the two graph times, the speedup (first / second), the
-    second's GB/s and the outputs' largest difference
-    (``_max_rel_diff``; 0: bitwise the same). ``call(scores, variant)`` runs
+    second's GB/s, the problems whose iteration counts differ and the
+    outputs' largest difference (``_differences``; 0: bitwise the same). ``call(scores, variant)`` runs
     one variant and returns its outputs (tensors)."""
     rows = []
     for case_name in case_names:
@@ -217,12 +231,13 @@ def _in_turns(case_names, generators, copy, variants, call, timer, device="cuda"
                         outs[v] = call(scores, v)
             except Exception as exc:  # noqa: BLE001  (report and go on)
                 rows.append(f"| {case.name} | {gen} | failed: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:160]} | | | | |")
+                            f"{str(exc).splitlines()[0][:160]} | | | | | |")
                 continue
             first, second = (min(times[v]) for v in variants)
             gbs = nbytes / (second * 1e-6) / 1e9
+            worst, iters = _differences(*(outs[v] for v in variants))
             rows.append(f"| {case.name} | {gen} | {first:.1f} | {second:.1f} | {first / second:.2f}x "
-                        f"| {gbs:.0f} ({gbs / copy:.0%}) | {_max_rel_diff(*(outs[v] for v in variants)):.1e} |")
+                        f"| {gbs:.0f} ({gbs / copy:.0%}) | {iters} | {worst:.1e} |")
     return rows
 
 
@@ -252,8 +267,8 @@ def _baseline_forward(case_names, generators, copy, path, label=None, device="cu
         f"triton forward: this tree's kernel against {label or path}'s (same launch arguments and variant; graph "
         "times in us, the better of two turns each; speedup = baseline / this).",
         "",
-        "| case | scores | baseline | this | speedup | this GB/s (% copy) | max difference |",
-        "|---|---|---|---|---|---|---|",
+        "| case | scores | baseline | this | speedup | this GB/s (% copy) | iterations differ | max difference |",
+        "|---|---|---|---|---|---|---|---|",
         *_in_turns(case_names, generators, copy, ("baseline", "this"), call, timer or _graph_ms, device=device),
     ]
 

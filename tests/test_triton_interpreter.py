@@ -19,6 +19,7 @@ interpreter cannot check.
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -913,7 +914,7 @@ def test_gpu_profile_forward_variants_table(device):
     assert len(rows) == len(gpu_profile.FWD_VARIANTS), lines
     assert not any("failed" in row for row in rows), rows
     diffs = [row.split("|")[-2].strip() for row in rows]
-    assert diffs[0] == "-", rows
+    assert diffs[0] == "-" and rows[0].split("|")[-3].strip() == "-", rows
     # Within float32 roundings (bitwise between the variants of the same
     # HOLD_S on the interpreter; see
     # test_forward_rereading_the_scores_matches_holding_them).
@@ -930,7 +931,8 @@ def test_gpu_profile_baseline_forward_table(device, tmp_path):
     # to this tree's kernel. Here the baseline is this tree's file copied
     # with its error's scale multiplied by 1e6 (err_scale is the stopping
     # test's only factor: it never stops early): the table must show that
-    # copy's outputs differ, and the unchanged copy's not.
+    # copy's iteration counts and outputs differ, and the unchanged copy's
+    # not.
     gpu_profile = import_bench_script("gpu_profile")
     from otseg.benchmark.generators import Case
 
@@ -952,10 +954,11 @@ def test_gpu_profile_baseline_forward_table(device, tmp_path):
         rows = [line for line in lines if line.startswith("| tiny | hard |")]
         assert len(rows) == 1 and "failed" not in rows[0], lines
         assert rows[0].split("|")[5].strip() == "1.00x", rows
-        return float(rows[0].split("|")[-2])
+        return rows[0].split("|")[-3].strip(), float(rows[0].split("|")[-2])
 
-    assert diffs(same) == 0.0
-    assert diffs(changed) > 1e-3
+    assert diffs(same) == ("0", 0.0)
+    iters, worst = diffs(changed)
+    assert re.fullmatch(r"[12] of 2, by up to [1-9]\d*", iters) and worst > 0.0, (iters, worst)
 
 
 def test_gpu_smoke_script_on_triton(device, monkeypatch, capsys):
