@@ -32,7 +32,8 @@ import tempfile
 from sass_paths import first_iteration_path, functions, iteration_path, op_counts, triton_tool  # bench/sass_paths.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# mps_fwd_kernel<8, 128, F32Vec4Rows<8>>: "_ZN5otseg4cuda12_GLOBAL__N_114mps_fwd_kernelILi8ELi128ENS0_11F32Vec4RowsILi8EEEEEvNS0_11ForwardArgsE"
+# mps_fwd_kernel<8, 128, F32Vec4Rows<8>, 4, true>:
+# "_ZN5otseg4cuda12_GLOBAL__N_114mps_fwd_kernelILi8ELi128ENS0_11F32Vec4RowsILi8EEELi4ELb1EEEvNS0_11ForwardArgsE"
 _ENTRY = re.compile(r"Compiling entry function '\S*mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)'")
 _MANGLED = re.compile(r"mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)")
 # Each kernel's way of reading and writing rows (its Rows template argument).
@@ -40,6 +41,9 @@ _IO = (("F32Vec4", "float32 x4"), ("F32Vec2", "float32 x2"), ("Any", "any"))
 # The forward's last template argument, kFull (M = rows x threads, every row
 # a pixel; mangled "Lb1E"): its twins are named "<rows>, full tile".
 _FULL = "Lb1E"
+_USAGE = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def _io(tail):
@@ -47,9 +51,6 @@ def _io(tail):
     threads argument."""
     io = next((name for key, name in _IO if key in tail), "?")
     return io + ", full tile" if _FULL in tail else io
-_USAGE = re.compile(r"Used (\d+) registers")
-_SMEM = re.compile(r"(\d+) bytes smem")
-_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def find_nvcc():
