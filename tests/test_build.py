@@ -108,14 +108,16 @@ def test_cuda_kernels_register_budget(cuda_sm90):
     by_shape = {(r["kernel"], r["NP"], r["threads"], r["io"]): r for r in rows}
     # Every instantiation the dispatch can launch: 20 a kernel for float32 x4
     # and any rows, 3 for float32 x2 (8 prompts: 128, 256, 512 threads), and
-    # the 3 full-tile twins of the float32 x4 forwards of 128 threads. The
-    # float32 x4 forward of 8 prompts and 128 threads is budgeted for four
-    # blocks an SM: 128 registers, no spills (its twin too). Each kernel once.
-    assert len(rows) == len(by_shape) == 49, sorted(by_shape)
+    # the 4 full-tile twins of the float32 forwards of 128 threads (x4 for 4,
+    # 8 and 16 prompts, x2 for N = 6). The float32 x4 forward of 8 prompts
+    # and 128 threads is budgeted for four blocks an SM: 128 registers, no
+    # spills (its twin too). Each kernel once.
+    assert len(rows) == len(by_shape) == 50, sorted(by_shape)
     assert {k[1] for k in by_shape if k[3] == "float32 x2"} == {8}, sorted(by_shape)
     assert {k[:3] for k in by_shape if k[3] == "float32 x4, full tile"} == {("forward", n, 128) for n in (4, 8, 16)}
-    for io in ("float32 x4", "float32 x4, full tile", "float32 x2", "any"):
-        for np_ in (4, 8, 16) if io != "float32 x2" else (8,):
+    assert {k[:3] for k in by_shape if k[3] == "float32 x2, full tile"} == {("forward", 8, 128)}
+    for io in ("float32 x4", "float32 x4, full tile", "float32 x2", "float32 x2, full tile", "any"):
+        for np_ in (4, 8, 16) if not io.startswith("float32 x2") else (8,):
             r = by_shape["forward", np_, 128, io]
             spill = 0 if np_ <= 8 else 16
             budget = 128 if np_ == 4 or (np_, io[:10]) == (8, "float32 x4") else 168
@@ -140,7 +142,7 @@ def test_cuda_sass_counts_each_forwards_ordinary_iteration(cuda_sm90):
     if rows is None:
         pytest.skip("no nvdisasm (neither the CUDA toolkit's nor the Triton wheel's)")
     by_shape = {(r["kernel"], r["NP"], r["threads"], r["io"]): r for r in rows}
-    assert len(rows) == len(by_shape) == 49, sorted(by_shape)
+    assert len(rows) == len(by_shape) == 50, sorted(by_shape)
     for r in rows:
         assert r["SHFL"] > 0 and r["MUFU"] > 0 and r["BAR"] > 0, r
         if r["kernel"] == "forward":

@@ -143,14 +143,20 @@ def test_eight_prompt_float32_forward_runs_the_four_block_kernel():
     assert_close_report(score.double().cpu(), ref_score, atol=ATOL[torch.float32] * 8, what="refined score")
 
 
-@pytest.mark.parametrize("M,N,blocks", [(1024, 8, 4), (1024, 4, 4), (512, 16, 3), (1023, 8, 4), (511, 16, 3)],
-                         ids=["M1024xN8", "M1024xN4", "M512xN16", "M1023xN8-not-full", "M511xN16-not-full"])
+FULL_TILE = [(1024, 8, "F32Vec4Rows<8>, 4, true>"), (1024, 4, "F32Vec4Rows<4>, 4, true>"),
+             (512, 16, "F32Vec4Rows<16>, 3, true>"), (1024, 6, "F32Vec2Rows6, 3, true>"),
+             (1023, 8, "F32Vec4Rows<8>, 4, false>"), (511, 16, "F32Vec4Rows<16>, 3, false>"),
+             (1023, 6, "F32Vec2Rows<8>, 3, false>")]
+
+
+@pytest.mark.parametrize("M,N,kernel", FULL_TILE, ids=[f"M{m}xN{n}" for m, n, _ in FULL_TILE])
 @pytest.mark.parametrize("mode", ["fixed", "converged"])
-def test_full_tile_kernels_run_where_every_row_is_a_pixel(M, N, blocks, mode):
-    # The float32 x4 forwards of 128 threads have a twin for M = rows x 128
+def test_full_tile_kernels_run_where_every_row_is_a_pixel(M, N, kernel, mode):
+    # The float32 forwards of 128 threads have a twin for M = rows x 128
     # (1024 up to 8 prompts, 512 for 16: fwd_full_tile), without the per-row
-    # tests of the rows past M, its last template argument true; one pixel
-    # fewer takes the other (false). The profiler names the kernel that ran;
+    # tests of the rows past M, its last template argument true: the float32
+    # x4 kernels', and the float32 x2 kernel's for N = 6 (F32Vec2Rows6); one
+    # pixel fewer takes the other (false). The profiler names the kernel that ran;
     # the refined score and the plan meet the float64 reference (hard scores,
     # 30 iterations or converged), and in fixed iterations the kernel for any
     # rows (the transposed layout) within float32 roundings.
@@ -160,10 +166,8 @@ def test_full_tile_kernels_run_where_every_row_is_a_pixel(M, N, blocks, mode):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         score, plan = mps(x, return_plan=True, backend="cuda", **kw)
         torch.cuda.synchronize()
-    full = M in (1024, 512)
     names = [e.name for e in prof.events() if "mps_fwd_kernel" in e.name]
-    want = f"F32Vec4Rows<{N}>, {blocks}, {'true' if full else 'false'}>"
-    assert names and all(want in n for n in names), (want, names)
+    assert names and all(kernel in n for n in names), (kernel, names)
     ref_score, ref_plan = _reference(S64, **kw)
     assert_close_report(score.double().cpu(), ref_score, atol=ATOL[torch.float32] * N, what="refined score")
     assert_close_report(plan.double().cpu() * M * N, ref_plan * M * N, atol=ATOL[torch.float32] * 10, what="plan*M*N")
@@ -287,9 +291,11 @@ def test_bad_input_is_a_clear_error():
         mps(x, backend="cuda")
 
 
-@pytest.mark.parametrize("M,N,dtype", [(1024, 8, torch.float32), (1000, 8, torch.float32), (129, 6, torch.float32),
-                                         (2500, 8, torch.float32), (37, 5, torch.bfloat16), (1023, 16, torch.float16)],
-                         ids=["f32x4-full", "f32x4-smem", "f32x2-smem", "f32x4-reread", "any-bf16", "any-f16"])
+@pytest.mark.parametrize("M,N,dtype", [(1024, 8, torch.float32), (1000, 8, torch.float32), (1024, 6, torch.float32),
+                                         (129, 6, torch.float32), (2500, 8, torch.float32), (37, 5, torch.bfloat16),
+                                         (1023, 16, torch.float16)],
+                         ids=["f32x4-full", "f32x4-smem", "f32x2-full", "f32x2-smem", "f32x4-reread", "any-bf16",
+                              "any-f16"])
 def test_kernel_finiteness_check_flags_nan_and_either_infinity(M, N, dtype):
     # The operator's own check (check_finite=True, a flag the kernel sets
     # from the sum of s 2^-10 over each thread's entries, read after it):

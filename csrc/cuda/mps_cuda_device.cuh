@@ -223,11 +223,14 @@ __device__ __forceinline__ void store_row(void* base, int64_t i0, int N, Dtype d
 // instruction in the backward (H200, commit 4b7bf91), whence the float2
 // kernels.
 //   kFloat32: float32 rows read with no branch on the dtype or width;
-//   kVec: their vector width (0: any).
+//   kVec: their vector width (0: any);
+//   kN: the prompts N, where the kernel is launched for that N only (the
+//   forward: every test n < N decided at compile time), else 0.
 template <int NP>
 struct AnyRows {
   static constexpr bool kFloat32 = false;
   static constexpr int kVec = 0;
+  static constexpr int kN = 0;
   __device__ __forceinline__ static void load(const void* base, int64_t i0, int64_t stride, int N, Dtype dt,
                                               int vec, float (&x)[NP]) {
     load_row<NP>(base, i0, stride, N, dt, vec, x, 0.0f);
@@ -244,11 +247,12 @@ struct AnyRows {
   }
 };
 
-template <int NP, int V>
+template <int NP, int V, int N_ = 0>
 struct F32VecRows {
-  static_assert(NP % V == 0, "F32VecRows: rows of whole vectors");
+  static_assert(NP % V == 0 && N_ % V == 0 && N_ <= NP, "F32VecRows: rows of whole vectors");
   static constexpr bool kFloat32 = true;
   static constexpr int kVec = V;
+  static constexpr int kN = N_;
   __device__ __forceinline__ static void load(const void* base, int64_t i0, int64_t, int N, Dtype, int,
                                               float (&x)[NP]) {
     load_chunks<NP, V>(base, i0, N, Dtype::kFloat, x, 0.0f);
@@ -263,11 +267,15 @@ struct F32VecRows {
     static_cast<float*>(base)[i] = v;
   }
 };
-// Named types, so that profilers and bench/cuda_ptxas.py tell the kernels apart.
+// Named types, so that profilers and bench/cuda_ptxas.py tell the kernels
+// apart. The float32 x4 kernels are launched for N = NP only; F32Vec2Rows6
+// is the float32 x2 rows of N = 6 (VOC's prompts), for the forward's
+// full-tile twin (mps_cuda_forward.cu).
 template <int NP>
-struct F32Vec4Rows : F32VecRows<NP, 4> {};
+struct F32Vec4Rows : F32VecRows<NP, 4, NP> {};
 template <int NP>
 struct F32Vec2Rows : F32VecRows<NP, 2> {};
+struct F32Vec2Rows6 : F32VecRows<8, 2, 6> {};
 
 // A block's tile of kRows x NP values a thread in shared memory: entry (row
 // r, prompt n) of thread t at [(r * NP + n) * kThreads + t], consecutive

@@ -67,9 +67,10 @@ using FwdReducer = BlockReducer<kThreads, NP + 1, NP <= 8 ? 2 : 1>;
 // thread is a pixel, decided at compile time: no per-row test of r < n_live
 // (sm_90, the float32 x4 kernel of 8 prompts: 403 -> 357 instructions an
 // ordinary iteration, 695 -> 656 in the first; 4 prompts: 275 -> 238 and
-// 431 -> 395; 16 prompts: 479 -> 459 and 751 -> 742; bench/cuda_ptxas.py).
-// M = 1024, the 32 x 32 token grid of a 512 x 512 crop, is the case of
-// every benchmark and of the model.
+// 431 -> 395; 16 prompts: 479 -> 459 and 751 -> 742; the float32 x2 kernel,
+// whose twin also fixes N = 6: 428 -> 330 and 815 -> 550;
+// bench/cuda_ptxas.py). M = 1024, the 32 x 32 token grid of a 512 x 512
+// crop, is the case of every benchmark and of the model.
 template <int NP, int kThreads, class Rows, bool kFull>
 __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, float4* s_tile) {
   constexpr int kRows = fwd_rows(NP);
@@ -77,9 +78,10 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
   FwdReducer<NP, kThreads> reduce{red};
   const int64_t p = blockIdx.x;
   // The float32 x4 kernel is launched for full rows only (N = NP, LaunchFwd),
-  // so that every test n < N is decided at compile time: a run-time N cost
-  // sm_90 code a branch and about 12 instructions a prompt where v is scaled.
-  const int M = a.M, N = Rows::kVec == 4 ? NP : a.N;
+  // and the float32 x2 full-tile twin for N = 6 only (Rows::kN), so that
+  // every test n < N is decided at compile time: a run-time N cost sm_90
+  // code a branch and about 12 instructions a prompt where v is scaled.
+  const int M = a.M, N = Rows::kN > 0 ? Rows::kN : a.N;
   // This thread's rows m = threadIdx.x + r kThreads below M: r < n_live. One
   // register and a compare with a constant a row, where testing m < M kept
   // each row's m (or its flag, packed into a register) live.
@@ -158,10 +160,12 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
   // Log-domain f half-step from beta (v = 1): alpha and K with rows summing
   // to mu. Returns this thread's part of sum_m |f/eps - previous f/eps|.
   // `first`: the first iteration (beta = 0), as std::true_type or
-  // std::false_type in the float32 x4 kernels with the scores in shared
-  // memory (two copies of this code, the first one shorter: kFirst; sm_90,
-  // 8 prompts: 695 instructions a thread in the first iteration instead of
-  // 751 with one copy, and 403 instead of 397 in every other), else as a
+  // std::false_type in the kernels of a compile-time N (Rows::kN: float32 x4,
+  // and the float32 x2 twin of N = 6) with the scores in shared memory (two
+  // copies of this code, the first one shorter: kFirst; sm_90, 8 prompts:
+  // 695 instructions a thread in the first iteration instead of 751 with one
+  // copy, and 403 instead of 397 in every other; the x2 twin: 550 instead of
+  // 586, 330 in either case), else as a
   // bool (one copy: two cost the other 128-thread kernels up to 18
   // instructions an iteration, and the larger blocks spills); where the
   // scores are not in shared memory, it is also their first read, which
@@ -365,7 +369,7 @@ __device__ __forceinline__ void mps_fwd_body(const ForwardArgs& a, float* red, f
 #pragma unroll
         for (int n = 0; n < NP; ++n) beta[n] += n < N ? __logf(v[n]) : 0.0f;
       }
-      if constexpr (kSmem && Rows::kVec == 4) {
+      if constexpr (kSmem && Rows::kN > 0) {
         if (have_kernel) {
           change = rebuild_rows(std::false_type{});
         } else {
@@ -425,12 +429,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) mps_fwd_kernel(ForwardAr
 }
 
 // Whether a problem of M pixels takes the kFull twin of a kernel of kThreads:
-// every row of every thread a pixel. Twins only for the float32 x4 kernels
-// of 128 threads (M = 1024 for 4 and 8 prompts, 512 for 16): three more
-// kernels to compile, where a twin of every kernel would be 21. (The float32
-// x2 kernel's twin, 428 -> 402 instructions an ordinary iteration, branched
-// around each prompt's exponentials on the run-time N, which left no path
-// through its machine code that bench/sass_paths.py could call the sweep.)
+// every row of every thread a pixel. Twins only for the float32 kernels of
+// 128 threads: the float32 x4 ones (M = 1024 for 4 and 8 prompts, 512 for
+// 16) and the float32 x2 one for N = 6 alone (F32Vec2Rows6: VOC's prompts,
+// N known at compile time as in the x4 kernels); four more kernels to
+// compile, where a twin of every kernel would be 21. (A twin of the float32
+// x2 kernel with a run-time N took 428 -> 402 instructions an ordinary
+// iteration, against 330 with N = 6, and branched around each prompt's
+// exponentials on N, which left no path through its machine code that
+// bench/sass_paths.py could call the sweep.)
 template <int NP, int kThreads>
 constexpr bool fwd_full_tile(int M) {
   return kThreads == 128 && M == fwd_rows(NP) * kThreads;
@@ -460,6 +467,12 @@ struct LaunchFwd {
     }
     if constexpr (NP == 8) {
       if (f32 && a.s_vec % 2 == 0 && (a.plan == nullptr || a.plan_vec % 2 == 0)) {
+        if constexpr (T == 128) {
+          if (full && a.N == 6) {
+            mps_fwd_kernel<NP, T, F32Vec2Rows6, kBlocks, true><<<P, T, 0, stream>>>(a);
+            return;
+          }
+        }
         mps_fwd_kernel<NP, T, F32Vec2Rows<NP>, kBlocks, false><<<P, T, 0, stream>>>(a);
         return;
       }
