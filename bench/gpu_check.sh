@@ -24,6 +24,9 @@
 # 21 s, model 14 s, profile 27 s, Nsight Compute 26 s, GPU tests 68 s; 327 s.
 # On an H200 (commit aecf88a): build 98 s, smoke 38 s, errors 11 s, benchmark
 # 22 s, model 14 s, profile 21 s, Nsight Compute 24 s, GPU tests 61 s; 295 s.
+# On an H200 (commit 7f70306, with TRITON_BASELINE): build 112 s, smoke 42 s,
+# errors 12 s, benchmark 23 s, model 19 s, profile 30 s, Nsight Compute (coco
+# and voc) 25 s, GPU tests 70 s; 341 s. Nsight Compute now adds coco16.
 #
 #   bash bench/gpu_check.sh OUT_DIR
 #
@@ -40,7 +43,7 @@
 # kernels/mps.py, e.g. `git show COMMIT:kernels/mps.py > FILE` made before
 # the copy to the GPU machine: the profile step times its forward kernel
 # against this tree's, same process, same GPU) and TRITON_BASELINE_LABEL
-# (what the table calls it, e.g. the commit), NCU_CASES (default "coco voc":
+# (what the table calls it, e.g. the commit), NCU_CASES (default "coco16 coco voc":
 # the cases Nsight Compute profiles),
 # BENCH_BACKENDS (default "reference", the fused backends that passed the
 # smoke step, of cuda and triton, and "floor", the harness's own cost around
@@ -185,14 +188,14 @@ if has_step profile && [[ -n "$fused" ]]; then
 fi
 
 if has_step ncu && [[ -n "$fused" ]]; then
-  step "Nsight Compute: one launch of each fused kernel on ${NCU_CASES:-coco voc} (bench/gpu_kernels.py under ncu)"
+  step "Nsight Compute: one launch of each fused kernel on ${NCU_CASES:-coco16 coco voc} (bench/gpu_kernels.py under ncu)"
   ncu=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)
   if [[ -n "$ncu" ]]; then
     timeout -k 10 120 "$ncu" --profile-from-start off --clock-control none --kernel-name regex:"mps_(fwd|bwd)_kernel" \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
       --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      "$py" bench/gpu_kernels.py --backends $fused --cases ${NCU_CASES:-coco voc} > "$out/ncu.txt" 2>&1 || echo "ncu step failed (optional: the check goes on)" | tee -a "$out/summary.txt"
+      "$py" bench/gpu_kernels.py --backends $fused --cases ${NCU_CASES:-coco16 coco voc} > "$out/ncu.txt" 2>&1 || echo "ncu step failed (optional: the check goes on)" | tee -a "$out/summary.txt"
     grep -E "^  [A-Za-z_].*\(|Duration|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|profiled" \
       "$out/ncu.txt" | head -160 | tee -a "$out/summary.txt"
     # Why warps wait, per kernel: the stall reasons over 0.5 cycles an issued
