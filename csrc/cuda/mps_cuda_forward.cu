@@ -61,7 +61,7 @@ template <int NP, int kThreads>
 using FwdReducer = BlockReducer<kThreads, NP + 1, NP <= 8 ? 2 : 1>;
 
 // The forward of one problem (the block's), its rows accessed through Rows
-// (AnyRows, F32Vec4Rows or F32Vec2Rows). red: the reductions' shared
+// (AnyRows, F32Vec4Rows, F32Vec2Rows or F32Vec2Rows6). red: the reductions' shared
 // memory; s_tile: the scores' tile (tile4_at) where kSmem. kFull: launched
 // only for M = kRows kThreads (fwd_full_tile), so that every row of every
 // thread is a pixel, decided at compile time: no per-row test of r < n_live
