@@ -33,6 +33,9 @@ def compile_mps_kernel(kernel, consts, dtype="fp32", acc="fp32", num_warps=4, ar
     Returns:
         Triton's CompiledKernel (``asm["ttgir"]``, ``asm["cubin"]``, ...).
     """
+    # Constexprs with a default (the forward's EVEN_M, EVEN_N) take it
+    # unless given.
+    consts = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **consts}
     sig = {}
     for name in kernel.arg_names:
         if name in consts:

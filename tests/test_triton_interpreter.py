@@ -316,6 +316,8 @@ def test_operator_bodies_trace_on_fake_tensors_with_symbolic_sizes(monkeypatch):
         odd = mode.from_tensor(torch.rand(3 * 40 * 8 + 1)[1:].view(3, 40, 8))
         tb._mps_forward_triton(odd, 0.05, 10, 0.0, False)
     assert [(k, kw["VEC"], kw["NG"]) for k, kw in launches] == [("fwd", 4, 2), ("bwd", 4, 2), ("fwd", 1, 8)]
+    # 40 x 8: the prompts fill the tile (BLOCK_N = 8), the pixels not (BLOCK_M = 64).
+    assert [(kw["EVEN_M"], kw["EVEN_N"]) for k, kw in launches if k == "fwd"] == [(False, True)] * 2
 
 
 # ------------------------------------------------------------ dispatch, checks
@@ -561,6 +563,53 @@ def test_forward_rereading_the_scores_matches_holding_them(device, case):
     ref_score = mps(x.cpu().double(), eps=eps, max_iter=max_iter, tol=tol, **REF)
     assert_close_report(outs[False][0].cpu().double(), ref_score, atol=2e-2 * float(ref_score.abs().max()),
                         what="score (HOLD_S=False)")
+
+
+@pytest.mark.parametrize("M,N", [(64, 8), (64, 4), (16, 2), (64, 3), (60, 4), (37, 6)],
+                         ids=lambda v: str(v))
+def test_forward_full_tile_specialisation_changes_no_bit(device, M, N, monkeypatch):
+    # launch_forward's EVEN_M / EVEN_N (M = BLOCK_M, N = BLOCK_N: no padding
+    # rows or prompts, the masks decided at compile time) are set exactly
+    # where the shape fills the tile, and change no bit of any output against
+    # the run-time masks (full_tile=False), with and without a plan, on hard
+    # scores with absorptions; the outputs meet the float64 reference.
+    seen = []
+    real = tb.wrap_triton
+
+    def spy(kernel):
+        launcher = real(kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def call(*args, **kw):
+                    seen.append((kw.get("EVEN_M"), kw.get("EVEN_N")))
+                    return launcher[grid](*args, **kw)
+                return call
+        return Grid()
+
+    monkeypatch.setattr(tb, "wrap_triton", spy)
+    P = 3
+    x = hard_scores((P, M, N), seed=M * 7 + N, dtype=torch.float32).to(device)
+    blocks = tb._blocks(M, N)
+    want = (M == blocks.block_m, N == blocks.block_n)
+    outs = {}
+    for full in (None, False):
+        for with_plan in (True, False):
+            out = (torch.full((P, M), math.nan, device=device),
+                   torch.full((P, M, N), math.nan, device=device) if with_plan else None,
+                   torch.full((P, M), math.nan, device=device),
+                   torch.full((P, N), math.nan, device=device),
+                   torch.full((P,), -1, dtype=torch.int32, device=device))
+            tb.launch_forward(x, 0.02, 200, 1e-6, *out, full_tile=full)
+            outs[full, with_plan] = [t for t in out if t is not None]
+    assert seen == [want, want, (False, False), (False, False)], seen
+    for with_plan in (True, False):
+        for name, a, b in zip(("score", "plan", "f", "g", "n_iter") if with_plan else ("score", "f", "g", "n_iter"),
+                              outs[None, with_plan], outs[False, with_plan]):
+            assert torch.equal(a, b), f"{name} (plan: {with_plan}) differs with the full tile's masks"
+    ref_score = mps(x.cpu().double(), eps=0.02, max_iter=200, tol=1e-6, **REF)
+    assert_close_report(outs[None, False][0].cpu().double(), ref_score, atol=2e-3 * float(ref_score.abs().max()),
+                        what="score")
 
 
 # ------------------------------------------------------------------- backward

@@ -228,7 +228,7 @@ def _flat(x, *tail):
 
 
 def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_warps=None, hold_scores=_DEFAULT,
-                   maxnreg=_DEFAULT, kernel=None):
+                   maxnreg=_DEFAULT, kernel=None, full_tile=None):
     """Run ``_mps_fwd_kernel`` into given outputs (``plan`` may be None).
 
     Args:
@@ -249,7 +249,13 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
             kernel argument; passing one there raises).
         kernel: the Triton forward kernel to launch, with
             ``_mps_fwd_kernel``'s arguments (default: that one);
-            bench/gpu_profile.py times another version's against it.
+            bench/gpu_profile.py times another version's against it. One
+            without EVEN_M and EVEN_N (an older version) is launched without
+            them.
+        full_tile: None (default): the kernel's EVEN_M and EVEN_N where the
+            problem fills its tile (M = BLOCK_M, N = BLOCK_N: no padding rows
+            or prompts, masks decided at compile time); False: never (the
+            same arithmetic with run-time masks, for comparisons).
 
     Returns:
         what Triton's launch returns: its CompiledKernel on a GPU (None when
@@ -273,9 +279,19 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
     if maxnreg is not None and traced:
         raise ValueError("launch_forward: torch.compile's tracing of the launch cannot pass a register cap (maxnreg)")
     options = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
+    kernel = kernel or _mps_fwd_kernel
+    # The full tile's specialisation is a function of M and N, which the C++
+    # launcher's keys carry (csrc/triton/launch.cpp, common_tags): a key
+    # names one variant either way.
+    # A kernel without them (another version's) is launched without; a
+    # stand-in with no signature (tests) gets them.
+    if "EVEN_M" in getattr(kernel, "arg_names", ("EVEN_M",)):
+        full = full_tile is not False
+        options["EVEN_M"] = full and int(M) == blocks.block_m
+        options["EVEN_N"] = full and int(N) == blocks.block_n
     # Without a plan, PLAN is never touched; it gets a read-only input rather
     # than an output, so that no output is passed twice.
-    return wrap_triton(kernel or _mps_fwd_kernel)[(P,)](
+    return wrap_triton(kernel)[(P,)](
         scores, score, plan if plan is not None else scores, f, g, n_iter,
         scores.stride(0), scores.stride(1), scores.stride(2),
         M, N, max_iter,
