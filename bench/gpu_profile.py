@@ -17,7 +17,8 @@ each warp count in ``--warps`` (the launchers' ``num_warps``), on the largest
 case: which launch configuration this GPU prefers (``_blocks`` in
 otseg/ops/mps/triton.py picks one without measuring); and the forward's
 variants (``FWD_VARIANTS``: the scores held in registers or reread, with or
-without a register cap), and how far their outputs are from the default's.
+without a register cap, with or without the full tile's specialisation), and
+how far their outputs are from the default's.
 With ``--triton-baseline FILE`` (another version of kernels/mps.py, e.g.
 ``git show COMMIT:kernels/mps.py > FILE``), that file's forward kernel is
 timed against this tree's on every case, in the same process on the same
@@ -147,8 +148,11 @@ def _warp_sweep(case_name, generators, warps, copy):
 # the scores reread (HOLD_S=False) a thread of 1024 x 8 needs 198 registers
 # on sm_90 (bench/triton_sass.py), 2 problems of 4 warps an SM; capped at 168
 # (no spills, statically) it fits 3, at 128 (120 B of spills) 4; the scores
-# held, 255 registers.
-FWD_VARIANTS = ((tb.FWD_HOLD_S, tb.FWD_MAXNREG), (True, None), (False, None), (False, 128), (True, 168))
+# held, 255 registers. Third: the full tile's specialisation (EVEN_M,
+# EVEN_N where the shape fills the tile: None, launch_forward's default) or
+# not (False: the masks at run time, the same outputs bitwise).
+FWD_VARIANTS = ((tb.FWD_HOLD_S, tb.FWD_MAXNREG, None), (True, None, None), (False, None, None), (False, 128, None),
+                (True, 168, None), (tb.FWD_HOLD_S, tb.FWD_MAXNREG, False))
 
 
 def _differences(want, got):
@@ -180,23 +184,26 @@ def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
     case = CASES[case_name] if isinstance(case_name, str) else case_name
     lines = [
         f"triton forward on {case.name} [M={case.M}, N={case.N}] by variant: the scores held in registers "
-        "(HOLD_S) or reread, and a register cap (maxnreg) that fits more problems on an SM; the first row is the "
-        "default (FWD_HOLD_S, FWD_MAXNREG); graph times in us, GB/s as above.",
+        "(HOLD_S) or reread, a register cap (maxnreg) that fits more problems on an SM, and the full tile's "
+        "specialisation (EVEN_M, EVEN_N: auto where the shape fills the tile, or off); the first row is the "
+        "default (FWD_HOLD_S, FWD_MAXNREG, auto); graph times in us, GB/s as above.",
         "",
-        "| scores | HOLD_S | maxnreg | fwd graph | fwd GB/s (% copy) | iterations differ from the default "
+        "| scores | HOLD_S | maxnreg | full tile | fwd graph | fwd GB/s (% copy) | iterations differ from the default "
         "| max difference from the default |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for gen in generators:
         scores, nbytes = _flat_scores(case, gen, device)
         first = None
-        for hold, maxnreg in FWD_VARIANTS:
+        for hold, maxnreg, full in FWD_VARIANTS:
             out = _forward_outputs(scores)
+            tile = "auto" if full is None else "off"
             try:
-                fwd = lambda: tb.launch_forward(scores, EPS, 100, 1e-6, *out, hold_scores=hold, maxnreg=maxnreg)  # noqa: E731
+                fwd = lambda: tb.launch_forward(scores, EPS, 100, 1e-6, *out, hold_scores=hold, maxnreg=maxnreg,  # noqa: E731
+                                                full_tile=full)
                 fg = timer(fwd) * 1e3
             except Exception as exc:  # noqa: BLE001  (report and go on)
-                lines.append(f"| {gen} | {hold} | {maxnreg} | failed: {type(exc).__name__}: "
+                lines.append(f"| {gen} | {hold} | {maxnreg} | {tile} | failed: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:160]} | | | |")
                 continue
             results = [t for t in out if t is not None]
@@ -207,7 +214,8 @@ def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
                 same = f"{worst:.1e}"
             first = first or results
             gbs = nbytes / (fg * 1e-6) / 1e9
-            lines.append(f"| {gen} | {hold} | {maxnreg} | {fg:.1f} | {gbs:.0f} ({gbs / copy:.0%}) | {iters} | {same} |")
+            lines.append(f"| {gen} | {hold} | {maxnreg} | {tile} | {fg:.1f} | {gbs:.0f} ({gbs / copy:.0%}) | {iters} "
+                         f"| {same} |")
     return lines
 
 
