@@ -152,7 +152,9 @@ def test_kernels_compile_for_sm90():
     # Forward: (dtype, compute type, BLOCK_M, NG, VEC, warps, compile-time ones).
     for dtype, acc, bm, ng, vec, warps, ones in [
         ("fp32", "fp32", 1024, 2, 4, 8, {}),  # contiguous, N = 8: vector loads
+        ("fp32", "fp32", 1024, 2, 4, 4, {"EVEN_M": True, "EVEN_N": True}),  # 1024 x 8, the full tile's masks
         ("fp32", "fp32", 1024, 8, 1, 8, {}),  # any strides
+        ("fp32", "fp32", 1024, 8, 1, 4, {"EVEN_N": True}),  # any strides, N = 8
         ("bf16", "fp32", 1024, 4, 2, 8, {}),
         ("fp64", "fp64", 1024, 4, 2, 16, {}),
         ("fp64", "fp64", 16, 2, 1, 1, {"M": 1, "N": 1, "stride_sn": 1}),
@@ -565,14 +567,16 @@ def test_forward_rereading_the_scores_matches_holding_them(device, case):
                         what="score (HOLD_S=False)")
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("M,N", [(64, 8), (64, 4), (16, 2), (64, 3), (60, 4), (37, 6)],
                          ids=lambda v: str(v))
-def test_forward_full_tile_specialisation_changes_no_bit(device, M, N, monkeypatch):
+def test_forward_full_tile_specialisation_changes_no_bit(device, M, N, strided, monkeypatch):
     # launch_forward's EVEN_M / EVEN_N (M = BLOCK_M, N = BLOCK_N: no padding
     # rows or prompts, the masks decided at compile time) are set exactly
     # where the shape fills the tile, and change no bit of any output against
     # the run-time masks (full_tile=False), with and without a plan, on hard
-    # scores with absorptions; the outputs meet the float64 reference.
+    # scores with absorptions, read in vectors (contiguous) or one by one
+    # (strided: VEC = 1); the outputs meet the float64 reference.
     seen = []
     real = tb.wrap_triton
 
@@ -590,6 +594,9 @@ def test_forward_full_tile_specialisation_changes_no_bit(device, M, N, monkeypat
     monkeypatch.setattr(tb, "wrap_triton", spy)
     P = 3
     x = hard_scores((P, M, N), seed=M * 7 + N, dtype=torch.float32).to(device)
+    if strided:
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        assert tb._vector_width(x, N) == 1
     blocks = tb._blocks(M, N)
     want = (M == blocks.block_m, N == blocks.block_n)
     outs = {}

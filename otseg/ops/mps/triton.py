@@ -280,11 +280,11 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
         raise ValueError("launch_forward: torch.compile's tracing of the launch cannot pass a register cap (maxnreg)")
     options = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
     kernel = kernel or _mps_fwd_kernel
-    # The full tile's specialisation is a function of M and N, which the C++
-    # launcher's keys carry (csrc/triton/launch.cpp, common_tags): a key
-    # names one variant either way.
-    # A kernel without them (another version's) is launched without; a
-    # stand-in with no signature (tests) gets them.
+    # The full tile's specialisation (EVEN_M, EVEN_N) is a function of M and
+    # N, which the C++ launcher's keys carry (csrc/triton/launch.cpp,
+    # common_tags): a key names one variant either way. A kernel without the
+    # flags (another version's) is launched without; a stand-in with no
+    # signature (tests) gets them.
     if "EVEN_M" in getattr(kernel, "arg_names", ("EVEN_M",)):
         full = full_tile is not False
         options["EVEN_M"] = full and int(M) == blocks.block_m
