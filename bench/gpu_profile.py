@@ -149,10 +149,10 @@ def _warp_sweep(case_name, generators, warps, copy):
 # on sm_90 (bench/triton_sass.py), 2 problems of 4 warps an SM; capped at 168
 # (no spills, statically) it fits 3, at 128 (120 B of spills) 4; the scores
 # held, 255 registers. Third: the full tile's specialisation (EVEN_M,
-# EVEN_N where the shape fills the tile: None, launch_forward's default) or
+# EVEN_N where the shape fills the tile: True, launch_forward's default) or
 # not (False: the masks at run time, the same outputs bitwise).
-FWD_VARIANTS = ((tb.FWD_HOLD_S, tb.FWD_MAXNREG, None), (True, None, None), (False, None, None), (False, 128, None),
-                (True, 168, None), (tb.FWD_HOLD_S, tb.FWD_MAXNREG, False))
+FWD_VARIANTS = ((tb.FWD_HOLD_S, tb.FWD_MAXNREG, True), (True, None, True), (False, None, True), (False, 128, True),
+                (True, 168, True), (tb.FWD_HOLD_S, tb.FWD_MAXNREG, False))
 
 
 def _differences(want, got):
@@ -197,7 +197,7 @@ def _forward_variants(case_name, generators, copy, device="cuda", timer=None):
         first = None
         for hold, maxnreg, full in FWD_VARIANTS:
             out = _forward_outputs(scores)
-            tile = "auto" if full is None else "off"
+            tile = "auto" if full else "off"
             try:
                 fwd = lambda: tb.launch_forward(scores, EPS, 100, 1e-6, *out, hold_scores=hold, maxnreg=maxnreg,  # noqa: E731
                                                 full_tile=full)

@@ -78,14 +78,14 @@ def main(argv=None):
     # run it eagerly (FWD_HOLD_S, with the cap _fwd_variant gives each warp
     # count), as torch.compile traces it (no cap), and with the scores held.
     cap = tb._fwd_variant(blocks.fwd_warps, traced=False)[1]
-    # The full tile's specialisation where the shape fills it, as launch_forward.
-    even = dict(EVEN_M=args.M == block_m, EVEN_N=args.N == block_n)
+    # No plan, and the full tile's flags where the shape fills it, as launch_forward.
+    fwd = dict(HAS_PLAN=False, **tb.full_tile_flags(args.M, args.N, blocks))
     runs = [(f"forward (HOLD_S={tb.FWD_HOLD_S}, maxnreg {cap})", _mps_fwd_kernel,
-             dict(HAS_PLAN=False, HOLD_S=tb.FWD_HOLD_S, **even), blocks.fwd_warps, True),
+             dict(fwd, HOLD_S=tb.FWD_HOLD_S), blocks.fwd_warps, True),
             (f"forward, traced (HOLD_S={tb.FWD_HOLD_S}, no cap)", _mps_fwd_kernel,
-             dict(HAS_PLAN=False, HOLD_S=tb.FWD_HOLD_S, **even), blocks.fwd_warps, False),
+             dict(fwd, HOLD_S=tb.FWD_HOLD_S), blocks.fwd_warps, False),
             ("forward, scores held (HOLD_S=True, no cap)", _mps_fwd_kernel,
-             dict(HAS_PLAN=False, HOLD_S=True, **even), blocks.fwd_warps, False),
+             dict(fwd, HOLD_S=True), blocks.fwd_warps, False),
             ("backward", _mps_bwd_kernel, dict(HAS_DSCORE=True, HAS_DPLAN=False, W_ONE_PASS=blocks.one_pass),
              blocks.bwd_warps, False)]
     with tempfile.TemporaryDirectory() as workdir:

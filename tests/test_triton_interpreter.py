@@ -599,8 +599,9 @@ def test_forward_full_tile_specialisation_changes_no_bit(device, M, N, strided, 
         assert tb._vector_width(x, N) == 1
     blocks = tb._blocks(M, N)
     want = (M == blocks.block_m, N == blocks.block_n)
+    assert tb.full_tile_flags(M, N, blocks) == dict(zip(("EVEN_M", "EVEN_N"), want))
     outs = {}
-    for full in (None, False):
+    for full in (True, False):
         for with_plan in (True, False):
             out = (torch.full((P, M), math.nan, device=device),
                    torch.full((P, M, N), math.nan, device=device) if with_plan else None,
@@ -612,10 +613,10 @@ def test_forward_full_tile_specialisation_changes_no_bit(device, M, N, strided, 
     assert seen == [want, want, (False, False), (False, False)], seen
     for with_plan in (True, False):
         for name, a, b in zip(("score", "plan", "f", "g", "n_iter") if with_plan else ("score", "f", "g", "n_iter"),
-                              outs[None, with_plan], outs[False, with_plan]):
+                              outs[True, with_plan], outs[False, with_plan]):
             assert torch.equal(a, b), f"{name} (plan: {with_plan}) differs with the full tile's masks"
     ref_score = mps(x.cpu().double(), eps=0.02, max_iter=200, tol=1e-6, **REF)
-    assert_close_report(outs[None, False][0].cpu().double(), ref_score, atol=2e-3 * float(ref_score.abs().max()),
+    assert_close_report(outs[True, False][0].cpu().double(), ref_score, atol=2e-3 * float(ref_score.abs().max()),
                         what="score")
 
 

@@ -227,8 +227,18 @@ def _flat(x, *tail):
     return x.reshape(-1, *tail)
 
 
+def full_tile_flags(M, N, blocks):
+    """The forward's EVEN_M and EVEN_N for [M, N] problems in the tile of
+    ``blocks`` (``_blocks``): the problem fills the tile along the pixels
+    (M = BLOCK_M) and the prompts (N = BLOCK_N), so that there are no padding
+    rows or prompts and the kernel's masks are decided at compile time.
+    Functions of M and N, which the C++ launcher's keys carry
+    (csrc/triton/launch.cpp, common_tags): a key names one variant either way."""
+    return {"EVEN_M": int(M) == blocks.block_m, "EVEN_N": int(N) == blocks.block_n}
+
+
 def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_warps=None, hold_scores=_DEFAULT,
-                   maxnreg=_DEFAULT, kernel=None, full_tile=None):
+                   maxnreg=_DEFAULT, kernel=None, full_tile=True):
     """Run ``_mps_fwd_kernel`` into given outputs (``plan`` may be None).
 
     Args:
@@ -252,9 +262,8 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
             bench/gpu_profile.py times another version's against it. One
             without EVEN_M and EVEN_N (an older version) is launched without
             them.
-        full_tile: None (default): the kernel's EVEN_M and EVEN_N where the
-            problem fills its tile (M = BLOCK_M, N = BLOCK_N: no padding rows
-            or prompts, masks decided at compile time); False: never (the
+        full_tile: True (default): the kernel's EVEN_M and EVEN_N where the
+            problem fills its tile (``full_tile_flags``); False: never (the
             same arithmetic with run-time masks, for comparisons).
 
     Returns:
@@ -280,15 +289,10 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
         raise ValueError("launch_forward: torch.compile's tracing of the launch cannot pass a register cap (maxnreg)")
     options = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
     kernel = kernel or _mps_fwd_kernel
-    # The full tile's specialisation (EVEN_M, EVEN_N) is a function of M and
-    # N, which the C++ launcher's keys carry (csrc/triton/launch.cpp,
-    # common_tags): a key names one variant either way. A kernel without the
-    # flags (another version's) is launched without; a stand-in with no
-    # signature (tests) gets them.
+    # A kernel without the full tile's flags (another version's) is launched
+    # without them; a stand-in with no signature (tests) gets them.
     if "EVEN_M" in getattr(kernel, "arg_names", ("EVEN_M",)):
-        full = full_tile is not False
-        options["EVEN_M"] = full and int(M) == blocks.block_m
-        options["EVEN_N"] = full and int(N) == blocks.block_n
+        options.update({k: full_tile and v for k, v in full_tile_flags(M, N, blocks).items()})
     # Without a plan, PLAN is never touched; it gets a read-only input rather
     # than an output, so that no output is passed twice.
     return wrap_triton(kernel)[(P,)](
