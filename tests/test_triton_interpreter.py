@@ -302,8 +302,13 @@ def test_operator_bodies_trace_on_fake_tensors_with_symbolic_sizes(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.kernel, kwargs))
 
+    from otseg.kernels.mps import _mps_fwd_kernel
+
+    class Named(str):  # a stand-in kernel with the real one's signature
+        arg_names = _mps_fwd_kernel.arg_names
+
     monkeypatch.setattr(tb, "wrap_triton", Recorder, raising=False)
-    monkeypatch.setattr(tb, "_mps_fwd_kernel", "fwd", raising=False)
+    monkeypatch.setattr(tb, "_mps_fwd_kernel", Named("fwd"), raising=False)
     monkeypatch.setattr(tb, "_mps_bwd_kernel", "bwd", raising=False)
     monkeypatch.setattr(tb, "interpreted", True)  # lets CPU tensors through the device check
     x = torch.rand(3, 40, 8)

@@ -290,8 +290,8 @@ def launch_forward(scores, eps, max_iter, tol, score, plan, f, g, n_iter, num_wa
     options = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
     kernel = kernel or _mps_fwd_kernel
     # A kernel without the full tile's flags (another version's) is launched
-    # without them; a stand-in with no signature (tests) gets them.
-    if "EVEN_M" in getattr(kernel, "arg_names", ("EVEN_M",)):
+    # without them.
+    if "EVEN_M" in kernel.arg_names:
         options.update({k: full_tile and v for k, v in full_tile_flags(M, N, blocks).items()})
     # Without a plan, PLAN is never touched; it gets a read-only input rather
     # than an output, so that no output is passed twice.
