@@ -106,16 +106,25 @@ def _exp_rows(s, beta, inv_eps, inv_eps2, mask_m):
 
 @triton.jit
 def _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, other,
-               BLOCK_M: tl.constexpr, NG: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr):
+               BLOCK_M: tl.constexpr, NG: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr,
+               FULL: tl.constexpr = False):
     """A problem's [M, N] scores as an [NG, BLOCK_M, VEC] tile in ACC, padding
-    ``other``. The tile is read as [NG * BM, VEC] rows r = g * BM + m and
+    ``other`` (where FULL, M = BLOCK_M and N = NG * VEC: no mask, no padding).
+    The tile is read as [NG * BM, VEC] rows r = g * BM + m and
     reshaped: with the vector dim the only contiguous one, Triton (3.6 and 3.8
     alike) lays the rows r over the threads, so that each thread holds all the
     prompts of its pixels and row reductions need no communication."""
     offs_j = tl.arange(0, VEC)
     r_g, r_m = _group_rows(NG, BLOCK_M)
     mask_r = (r_m < M)[:, None] & (r_g < N // VEC)[:, None]  # [NG * BM, 1]
-    if VEC > 1:
+    if VEC > 1 and FULL:
+        # Contiguous [P, BLOCK_M, NG * VEC] scores: the offsets of a thread's
+        # rows differ by compile-time constants, so that one address and
+        # immediate offsets serve all its loads (where run-time M and N
+        # left a 64-bit address a load in registers across the loop).
+        base = tl.multiple_of(r_m * (NG * VEC) + r_g * VEC, [VEC])  # [NG * BM], int32
+        s_ptrs = (S + pid * (BLOCK_M * NG * VEC)) + base[:, None] + offs_j[None, :]
+    elif VEC > 1:
         # Contiguous [P, M, N] scores: each group of VEC prompts is an
         # aligned vector.
         base = tl.multiple_of((pid * M + r_m) * N + r_g * VEC, [VEC])  # [NG * BM]
@@ -123,7 +132,11 @@ def _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, other,
     else:
         s_ptrs = (S + pid * stride_sp + r_m.to(tl.int64)[:, None] * stride_sm
                   + (r_g * VEC).to(tl.int64)[:, None] * stride_sn + offs_j[None, :])
-    return tl.reshape(tl.load(s_ptrs, mask=mask_r, other=other).to(ACC), [NG, BLOCK_M, VEC])
+    if FULL:
+        tile = tl.load(s_ptrs)
+    else:
+        tile = tl.load(s_ptrs, mask=mask_r, other=other)
+    return tl.reshape(tile.to(ACC), [NG, BLOCK_M, VEC])
 
 
 @triton.jit(do_not_specialize=["stride_sm", "stride_sn"])
@@ -141,6 +154,7 @@ def _mps_fwd_kernel(
     EVEN_N: tl.constexpr = False,
 ):
     ACC: tl.constexpr = F.dtype.element_ty
+    FULL: tl.constexpr = EVEN_M & EVEN_N
     pid = tl.program_id(0).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_g = tl.arange(0, NG)
@@ -186,15 +200,24 @@ def _mps_fwd_kernel(
     # 8667a72: 255 registers, 12.5% occupancy, limited by registers). Which
     # is faster is for a GPU to say (bench/gpu_profile.py compares them).
     if HOLD_S:
-        s_held = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
+        s_held = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC, FULL)
 
     # True potentials: f = eps (alpha + log u), g = eps (beta + log v); the
     # kernel matrix K = exp(alpha + beta - C/eps) is built at the first
     # iteration, in the log domain (no sweep runs before it: it > 0), and
     # again where a scaling leaves the safe range, or a product K v or K^T u
     # is not > 0 (underflow, NaN).
-    alpha = tl.zeros([BLOCK_M], ACC)
-    u = tl.full([BLOCK_M], 1.0, ACC)
+    # alpha changes only where K is rebuilt (the first iteration and an
+    # absorption): it lives in this problem's row of F, an output, rather
+    # than in registers across the loop, read and written in those steps
+    # alone, each write between barriers (another thread may read a value
+    # back). The scaling u is not carried either: past the loop it is
+    # 2^lg_u_prev (1 where K was just rebuilt). 16 fewer values a thread
+    # live across the loop (1024 x 8, 4 warps: 8 rows each); with the full
+    # tile's unmasked loads from one address (_load_tile), a register cap of
+    # 128, which fits a fourth problem on an SM, spills 24 B instead of 168
+    # with triton 3.8 and 128 B instead of 192 with 3.6 (bench/triton_sass.py).
+    f_ptrs = F + pid * M + offs_m
     beta = tl.zeros([NG, VEC], ACC)
     v = tl.full([NG, VEC], 1.0, ACC)
     k_mat = tl.zeros([NG, BLOCK_M, VEC], ACC)
@@ -253,20 +276,22 @@ def _mps_fwd_kernel(
                 # The scores are read in each branch: read before it, they
                 # were moved into place for both (64 MOVs, 35 instructions
                 # more, and 72 B spilled with triton 3.6 instead of 32).
-                s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
+                s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC, FULL)
                 s_max = tl.where(mask_m, _row_max(s), 0.0)
                 z_max = s_max * inv_eps2 - inv_eps * _LOG2E
                 e = tl.exp2(s * inv_eps2 + (-s_max * inv_eps2)[None, :, None])
             else:
-                s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
+                s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC, FULL)
                 beta = tl.where(mask_c, beta + _log(v), beta)
                 e, z_max = _exp_rows(s, beta, inv_eps, inv_eps2, mask_m)
             e_sum = tl.where(mask_m, _row_sum(e), 1.0)
             alpha_new = tl.where(mask_m, log_mu - z_max * _LN2 - _log(e_sum), 0.0)
+            alpha = tl.load(f_ptrs, mask=mask_m & (it > 0), other=0.0)
             total = tl.sum(tl.where(mask_m, tl.abs((alpha_new - alpha) - lg_u_prev * _LN2), 0.0), axis=0)
-            alpha = alpha_new
+            tl.debug_barrier()  # every read of F above precedes the write
+            tl.store(f_ptrs, alpha_new, mask=mask_m)
+            tl.debug_barrier()
             k_mat = e * _div(mu, e_sum)[None, :, None]
-            u = tl.full([BLOCK_M], 1.0, ACC)
             v = tl.full([NG, VEC], 1.0, ACC)
             lg_u = tl.zeros([BLOCK_M], ACC)
             ktu = tl.sum(k_mat, axis=1)
@@ -286,8 +311,8 @@ def _mps_fwd_kernel(
             if HOLD_S:
                 s = s_held
             else:
-                s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC)
-            alpha = tl.where(mask_m, alpha + lg_u * _LN2, 0.0)
+                s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, float("-inf"), BLOCK_M, NG, VEC, ACC, FULL)
+            alpha = tl.where(mask_m, tl.load(f_ptrs, mask=mask_m, other=0.0) + lg_u * _LN2, 0.0)
             # w = (S/eps + alpha) log2(e)
             w = s * inv_eps2 + (alpha * _LOG2E)[None, :, None]
             w_max = tl.where(mask_c, tl.max(w, axis=1), 0.0)
@@ -295,13 +320,18 @@ def _mps_fwd_kernel(
             e_sum = tl.where(mask_c, tl.sum(e, axis=1), 1.0)
             beta = tl.where(mask_c, log_nu + inv_eps - w_max * _LN2 - _log(e_sum), 0.0)
             k_mat = e * _div(nu, e_sum)[:, None, :]
+            tl.debug_barrier()
+            tl.store(f_ptrs, alpha, mask=mask_m)
+            tl.debug_barrier()
             lg_u_prev = tl.zeros([BLOCK_M], ACC)
-            u = tl.full([BLOCK_M], 1.0, ACC)
             v = tl.full([NG, VEC], 1.0, ACC)
         it += 1
 
     tl.store(NITER + pid, it)
-    tl.store(F + pid * M + offs_m, eps * (alpha + lg_u_prev * _LN2), mask=mask_m)
+    # (max_iter = 0: no iteration ran, F holds nothing; alpha = 0.)
+    alpha = tl.load(f_ptrs, mask=mask_m & (it > 0), other=0.0)
+    tl.debug_barrier()
+    tl.store(f_ptrs, eps * (alpha + lg_u_prev * _LN2), mask=mask_m)
     c_offs = offs_g[:, None] * VEC + offs_j[None, :]
     # log v as log2 v ln 2 (the fast logarithm where _FAST_MATH): every
     # thread computes the NG * VEC values, where tl.log's accurate
@@ -311,10 +341,11 @@ def _mps_fwd_kernel(
     if HOLD_S:
         s = tl.where(mask_m[None, :, None] & mask_c[:, None, :], s_held, 0.0)
     else:
-        s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, 0.0, BLOCK_M, NG, VEC, ACC)
+        s = _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, 0.0, BLOCK_M, NG, VEC, ACC, FULL)
     # The refined score M N sum_n T S with T = u K v: u taken out of the sum
     # (two operations an entry instead of three where no plan is written).
     kv = k_mat * v[:, None, :]
+    u = tl.exp2(lg_u_prev)
     score = (m_f * n_f) * u * _row_sum(kv * s)
     tl.store(SCORE + pid * M + offs_m, score.to(SCORE.dtype.element_ty), mask=mask_m)
     if HAS_PLAN:
