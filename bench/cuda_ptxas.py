@@ -39,7 +39,9 @@ _MANGLED = re.compile(r"mps_(fwd|bwd)_kernelILi(\d+)ELi(\d+)E(\S*)")
 # Each kernel's way of reading and writing rows (its Rows template argument).
 _IO = (("F32Vec4", "float32 x4"), ("F32Vec2", "float32 x2"), ("Any", "any"))
 # The forward's last template argument, kFull (M = rows x threads, every row
-# a pixel; mangled "Lb1E"): its twins are named "<rows>, full tile".
+# a pixel; mangled "Lb1E"): its twins are named "<rows>, full tile". The
+# backward's float32 x2 twin for N = 6 (F32Vec2Rows6, no kFull) is
+# "float32 x2, N = 6".
 _FULL = "Lb1E"
 _USAGE = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
@@ -50,7 +52,9 @@ def _io(tail):
     """The rows column of a kernel from the mangled name's tail after its
     threads argument."""
     io = next((name for key, name in _IO if key in tail), "?")
-    return io + ", full tile" if _FULL in tail else io
+    if _FULL in tail:
+        return io + ", full tile"
+    return io + ", N = 6" if "F32Vec2Rows6" in tail else io
 
 
 def find_nvcc():
@@ -178,7 +182,7 @@ def main(argv=None):
           "(N <= 4, 8, 16), threads the block size (rows a thread x threads >= M), rows its way of reading and "
           "writing rows (float32 x4: float32 in 16-byte vectors, no plan gradient; float32 x2: in 8-byte vectors, 8 "
           "prompts only; any: every dtype and stride; full tile: the forward's twin for M = rows x threads, "
-          "every row a pixel)")
+          "every row a pixel; N = 6: the backward's float32 x2 twin for N = 6)")
     print()
     print("| kernel | NP | threads | rows | registers | stack B | spill stores B | spill loads B | static smem B "
           "| blocks an SM by registers |")

@@ -206,7 +206,8 @@ def test_per_problem_independence():
 
 
 # Every backward kernel (float32 x4 where N is a multiple of 4, float32 x2
-# for N = 6, else the one for any row) and every place H can wait: shared
+# for N = 6, its twin of a compile-time N up to 1024 pixels, else the one
+# for any row) and every place H can wait: shared
 # memory with the rows read at once (129 x 4, 1500 x 4 in 256 threads,
 # 257 x 8, 129 x 16, 37 x 6), shared memory read row by row (50 x 3),
 # registers (2000 x 8, 2500 x 6).
@@ -224,6 +225,30 @@ def test_gradient_matches_reference_on_converged_problems(M, N):
     (g,) = torch.autograd.grad(mps(y, eps=0.1, max_iter=5000, tol=1e-7, backend="cuda"), y, up.float().cuda())
     assert_close_report(g.double().cpu(), torch.stack(ref), atol=2e-3 * float(torch.stack(ref).abs().max()),
                         what="dL/dS")
+
+
+BWD_KERNELS = [(1024, 6, "F32Vec2Rows6>"), (37, 6, "F32Vec2Rows6>"), (2500, 6, "F32Vec2Rows<8>>"),
+               (1024, 8, "F32Vec4Rows<8>>"), (1024, 7, "AnyRows<8>>")]
+
+
+@pytest.mark.parametrize("M,N,kernel", BWD_KERNELS, ids=[f"M{m}xN{n}" for m, n, _ in BWD_KERNELS])
+def test_backward_kernel_for_each_rows_layout(M, N, kernel):
+    # The float32 x2 backward has a twin for N = 6 (F32Vec2Rows6, N known at
+    # compile time) in blocks of 128 threads, M <= 1024 (VOC's 1024 x 6);
+    # larger M takes the x2 kernel of a run-time N. The profiler names the
+    # kernel that ran; the gradient meets the cpu backend's in float64.
+    S = hard_scores((2, M, N), seed=M + 3 * N)
+    up = torch.randn(2, M, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x = S.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(mps(x, eps=0.1, max_iter=3000, tol=1e-10, backend="cpu"), x, up)
+    y = S.float().cuda().requires_grad_()
+    score = mps(y, eps=0.1, max_iter=3000, tol=1e-7, backend="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        (g,) = torch.autograd.grad(score, y, up.float().cuda())
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "mps_bwd_kernel" in e.name]
+    assert names and all(kernel in n for n in names), (kernel, names)
+    assert_close_report(g.double().cpu(), ref, atol=2e-3 * float(ref.abs().max()), what="dL/dS")
 
 
 def test_plan_gradient_and_sinkhorn_match_cpu_backend():

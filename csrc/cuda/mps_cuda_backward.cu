@@ -37,7 +37,12 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
   constexpr int kWarps = kThreads / 32;
   constexpr int kPart = bwd_part_floats(NP);
   const int64_t p = blockIdx.x;
-  const int M = a.M, N = a.N;
+  // N known at compile time in the float32 x2 kernel for N = 6 alone
+  // (F32Vec2Rows6, VOC's prompts: every test n < N, the weights' pairs and
+  // the solve's steps decided by the compiler). Not from the x4 rows' kN:
+  // the backward runs them for any N of whole float4s (N = 12 of 16).
+  constexpr int kFixedN = Rows::kVec == 2 ? Rows::kN : 0;
+  const int M = a.M, N = kFixedN > 0 ? kFixedN : a.N;
   const float ie = 1.0f / a.eps;
   // T = exp((f + g - C) / eps) as exp2f of the argument times log2(e)/eps
   // (kLog2e; sm_90, 8 prompts, float32 rows: 5480 -> 5168 instructions of
@@ -231,7 +236,8 @@ struct LaunchBwd {
     // The kernel for the rows' layout (AnyRows, F32Vec4Rows, F32Vec2Rows:
     // mps_cuda_device.cuh); float2 rows for 8 prompts only, where the rows
     // are whole float2s but not whole float4s (N = 6; N = 8 only 8-byte
-    // aligned). Width 4 implies width 2.
+    // aligned), with a twin for N = 6 (F32Vec2Rows6) in the blocks of 128
+    // threads (M <= 1024), as the forward's. Width 4 implies width 2.
     const bool f32 = a.dtype == Dtype::kFloat && a.dplan == nullptr;
     if (f32 && a.s_vec == 4 && a.grad_vec == 4) {
       mps_bwd_kernel<NP, T, F32Vec4Rows<NP>><<<P, T, 0, stream>>>(a);
@@ -239,6 +245,12 @@ struct LaunchBwd {
     }
     if constexpr (NP == 8) {
       if (f32 && a.s_vec % 2 == 0 && a.grad_vec % 2 == 0) {
+        if constexpr (T == 128) {
+          if (a.N == 6) {
+            mps_bwd_kernel<NP, T, F32Vec2Rows6><<<P, T, 0, stream>>>(a);
+            return;
+          }
+        }
         mps_bwd_kernel<NP, T, F32Vec2Rows<NP>><<<P, T, 0, stream>>>(a);
         return;
       }
