@@ -214,7 +214,8 @@ def _mps_fwd_kernel(
     # back). The scaling u is not carried either: past the loop it is
     # 2^lg_u_prev (1 where K was just rebuilt). 16 fewer values a thread
     # live across the loop (1024 x 8, 4 warps: 8 rows each); with the full
-    # tile's unmasked loads from one address (_load_tile), a register cap of
+    # tile's unmasked loads (contiguous scores: one address and compile-time
+    # offsets, _load_tile), a register cap of
     # 128, which fits a fourth problem on an SM, spills 24 B instead of 168
     # with triton 3.8 and 128 B instead of 192 with 3.6 (bench/triton_sass.py).
     f_ptrs = F + pid * M + offs_m

@@ -155,6 +155,7 @@ def test_kernels_compile_for_sm90():
         ("fp32", "fp32", 1024, 2, 4, 4, {"EVEN_M": True, "EVEN_N": True}),  # 1024 x 8, the full tile's masks
         ("fp32", "fp32", 1024, 8, 1, 8, {}),  # any strides
         ("fp32", "fp32", 1024, 8, 1, 4, {"EVEN_N": True}),  # any strides, N = 8
+        ("fp32", "fp32", 1024, 8, 1, 4, {"EVEN_M": True, "EVEN_N": True}),  # any strides, the full tile (unmasked)
         ("bf16", "fp32", 1024, 4, 2, 8, {}),
         ("fp64", "fp64", 1024, 4, 2, 16, {}),
         ("fp64", "fp64", 16, 2, 1, 1, {"M": 1, "N": 1, "stride_sn": 1}),

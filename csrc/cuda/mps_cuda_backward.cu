@@ -13,9 +13,9 @@ namespace otseg {
 namespace cuda {
 namespace {
 
-// The backward's rows are read and written through AnyRows, F32Vec4Rows or
-// F32Vec2Rows (mps_cuda_device.cuh); the float32 kernels are launched only
-// without a plan gradient (LaunchBwd), so they never read one.
+// The backward's rows are read and written through AnyRows, F32Vec4Rows,
+// F32Vec2Rows or F32Vec2Rows6 (mps_cuda_device.cuh); the float32 kernels are
+// launched only without a plan gradient (LaunchBwd), so they never read one.
 
 // Floats of shared memory a warp of the backward writes: its partial sums of
 // the prompt weights W[n][j] = sum_m T_mn T_mj / a_m (NP x NP, diagonal
@@ -40,7 +40,9 @@ __device__ __forceinline__ void mps_bwd_body(const BackwardArgs& a, float* part,
   // N known at compile time in the float32 x2 kernel for N = 6 alone
   // (F32Vec2Rows6, VOC's prompts: every test n < N, the weights' pairs and
   // the solve's steps decided by the compiler). Not from the x4 rows' kN:
-  // the backward runs them for any N of whole float4s (N = 12 of 16).
+  // the backward runs them for any N of whole float4s (N = 12 of 16). A
+  // float32 x2 row type with a kN must be launched for that N only, as
+  // LaunchBwd launches F32Vec2Rows6.
   constexpr int kFixedN = Rows::kVec == 2 ? Rows::kN : 0;
   const int M = a.M, N = kFixedN > 0 ? kFixedN : a.N;
   const float ie = 1.0f / a.eps;

@@ -224,8 +224,10 @@ __device__ __forceinline__ void store_row(void* base, int64_t i0, int N, Dtype d
 // kernels.
 //   kFloat32: float32 rows read with no branch on the dtype or width;
 //   kVec: their vector width (0: any);
-//   kN: the prompts N, where the kernel is launched for that N only (the
-//   forward: every test n < N decided at compile time), else 0.
+//   kN: the prompts N, where the forward is launched for that N only
+//   (every test n < N decided at compile time), else 0. The backward runs
+//   the x4 rows for any N of whole float4s (N = 12 of 16), so it takes N
+//   from kN for F32Vec2Rows6 alone (mps_cuda_backward.cu).
 template <int NP>
 struct AnyRows {
   static constexpr bool kFloat32 = false;
@@ -268,9 +270,10 @@ struct F32VecRows {
   }
 };
 // Named types, so that profilers and bench/cuda_ptxas.py tell the kernels
-// apart. The float32 x4 kernels are launched for N = NP only; F32Vec2Rows6
+// apart. The float32 x4 forwards are launched for N = NP only; F32Vec2Rows6
 // is the float32 x2 rows of N = 6 (VOC's prompts), for the forward's
-// full-tile twin (mps_cuda_forward.cu).
+// full-tile twin (mps_cuda_forward.cu) and the backward's twin of blocks of
+// 128 threads (mps_cuda_backward.cu), both launched for N = 6 only.
 template <int NP>
 struct F32Vec4Rows : F32VecRows<NP, 4, NP> {};
 template <int NP>
