@@ -121,7 +121,10 @@ def _load_tile(S, pid, M, N, stride_sp, stride_sm, stride_sn, other,
         # Contiguous [P, BLOCK_M, NG * VEC] scores: the offsets of a thread's
         # rows differ by compile-time constants, so that one address and
         # immediate offsets serve all its loads (where run-time M and N
-        # left a 64-bit address a load in registers across the loop).
+        # left a 64-bit address a load in registers across the loop). Not
+        # one expression with the branch below: its addresses as this
+        # scalar-plus-int32 form spilled 1.5-2 KB a thread (sm_90, 1000 x 8
+        # and 1024 x 6, triton 3.6), where the int64 form spills none.
         base = tl.multiple_of(r_m * (NG * VEC) + r_g * VEC, [VEC])  # [NG * BM], int32
         s_ptrs = (S + pid * (BLOCK_M * NG * VEC)) + base[:, None] + offs_j[None, :]
     elif VEC > 1:

@@ -217,17 +217,23 @@ def test_per_problem_independence():
 GRAD_SIZES = [(50, 1), (50, 3), (37, 6), (129, 4), (1500, 4), (257, 8), (129, 16), (2000, 8), (2500, 6)]
 
 
+def _reference_gradient(S64, up):
+    """dL/dS of L = sum(up * refined score) through the float64 reference,
+    converged (eps 0.1, tol 1e-12), each problem on its own (the reference
+    stops a batch together)."""
+    x = S64.clone().requires_grad_()
+    return torch.stack([torch.autograd.grad(mps(x[i], eps=0.1, max_iter=5000, tol=1e-12, backend="reference"), x,
+                                            up[i])[0][i] for i in range(S64.shape[0])])
+
+
 @pytest.mark.parametrize("M,N", GRAD_SIZES, ids=_ids(GRAD_SIZES))
 def test_gradient_matches_reference_on_converged_problems(M, N):
     S64 = hard_scores((2, M, N), seed=M + N)
     up = torch.randn(2, M, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    x = S64.clone().requires_grad_()
-    ref = [torch.autograd.grad(mps(x[i], eps=0.1, max_iter=5000, tol=1e-12, backend="reference"), x, up[i])[0][i]
-           for i in range(2)]
+    ref = _reference_gradient(S64, up)
     y = S64.float().cuda().requires_grad_()
     (g,) = torch.autograd.grad(mps(y, eps=0.1, max_iter=5000, tol=1e-7, backend="cuda"), y, up.float().cuda())
-    assert_close_report(g.double().cpu(), torch.stack(ref), atol=2e-3 * float(torch.stack(ref).abs().max()),
-                        what="dL/dS")
+    assert_close_report(g.double().cpu(), ref, atol=2e-3 * float(ref.abs().max()), what="dL/dS")
 
 
 # (The profiler's names write "F32Vec4Rows<8> >", with a space; F32Vec2Rows6
@@ -241,13 +247,12 @@ def test_backward_kernel_for_each_rows_layout(M, N, kernel):
     # The float32 x2 backward has a twin for N = 6 (F32Vec2Rows6, N known at
     # compile time) in blocks of 128 threads, M <= 1024 (VOC's 1024 x 6);
     # larger M takes the x2 kernel of a run-time N. The profiler names the
-    # kernel that ran; the gradient meets the cpu backend's in float64.
+    # kernel that ran; the gradient meets the float64 reference's.
     S = hard_scores((2, M, N), seed=M + 3 * N)
     up = torch.randn(2, M, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    x = S.clone().requires_grad_()
-    (ref,) = torch.autograd.grad(mps(x, eps=0.1, max_iter=3000, tol=1e-10, backend="cpu"), x, up)
+    ref = _reference_gradient(S, up)
     y = S.float().cuda().requires_grad_()
-    score = mps(y, eps=0.1, max_iter=3000, tol=1e-7, backend="cuda")
+    score = mps(y, eps=0.1, max_iter=5000, tol=1e-7, backend="cuda")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         (g,) = torch.autograd.grad(score, y, up.float().cuda())
         torch.cuda.synchronize()
