@@ -107,6 +107,7 @@ def half_output_tolerances(dtype, M, N):
 
 
 @pytest.mark.slow
+@pytest.mark.watchdog(960)  # the subprocess's own limit, 900 s, and a margin
 def test_interpreter_subset_in_own_process():
     if INTERPRET:
         pytest.skip("this is the interpreter process")
