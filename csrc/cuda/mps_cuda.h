@@ -9,8 +9,8 @@
 // only the kernels and their launches (which also builds faster: no ATen
 // headers in the .cu files). It was made after a failed shape check of the
 // cuda backward crashed the process on an H100 (SIGSEGV while formatting the
-// check's message, whose shared inline code nvcc had compiled too; README
-// "GPU runs"); it did not end that crash (H200 run of 0b64572): see
+// check's message, whose shared inline code nvcc had compiled too;
+// bench/GPU_RUNS.md); it did not end that crash (H200 run of 0b64572): see
 // OTSEG_CHECK in csrc/common/checks.h.
 #pragma once
 

@@ -30,7 +30,7 @@ constexpr float kAbsorb = 30.0f;  // scalings outside [e^-30, e^30] are absorbed
 // against 381 (403 since its first rebuild got its own code), and on an
 // H200, commit aecf88a, its graph times were level
 // on coco and 1.06-1.07x shorter on coco16 than with three, bitwise the same
-// outputs: README "GPU runs"; the other rows' code needs more registers).
+// outputs: bench/GPU_RUNS.md; the other rows' code needs more registers).
 // With the scores in registers too, Nsight Compute on an H100 (commit
 // 8667a72) found 255 registers, 164 B of spills and two blocks an SM (12.5%
 // occupancy), limited by registers.
