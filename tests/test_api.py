@@ -302,6 +302,53 @@ def test_empty_batch_gives_empty_outputs(backend):
     assert score.shape == (0, 5) and plan.shape == (0, 5, 3) and info.n_iter.shape == (0,)
 
 
+@pytest.mark.parametrize("eps", [1e-40, 1e-46, 1e40])
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_eps_outside_float32_raises_where_the_kernel_computes_in_float32(func, eps):
+    # The cpu kernel computes float32 (and half) scores in float32, where
+    # such an eps is 0 or inf: a clear error, not NaN.
+    with pytest.raises(ValueError, match="outside the float32 range"):
+        call(func, good(dtype=torch.float32), "cpu", eps=eps)
+    with pytest.raises(ValueError, match="outside the float32 range"):
+        call(func, good(dtype=torch.float32), "auto", eps=eps)
+    # float64 scores are computed in float64.
+    x = good(dtype=torch.float64)
+    out = call(func, x, "cpu", eps=eps, max_iter=50)
+    assert torch.isfinite(out).all()
+    if eps > 1:
+        # Far beyond every cost the plan is uniform; the reference agrees.
+        ref = call(func, x, "reference", eps=eps, max_iter=50)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_huge_max_iter_runs_on_the_fused_kernel():
+    # The operator's int is 64 bits and the kernels count in int32: a
+    # max_iter beyond both is capped, as no problem runs 2^31 iterations.
+    x = good(dtype=torch.float64)
+    for max_iter in (2**31, 2**63, 2**70):
+        score, info = mps(x, max_iter=max_iter, tol=1e-12, backend="cpu", return_info=True)
+        ref, ref_info = mps(x, max_iter=max_iter, tol=1e-12, backend="reference", return_info=True)
+        torch.testing.assert_close(score, ref, rtol=1e-9, atol=1e-9)
+        assert int(info.n_iter.max()) < 10_000
+
+
+def test_more_than_64_prompts_on_the_cpu_backend_by_name_is_a_value_error():
+    with pytest.raises(ValueError, match=r"cpu takes N <= 64 prompts, got N = 65; use backend='reference'$"):
+        mps(good((2, 9, 65)), backend="cpu")
+
+
+def test_reference_under_vmap_says_why_it_cannot_run():
+    x = good((4, 9, 6), dtype=torch.float64)
+    for check in (True, False):
+        with pytest.raises(RuntimeError, match="reference backend cannot run under torch.vmap"):
+            torch.func.vmap(lambda s: mps(s, backend="reference", check_finite=check))(x)
+    # The fused backend does, and matches the float64 reference on each problem.
+    out = torch.func.vmap(lambda s: mps(s, tol=1e-12, max_iter=1000, backend="cpu"))(x)
+    for b in range(4):
+        torch.testing.assert_close(out[b], mps(x[b], tol=1e-12, max_iter=1000, backend="reference"),
+                                   rtol=1e-9, atol=1e-9)
+
+
 def test_package_docstring_example_runs():
     scores = hard_scores((2, 3, 64, 6), seed=0, dtype=torch.float32)
     refined = otseg.ops.mps(scores)

@@ -20,6 +20,7 @@ from helpers import (
     eager_and_compiled,
     extreme_scores,
     hard_scores,
+    reference_per_problem,
     run_output,
 )
 
@@ -311,6 +312,27 @@ def test_torch_compile_fullgraph_matches_eager(dtype):
     results = eager_and_compiled(fn, x, w)
     for a, b, what in zip(results["compiled"], results["eager"], ("score", "plan", "grad")):
         assert_close_report(a, b, atol=0.0, what=what)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_dynamic_eps_and_shapes():
+    # With dynamic=True (or once a second eps recompiles) dynamo passes eps as
+    # a symbolic float; the argument checks must not break the graph on it.
+    torch._dynamo.reset()
+
+    def fn(x, eps):
+        score, plan = mps(x, eps=eps, tol=1e-10, max_iter=2000, return_plan=True, backend="cpu")
+        return score, plan
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for shape, eps in (((2, 3, 37, 6), 0.05), ((2, 3, 37, 6), 0.1), ((4, 29, 5), 0.2)):
+        x = hard_scores(shape, seed=32)
+        score, plan = compiled(x, eps)
+        eager_score, eager_plan = fn(x, eps)
+        assert torch.equal(score, eager_score) and torch.equal(plan, eager_plan), f"{shape}, eps {eps}"
+        ref_score, ref_plan, _ = reference_per_problem(x, eps, 2000, 1e-10)
+        assert_close_report(score, ref_score, atol=1e-8, rtol=1e-8, what=f"score {shape}, eps {eps}")
+        assert_close_report(plan, ref_plan, atol=1e-10, rtol=1e-8, what=f"plan {shape}, eps {eps}")
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ def problem(B=2, K=4, H=5, W=6, seed=0, ignore=True, scale=3.0):
 
 
 def hand_loss(logits, labels, focal_weight=100.0, dice_weight=1.0, alpha=0.25, gamma=2.0, ignore_index=255):
-    """Loops over images, classes and pixels, straight from the formulas."""
+    """Loops over images, classes and pixels, straight from the formulas (alpha None: no weighting)."""
     B, K, H, W = logits.shape
     focal_total = dice_total = 0.0
     present = 0
@@ -55,7 +55,7 @@ def hand_loss(logits, labels, focal_weight=100.0, dice_weight=1.0, alpha=0.25, g
                 p = 1 / (1 + math.exp(-x))
                 ce = -(y * math.log(p) + (1 - y) * math.log(1 - p))
                 p_t = p * y + (1 - p) * (1 - y)
-                a_t = alpha * y + (1 - alpha) * (1 - y)
+                a_t = 1.0 if alpha is None else alpha * y + (1 - alpha) * (1 - y)
                 f += a_t * ce * (1 - p_t) ** gamma
                 inter += p * y
                 psum += p
@@ -170,3 +170,29 @@ def test_remap_labels_to_a_class_subset():
     labels = torch.tensor([[[0, 1, 2], [3, 255, 1]]])
     assert remap_labels(labels, [1, 3]).tolist() == [[[255, 0, 255], [1, 255, 0]]]
 
+
+
+@pytest.mark.parametrize("ignore_index", [255, -1, -100])
+def test_remap_labels_with_any_ignore_index(ignore_index):
+    # Negative labels are never classes: looked up directly they would index
+    # the table from its end.
+    labels = torch.tensor([[[0, 1, 2, ignore_index], [3, 2, ignore_index, 0]]])
+    out = remap_labels(labels, [2, 0], ignore_index=ignore_index)
+    i = ignore_index
+    assert out.tolist() == [[[1, i, 0, i], [i, 0, i, 1]]] and out.dtype == torch.long
+    with pytest.raises(ValueError, match="classes must be dataset class indices >= 0"):
+        remap_labels(labels, [0, -1], ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("name,value", [("gamma", -1.0), ("gamma", math.nan), ("gamma", math.inf), ("gamma", None),
+                                        ("alpha", math.nan), ("alpha", math.inf), ("alpha", -math.inf)])
+def test_bad_focal_parameters_raise_with_every_backend(backend, name, value):
+    logits, labels = problem()
+    says = "gamma must be finite and >= 0" if name == "gamma" else "alpha must be finite"
+    with pytest.raises(ValueError, match=says):
+        segmentation_loss(logits, labels, **{name: value})
+    # A negative alpha (or None) means no weighting, on every backend.
+    a = segmentation_loss(logits, labels, alpha=-1.0).total
+    b = segmentation_loss(logits, labels, alpha=None).total
+    assert torch.equal(a, b)
+    assert_close_report(b, torch.tensor(hand_loss(logits, labels, alpha=None)[0], dtype=torch.float64), rtol=1e-10, atol=0)

@@ -30,7 +30,7 @@ from otseg.model import (
     ensemble_logits,
     otseg_loss,
 )
-from otseg.nn import sinkhorn_modules
+from otseg.nn import set_backend, sinkhorn_modules
 
 from helpers import OTHER_BACKENDS, assert_close_report, cpu_backend_or_skip, rel_err
 
@@ -300,6 +300,71 @@ def test_state_dict_round_trip(tmp_path):
     assert loaded.config == model.config and torch.equal(loaded.seen, model.seen)
     c = loaded(x)
     assert torch.equal(a.dec, c.dec) and torch.equal(a.mps, c.mps)
+
+
+def test_every_backend_switch_reaches_the_loss_and_save(tmp_path):
+    cpu_backend_or_skip("cpu")
+    model = make_model("cpu").eval()
+    x = images()
+    labels = torch.randint(0, 5, (2, 16, 20), generator=torch.Generator().manual_seed(4))
+    switches = [
+        ("reference", lambda m, b: set_backend(m, b)),
+        ("cpu", lambda m, b: setattr(m.head, "backend", b)),
+        ("reference", lambda m, b: setattr(m, "backend", b)),
+    ]
+    for backend, switch in switches:
+        switch(model, backend)
+        assert model.backend == model.config.backend == backend
+        out = model(x, upsample=False)
+        losses = model.loss(out, labels)
+        expected = otseg_loss(out, labels, backend=backend)
+        assert losses.backend == expected.backend == backend
+        assert_close_report(losses.total, expected.total, atol=0.0, what=f"loss with {backend}")
+        model.save(tmp_path / "otseg.pt")
+        assert OTSeg.load(tmp_path / "otseg.pt", encoder=FakeEncoder()).backend == backend
+
+
+def test_class_subsets_as_indices_or_masks():
+    model = make_model().eval()
+    x = images()
+    full = model(x)
+    mask = torch.tensor([True, False, True, False, False])
+    sub = model(x, classes=[0, 2])
+    # The reference stops on the batch's mean error, so a subset's iterations may differ a little.
+    assert_close_report(sub.dec, full.dec[:, [0, 2]], atol=1e-4, what="decoder logits of the subset")
+    for classes in (torch.tensor([0, 2]), mask):
+        assert torch.equal(model(x, classes=classes).dec, sub.dec)
+    with pytest.raises(ValueError, match="classes must name at least one class"):
+        model(x, classes=[])
+    with pytest.raises(ValueError, match=r"class indices in \[0, 5\), got \[5\]"):
+        model(x, classes=[0, 5])
+    with pytest.raises(ValueError, match=r"a bool mask must have shape \[5\]"):
+        model(x, classes=[True, False])
+    with pytest.raises(TypeError, match="class indices"):
+        model(x, classes=[0.0, 1.0])
+    # seen: a bool mask is the same as its indices; empty means no bias.
+    by_mask = OTSeg(FakeEncoder(), text_embeddings(), small_config(), seen=mask)
+    assert by_mask.seen.tolist() == [0, 2]
+    probs = class_probabilities(full.dec, full.mps, seen=[])
+    assert torch.equal(probs, class_probabilities(full.dec, full.mps, seen=None))
+    assert torch.equal(class_probabilities(full.dec, full.mps, seen=mask),
+                       class_probabilities(full.dec, full.mps, seen=[0, 2]))
+
+
+def test_sliding_windows_take_any_image_dtype_and_check_crop_and_stride():
+    model = make_model().eval()
+    x = images(H=24, W=28).round()
+    expected = model.predict_proba(x, crop=16, stride=12)
+    assert expected.dtype == torch.float32
+    as_bytes = model.predict_proba(x.to(torch.uint8), crop=16, stride=12)
+    assert as_bytes.dtype == torch.float32
+    assert_close_report(as_bytes, expected, atol=1e-6, what="uint8 images")
+    assert torch.equal(model.predict(x.to(torch.uint8), crop=16), model.predict(x, crop=16))
+    for crop, stride, says in ((16, 20, "stride must be at most crop"), (16, 0, "stride must be a positive integer"),
+                               (0, None, "crop must be a positive integer"), (16.5, None, "crop must be"),
+                               (None, 8, "stride needs crop")):
+        with pytest.raises(ValueError, match=says):
+            model.predict_proba(x, crop=crop, stride=stride)
 
 
 def test_from_config_variants():

@@ -26,6 +26,7 @@ from otseg.nn import (
     sinkhorn_modules,
     to_image,
 )
+from otseg.model import OTSegHead
 
 from helpers import OTHER_BACKENDS, assert_close_report, cpu_backend_or_skip, rel_err
 
@@ -139,6 +140,18 @@ def test_backend_switch():
         set_backend(dec, "fast")
     with pytest.raises(ValueError, match="unknown backend"):
         MultiPromptSinkhornAttention(16, backend="gpu")
+
+
+@pytest.mark.parametrize("name,value,exc", [("eps", 0.0, ValueError), ("eps", -1.0, ValueError),
+                                            ("max_iter", 0, ValueError), ("max_iter", 2.0, TypeError),
+                                            ("tol", -1e-6, ValueError), ("tol", float("nan"), ValueError)])
+def test_bad_sinkhorn_settings_raise_at_construction(name, value, exc):
+    with pytest.raises(exc, match=name):
+        MultiPromptSinkhornAttention(16, **{name: value})
+    with pytest.raises(exc, match=name):
+        MPSADecoder(16, num_layers=2, ffn_dim=32, **{name: value})
+    with pytest.raises(exc, match=name):
+        OTSegHead(16, num_layers=1, ffn_dim=32, **{name: value})
 
 
 def test_unavailable_backend_says_why_at_call_time():

@@ -138,6 +138,38 @@ def ensemble_logits(dec, mps, weight=0.5):
     return weight * dec + (1 - weight) * mps
 
 
+def class_indices(classes, num_classes, what="classes"):
+    """Class indices as an int64 tensor [C] (on the CPU when given as a list).
+
+    Args:
+        classes: indices in [0, K) (a sequence or an integer tensor) or a
+            bool mask [K]; empty gives an empty tensor.
+        num_classes: K.
+        what: the argument's name in error messages.
+
+    Raises:
+        TypeError: neither integers nor a bool mask.
+        ValueError: a mask not of shape [K], or an index outside [0, K).
+    """
+    idx = torch.as_tensor(classes)
+    if idx.dtype == torch.bool:
+        if idx.shape != (num_classes,):
+            raise ValueError(f"{what}: a bool mask must have shape [{num_classes}] (one entry a class), "
+                             f"got {tuple(idx.shape)}")
+        return idx.nonzero().flatten()
+    if idx.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=idx.device)
+    if idx.dtype.is_floating_point or idx.dtype.is_complex:
+        raise TypeError(f"{what} must be class indices (integers) or a bool mask [K], got {idx.dtype}")
+    if idx.dim() > 1:
+        raise ValueError(f"{what} must be a list of class indices, got shape {tuple(idx.shape)}")
+    idx = idx.reshape(-1).long()
+    bad = (idx < 0) | (idx >= num_classes)
+    if bad.any():
+        raise ValueError(f"{what} must be class indices in [0, {num_classes}), got {idx[bad].tolist()}")
+    return idx
+
+
 def class_probabilities(dec, mps=None, mode="otseg+", weight=0.5, seen=None, seen_bias=0.1):
     """Class probabilities at inference.
 
@@ -148,7 +180,7 @@ def class_probabilities(dec, mps=None, mode="otseg+", weight=0.5, seen=None, see
         weight: λ of the ensemble. Default 0.5.
         seen: indices (or a bool mask [K]) of the seen classes; their
             probabilities are lowered by ``seen_bias`` (the inductive setting).
-            None: no bias.
+            None or empty: no bias.
         seen_bias: Default 0.1.
 
     Returns:
@@ -162,6 +194,7 @@ def class_probabilities(dec, mps=None, mode="otseg+", weight=0.5, seen=None, see
     probs = torch.sigmoid(logits)
     if seen is None or not seen_bias:
         return probs
+    seen = class_indices(seen, probs.shape[1], "seen")
     bias = torch.zeros(probs.shape[1], dtype=probs.dtype, device=probs.device)
-    bias[torch.as_tensor(seen, device=probs.device)] = seen_bias
+    bias[seen.to(probs.device)] = seen_bias
     return probs - bias.view(1, -1, 1, 1)

@@ -26,6 +26,8 @@ Function that keeps only the logits and the labels for its backward (the
 elementwise graph autograd would keep is several times the logits).
 """
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -218,6 +220,13 @@ def _statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, backend
         # The C++ kernel checks the label values itself, with the same message,
         # while it converts them (no separate pass there).
         _check_label_values(logits, labels, ignore_index)
+    # Checked here for every backend (comparisons: NaN fails them, and under
+    # torch.compile a symbolic float guards on them).
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not (0 <= gamma < math.inf):
+        raise ValueError(f"gamma must be finite and >= 0, got {gamma!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                              or not (-math.inf < alpha < math.inf)):
+        raise ValueError(f"alpha must be finite (negative or None: no weighting), got {alpha!r}")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     alpha = None if alpha is None or alpha < 0 else float(alpha)
@@ -287,8 +296,13 @@ def remap_labels(labels, classes, ignore_index=255):
     Returns:
         [B, H, W] int64 labels in [0, len(classes)) or ``ignore_index``.
     """
-    classes = torch.as_tensor(classes, dtype=torch.long, device=labels.device)
+    classes = torch.as_tensor(classes, dtype=torch.long, device=labels.device).reshape(-1)
+    if classes.numel() and int(classes.min()) < 0:
+        raise ValueError(f"classes must be dataset class indices >= 0, got {classes.tolist()}")
+    labels = labels.long()
     size = int(max(int(classes.max()) if classes.numel() else 0, int(labels.max()) if labels.numel() else 0)) + 1
-    table = torch.full((max(size, ignore_index + 1),), ignore_index, dtype=torch.long, device=labels.device)
+    table = torch.full((size,), ignore_index, dtype=torch.long, device=labels.device)
     table[classes] = torch.arange(classes.numel(), device=labels.device)
-    return table[labels.long()]
+    # Negative labels (e.g. ignore_index=-1 or -100) are no class: looked up,
+    # they would index the table from its end.
+    return torch.where(labels >= 0, table[labels.clamp(min=0)], ignore_index)

@@ -11,6 +11,7 @@ The encoder (``otseg.model.clip.VPTImageEncoder``) is imported only when
 """
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from .. import data
 from ..nn.mpsa import set_backend
-from .head import MODES, OTSegHead, class_probabilities
+from .head import MODES, OTSegHead, class_indices, class_probabilities
 from .losses import otseg_loss
 
 __all__ = ["OTSegConfig", "OTSeg"]
@@ -104,9 +105,9 @@ class OTSeg(nn.Module):
             buffer, never trained.
         config: OTSegConfig (default: ``OTSegConfig()``); its ``dataset``
             names the class split (seen classes) unless ``seen`` is given.
-        seen: indices of the seen classes (for the inductive bias at
-            inference); default: the config's dataset split when K matches it,
-            else none.
+        seen: indices (or a bool mask [K]) of the seen classes (for the
+            inductive bias at inference); default: the config's dataset split
+            when K matches it, else none.
     """
 
     def __init__(self, encoder, text_embeddings, config=None, seen=None):
@@ -120,7 +121,7 @@ class OTSeg(nn.Module):
         if seen is None:
             split = data.class_splits()[config.dataset]
             seen = split["seen"] if len(split["classes"]) == text.shape[0] else []
-        self.register_buffer("seen", torch.as_tensor(list(seen), dtype=torch.long))
+        self.register_buffer("seen", class_indices(seen, text.shape[0], "seen"))
         self.head = OTSegHead(config.dim, config.num_layers, config.ffn_dim, config.dropout, config.eps,
                               config.max_iter, config.tol, config.backend)
 
@@ -159,6 +160,21 @@ class OTSeg(nn.Module):
         return cls(encoder, text_embeddings, config, seen)
 
     @property
+    def config(self):
+        """The OTSegConfig. Its backend is the Sinkhorns' own, however they
+        were switched (``model.backend``, ``otseg.nn.set_backend``, the head's),
+        whenever they share one: the loss and ``save`` read it from here."""
+        head = self._modules.get("head")
+        current = head.backend if head is not None else self._config.backend
+        if isinstance(current, str) and current != self._config.backend:
+            self._config = dataclasses.replace(self._config, backend=current)
+        return self._config
+
+    @config.setter
+    def config(self, value):
+        self._config = value
+
+    @property
     def backend(self):
         """The backend of every Sinkhorn; setting it switches all of them."""
         return self.head.backend
@@ -166,7 +182,6 @@ class OTSeg(nn.Module):
     @backend.setter
     def backend(self, value):
         set_backend(self.head, value)
-        self.config = dataclasses.replace(self.config, backend=value)
 
     @property
     def num_classes(self):
@@ -181,8 +196,8 @@ class OTSeg(nn.Module):
         """
         Args:
             images: [B, 3, H, W] RGB 0-255 (the encoder normalises).
-            classes: indices of the classes to score (e.g. the seen classes
-                while training inductively); None: all K.
+            classes: indices (or a bool mask [K]) of the classes to score
+                (e.g. the seen classes while training inductively); None: all K.
             upsample: True (default): logits at the input size; False: on
                 the token grid [B, K', h, w], for training: ``loss``
                 upsamples them to the labels itself, and the fused loss
@@ -193,8 +208,12 @@ class OTSeg(nn.Module):
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+        if classes is not None:
+            classes = class_indices(classes, self.num_classes)
+            if classes.numel() == 0:
+                raise ValueError("classes must name at least one class (None scores all of them)")
         g, patches, grid = self.encoder(images)
-        text = self.text if classes is None else self.text[torch.as_tensor(classes, device=self.text.device)]
+        text = self.text if classes is None else self.text[classes.to(self.text.device)]
         return self.head(g, patches, text.to(patches.dtype), grid, images.shape[-2:] if upsample else None)
 
     def loss(self, outputs, labels):
@@ -235,15 +254,27 @@ class OTSeg(nn.Module):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if crop is None:
+            if stride is not None:
+                raise ValueError("stride needs crop (the sliding window's size)")
             return self._window_probabilities(images, mode)
-        stride = stride or crop
+        stride = crop if stride is None else stride
+        for name, value in (("crop", crop), ("stride", stride)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if stride > crop:
+            # Windows further apart than their size would leave pixels no window covers.
+            raise ValueError(f"stride must be at most crop, got stride {stride} > crop {crop}")
         B, _, H, W = images.shape
-        total = images.new_zeros(B, self.num_classes, H, W)
-        count = images.new_zeros(1, 1, H, W)
+        total = count = None
         for top in _window_starts(H, crop, stride):
             for left in _window_starts(W, crop, stride):
                 window = images[:, :, top:top + crop, left:left + crop]
-                total[:, :, top:top + crop, left:left + crop] += self._window_probabilities(window, mode)
+                probs = self._window_probabilities(window, mode)
+                if total is None:
+                    # The probabilities' dtype, not the images' (uint8 images).
+                    total = probs.new_zeros(B, probs.shape[1], H, W)
+                    count = probs.new_zeros(1, 1, H, W)
+                total[:, :, top:top + crop, left:left + crop] += probs
                 count[:, :, top:top + crop, left:left + crop] += 1
         return total / count
 

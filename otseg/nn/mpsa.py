@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops._checks import check_params
 from ..ops.mps import BACKEND_NAMES
 
 __all__ = [
@@ -59,6 +60,8 @@ class SinkhornModule(nn.Module):
 
     def __init__(self, eps=0.05, max_iter=100, tol=1e-6, backend="auto"):
         super().__init__()
+        # At construction, not at the first forward.
+        check_params(eps, max_iter, tol)
         self.eps, self.max_iter, self.tol = eps, max_iter, tol
         self.backend = backend
         self.record_info = False

@@ -19,9 +19,16 @@ def check_inputs(x, name, eps, max_iter, tol):
         raise TypeError(
             f"{name} must be a real floating-point tensor (float16, bfloat16, float32 or float64), got {x.dtype}"
         )
+    check_params(eps, max_iter, tol)
+
+
+def check_params(eps, max_iter, tol):
+    """Raise TypeError/ValueError naming a bad Sinkhorn setting."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps <= 0:
+    # Comparisons, not math.isfinite: under torch.compile a float argument
+    # may be symbolic, and dynamo guards on a comparison (NaN fails it too).
+    if not (0 < eps < math.inf):
         raise ValueError(f"eps must be a finite number > 0, got {eps}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral):
         raise TypeError(f"max_iter must be an integer, got {type(max_iter).__name__}")
@@ -29,7 +36,7 @@ def check_inputs(x, name, eps, max_iter, tol):
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
         raise TypeError(f"tol must be a real number, got {type(tol).__name__}")
-    if math.isnan(tol) or tol < 0:
+    if not (tol >= 0):
         raise ValueError(f"tol must be >= 0 (0 runs exactly max_iter iterations), got {tol}")
 
 

@@ -188,13 +188,28 @@ def _cannot_take(name, x):
     return None
 
 
+def _check_eps_in_float32(name, eps):
+    """Raise ValueError when ``eps`` lies outside the normal float32 numbers,
+    which the fused kernels compute in (all but the cpu kernel on float64
+    scores): there they would give NaN, not a solution."""
+    if not (_F32.tiny <= eps <= _F32.max):
+        raise ValueError(
+            f"eps = {eps} is outside the float32 range the {name} backend computes in "
+            f"({_F32.tiny:.4g} to {_F32.max:.4g}); use float64 scores with backend='cpu', or backend='reference'"
+        )
+
+
+_F32 = torch.finfo(torch.float32)
+
+
 def _check_takes(name, x):
     """Raise the TypeError/ValueError of ``_cannot_take`` when backend
     ``name``, asked for by name, cannot take ``x`` (before any kernel sees it)."""
     why = _cannot_take(name, x)
     if why is not None:
         error, message = why
-        raise error(f"backend {message}; use backend='reference' (or 'cpu' for CPU tensors)")
+        other = "" if name == "cpu" else " (or 'cpu' for CPU tensors)"
+        raise error(f"backend {message}; use backend='reference'{other}")
 
 
 def _time_forward(name, x, want_plan):
@@ -293,9 +308,12 @@ def _resolve(x, name, eps, max_iter, tol, backend, check_finite, want_plan):
     chosen = resolve_backend(backend, x.device)
     if backend == "auto" and chosen != "reference":
         chosen = _auto_for(x, want_plan)
-    elif chosen == "cuda":
-        # In Python, so that the kernel's own checks are a second line only.
+    elif chosen in ("cuda", "cpu"):
+        # In Python, so that the kernel's own checks are a second line only
+        # (and a limit is a ValueError, as the triton backend's).
         _check_takes(chosen, x)
+    if chosen != "reference" and not (chosen == "cpu" and x.dtype == torch.float64):
+        _check_eps_in_float32(chosen, eps)
     # The fused CPU kernel checks finiteness while it reads the input; the
     # reference and the Triton kernels (which never report to the host) need a
     # separate pass, and so, for now, does the cuda backend. It was given one
@@ -331,6 +349,16 @@ def _remembered_resolve(x, name, eps, max_iter, tol, backend, check_finite, want
     return hit
 
 
+def _under_vmap(x):
+    """Whether ``x`` is batched by torch.vmap (at any level of functorch's wrappers)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(x):
+        if functorch.is_batchedtensor(x):
+            return True
+        x = functorch.get_unwrapped(x)
+    return False
+
+
 def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_plan):
     if torch.compiler.is_compiling():
         # A data-dependent check would break the graph; compiled callers skip
@@ -339,6 +367,12 @@ def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_
         chosen, separate = _resolve(x, name, eps, max_iter, tol, backend, False, want_plan)
     else:
         chosen, separate = _remembered_resolve(x, name, eps, max_iter, tol, backend, check_finite, want_plan)
+    if chosen == "reference" and _under_vmap(x):
+        raise RuntimeError(
+            "the reference backend cannot run under torch.vmap: its stopping test reads the batch's error "
+            "on the host every iteration, as the published code does; call it on the whole batch, or use a "
+            "fused backend (backend='cpu' for CPU tensors)"
+        )
     if separate:
         check_finite_values(x, name)
         check_finite = False
