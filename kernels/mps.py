@@ -55,7 +55,9 @@ def _row_sum(x):
 # build of torch (HIP's libdevice has no fast_logf). Exponentials are
 # tl.exp2 of pre-scaled arguments in both (one MUFU.EX2, where tl.exp adds
 # a multiply and a denormal fix-up).
-_FAST_MATH = tl.constexpr(not isinstance(_row_sum, InterpretedFunction) and torch.version.hip is None)
+_INTERPRETED = tl.constexpr(isinstance(_row_sum, InterpretedFunction))
+_HIP = tl.constexpr(torch.version.hip is not None)
+_FAST_MATH = tl.constexpr(not _INTERPRETED and not _HIP)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -93,6 +95,72 @@ def _div(x, y):
 @triton.jit
 def _row_max(x):
     return tl.max(tl.max(x, axis=2), axis=0)
+
+
+# Sums of products within a thread as one chain of FMAs each: tl.sum of a
+# product compiles there to partial chains joined by adds (triton 3.6: a
+# chain a group of VEC prompts; 3.8: a tree of pairs, a multiply and an FMA
+# each), 11 instructions for 8 products (3.6: 9 over NG * VEC = 2 * 4) where
+# one chain takes 8. The sweep's two sums (sm_90, 1024 x 8, 4 warps): 431 ->
+# 383 instructions a thread an ordinary iteration with triton 3.8, 388 -> 380
+# with 3.6 (bench/triton_sass.py). The elements are taken apart by tl.split
+# of the last dim, halves of halves, which moves nothing within a thread.
+@triton.jit
+def _dot_cols(x, y, W: tl.constexpr):
+    """[R, W] x [R, W] -> [R]: sum_j x[:, j] y[:, j], a multiply and W - 1 FMAs in a chain."""
+    if W == 1:
+        return tl.reshape(x, [x.shape[0]]) * tl.reshape(y, [y.shape[0]])
+    else:
+        x0, x1 = tl.split(tl.reshape(x, [x.shape[0], W // 2, 2]))
+        y0, y1 = tl.split(tl.reshape(y, [y.shape[0], W // 2, 2]))
+        return _dot_cols_acc(x1, y1, _dot_cols(x0, y0, W // 2), W // 2)
+
+
+@triton.jit
+def _dot_cols_acc(x, y, acc, W: tl.constexpr):
+    """acc + sum_j x[:, j] y[:, j] ([R, W], acc [R]): W FMAs in a chain."""
+    if W == 1:
+        return tl.fma(tl.reshape(x, [x.shape[0]]), tl.reshape(y, [y.shape[0]]), acc)
+    else:
+        x0, x1 = tl.split(tl.reshape(x, [x.shape[0], W // 2, 2]))
+        y0, y1 = tl.split(tl.reshape(y, [y.shape[0], W // 2, 2]))
+        return _dot_cols_acc(x1, y1, _dot_cols_acc(x0, y0, acc, W // 2), W // 2)
+
+
+@triton.jit
+def _row_dot(x, v, T: tl.constexpr):
+    """[NG, BM, VEC] x [NG, VEC] -> [BM]: sum_n x[n, m] v[n], one pixel's
+    prompts (in one thread) as one chain; T: the program's threads."""
+    NG: tl.constexpr = x.shape[0]
+    BM: tl.constexpr = x.shape[1]
+    VEC: tl.constexpr = x.shape[2]
+    if BM < T:
+        # Threads share a pixel's prompts (the tile's rows are fewer than the
+        # threads): taken apart they were exchanged (16 x 2: 50 -> 67
+        # instructions an iteration).
+        return _row_sum(x * v[:, None, :])
+    else:
+        xr = tl.reshape(tl.permute(x, (1, 0, 2)), [BM, NG * VEC])
+        vr = tl.reshape(tl.permute(tl.broadcast_to(v[:, None, :], [NG, BM, VEC]), (1, 0, 2)), [BM, NG * VEC])
+        return _dot_cols(xr, vr, NG * VEC)
+
+
+@triton.jit
+def _col_dot(x, u, T: tl.constexpr):
+    """[NG, BM, VEC] x [BM] -> [NG, VEC]: sum_m x[:, m] u[m]; the R = BM / T
+    pixels of a thread (m = r T + t, T threads, as _load_tile lays them) as
+    one chain each, then the sum over the threads."""
+    NG: tl.constexpr = x.shape[0]
+    BM: tl.constexpr = x.shape[1]
+    VEC: tl.constexpr = x.shape[2]
+    R: tl.constexpr = BM // T
+    if R <= 1:
+        return tl.sum(x * u[None, :, None], axis=1)
+    else:
+        xr = tl.reshape(tl.permute(tl.reshape(x, [NG, R, T, VEC]), (0, 2, 3, 1)), [NG * T * VEC, R])
+        ub = tl.broadcast_to(tl.reshape(u, [1, R, T, 1]), [NG, R, T, VEC])
+        ur = tl.reshape(tl.permute(ub, (0, 2, 3, 1)), [NG * T * VEC, R])
+        return tl.sum(tl.reshape(_dot_cols(xr, ur, R), [NG, T, VEC]), axis=1)
 
 
 @triton.jit
@@ -159,6 +227,13 @@ def _mps_fwd_kernel(
     ACC: tl.constexpr = F.dtype.element_ty
     FULL: tl.constexpr = EVEN_M & EVEN_N
     pid = tl.program_id(0).to(tl.int64)
+    # The program's threads, for _row_dot and _col_dot. The interpreter has
+    # none (nor a warp count): 32 there, so that its tests run the chains.
+    # ROCm: wavefronts of 64 (RDNA's 32 leaves half a thread's pixels to tl.sum).
+    if _INTERPRETED:
+        THREADS: tl.constexpr = 32
+    else:
+        THREADS: tl.constexpr = tl.extra.cuda.num_warps() * (64 if _HIP else 32)
     offs_m = tl.arange(0, BLOCK_M)
     offs_g = tl.arange(0, NG)
     offs_j = tl.arange(0, VEC)
@@ -167,7 +242,8 @@ def _mps_fwd_kernel(
     # model), so that the masks of padding rows and prompts are decided at
     # compile time (sm_90, 1024 x 8, 4 warps: 462 -> 431 instructions a
     # thread an ordinary iteration and 828 -> 762 in the first with triton
-    # 3.8, 426 -> 394 and 859 -> 782 with 3.6; bench/triton_sass.py).
+    # 3.8, 426 -> 394 and 859 -> 782 with 3.6, before the sweep's FMA
+    # chains; bench/triton_sass.py).
     if EVEN_M:
         mask_m = offs_m < BLOCK_M  # [BM], all true
     else:
@@ -247,7 +323,7 @@ def _mps_fwd_kernel(
             # the column products K^T u of the g half-step: one pass, two
             # reductions. Padding rows have K = 0 and keep u = 1, log u = 0,
             # so that they add 0 to every sum (one select a row).
-            kv = _row_sum(k_mat * v[:, None, :])  # [BM]
+            kv = _row_dot(k_mat, v, THREADS)  # [BM]
             u = tl.where(mask_m, _div(mu, kv), 1.0)
             lg_u = tl.where(mask_m, _log(u, True), 0.0)
             # A scaling out of range, u outside [e^-30, e^30] (|log2 u| >
@@ -255,7 +331,7 @@ def _mps_fwd_kernel(
             # +-inf or NaN), makes the sum inf: absorb.
             ok_u = tl.abs(lg_u) <= _SAFE_LG2
             total = tl.sum(tl.where(ok_u, tl.abs(lg_u - lg_u_prev), float("inf")), axis=0) * _LN2
-            ktu = tl.sum(k_mat * u[None, :, None], axis=1)  # [NG, VEC]
+            ktu = _col_dot(k_mat, u, THREADS)  # [NG, VEC]
         else:
             total = tl.full([], float("inf"), ACC)
             lg_u = tl.zeros([BLOCK_M], ACC)
