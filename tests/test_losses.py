@@ -182,15 +182,27 @@ def test_remap_labels_with_any_ignore_index(ignore_index):
     assert out.tolist() == [[[1, i, 0, i], [i, 0, i, 1]]] and out.dtype == torch.long
     with pytest.raises(ValueError, match="classes must be dataset class indices >= 0"):
         remap_labels(labels, [0, -1], ignore_index=ignore_index)
+    # A bool mask over the dataset's classes keeps them in their order.
+    mask = torch.tensor([True, False, True, False])
+    assert torch.equal(remap_labels(labels, mask, ignore_index=ignore_index),
+                       remap_labels(labels, [0, 2], ignore_index=ignore_index))
+    with pytest.raises(TypeError, match="class indices"):
+        remap_labels(labels, [0.0, 2.0], ignore_index=ignore_index)
 
 
-@pytest.mark.parametrize("name,value", [("gamma", -1.0), ("gamma", math.nan), ("gamma", math.inf), ("gamma", None),
+@pytest.mark.parametrize("name,value", [("gamma", -1.0), ("gamma", math.nan), ("gamma", math.inf),
                                         ("alpha", math.nan), ("alpha", math.inf), ("alpha", -math.inf)])
 def test_bad_focal_parameters_raise_with_every_backend(backend, name, value):
     logits, labels = problem()
     says = "gamma must be finite and >= 0" if name == "gamma" else "alpha must be finite"
     with pytest.raises(ValueError, match=says):
         segmentation_loss(logits, labels, **{name: value})
+    with pytest.raises(TypeError, match=f"{name} must be a real number"):
+        segmentation_loss(logits, labels, **{name: "2"})
+    # One-element tensors are read as numbers.
+    assert torch.equal(segmentation_loss(logits, labels, alpha=torch.tensor(0.3, dtype=torch.float64),
+                                         gamma=torch.tensor(1.5, dtype=torch.float64)).total,
+                       segmentation_loss(logits, labels, alpha=0.3, gamma=1.5).total)
     # A negative alpha (or None) means no weighting, on every backend.
     a = segmentation_loss(logits, labels, alpha=-1.0).total
     b = segmentation_loss(logits, labels, alpha=None).total

@@ -421,6 +421,18 @@ def test_half_inputs_within_twice_the_reference_error(device, M, N, dtype):
     assert max_abs_err(plan.cpu().double() * M * N, gt_plan * M * N) <= 2 * ref_plan_err + plan_floor
 
 
+def test_max_iter_beyond_int32_is_capped(device):
+    # The operator's int is 64 bits and the kernel counts in int32: no
+    # problem runs 2^31 iterations, so a larger max_iter is capped.
+    x = hard_scores((2, 37, 6), seed=5)
+    kw = dict(eps=0.05, tol=1e-11)
+    ref_score, _, ref_n = reference_per_problem(x, max_iter=3000, **kw)
+    for max_iter in (2**31, 2**63):
+        score, info = mps(x.to(device), max_iter=max_iter, return_info=True, **kw, **TRI)
+        assert (info.n_iter.cpu() - ref_n).abs().max() <= 1
+        assert_close_report(score.cpu(), ref_score, atol=1e-7 * float(ref_score.abs().max()), what="refined score")
+
+
 @pytest.mark.parametrize("M,N", sizes((37, 6), (129, 8)))
 def test_converged_per_problem_float64(device, M, N):
     # Problems of different difficulty: each stops on its own error.

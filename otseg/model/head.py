@@ -150,8 +150,10 @@ def class_indices(classes, num_classes, what="classes"):
     Raises:
         TypeError: neither integers nor a bool mask.
         ValueError: a mask not of shape [K], or an index outside [0, K).
+            Indices on a GPU, and any under torch.compile, are not
+            range-checked: the check would read them on the host.
     """
-    idx = torch.as_tensor(classes)
+    idx = classes if isinstance(classes, torch.Tensor) else torch.as_tensor(classes)
     if idx.dtype == torch.bool:
         if idx.shape != (num_classes,):
             raise ValueError(f"{what}: a bool mask must have shape [{num_classes}] (one entry a class), "
@@ -164,9 +166,10 @@ def class_indices(classes, num_classes, what="classes"):
     if idx.dim() > 1:
         raise ValueError(f"{what} must be a list of class indices, got shape {tuple(idx.shape)}")
     idx = idx.reshape(-1).long()
-    bad = (idx < 0) | (idx >= num_classes)
-    if bad.any():
-        raise ValueError(f"{what} must be class indices in [0, {num_classes}), got {idx[bad].tolist()}")
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (idx < 0) | (idx >= num_classes)
+        if bad.any():
+            raise ValueError(f"{what} must be class indices in [0, {num_classes}), got {idx[bad].tolist()}")
     return idx
 
 

@@ -206,8 +206,26 @@ def mask_statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, bac
     return _statistics(logits, labels, alpha, gamma, ignore_index, backend)[0]
 
 
+def _focal_parameter(name, value):
+    """A focal parameter as a real number (a one-element tensor is read as
+    one); TypeError otherwise. Its range is checked by comparisons, which NaN
+    fails and which torch.compile guards on."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return value
+
+
 def _statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, backend="auto"):
     """(mask_statistics, the loss backend that ran)."""
+    gamma = _focal_parameter("gamma", gamma)
+    if not (0 <= gamma < math.inf):
+        raise ValueError(f"gamma must be finite and >= 0, got {gamma!r}")
+    if alpha is not None:
+        alpha = _focal_parameter("alpha", alpha)
+        if not (-math.inf < alpha < math.inf):
+            raise ValueError(f"alpha must be finite (negative or None: no weighting), got {alpha!r}")
     name = _fused.loss_backend(backend, logits.device)
     _check_labels(logits, labels)
     if name != "reference":
@@ -220,13 +238,6 @@ def _statistics(logits, labels, alpha=0.25, gamma=2.0, ignore_index=255, backend
         # The C++ kernel checks the label values itself, with the same message,
         # while it converts them (no separate pass there).
         _check_label_values(logits, labels, ignore_index)
-    # Checked here for every backend (comparisons: NaN fails them, and under
-    # torch.compile a symbolic float guards on them).
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not (0 <= gamma < math.inf):
-        raise ValueError(f"gamma must be finite and >= 0, got {gamma!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
-                              or not (-math.inf < alpha < math.inf)):
-        raise ValueError(f"alpha must be finite (negative or None: no weighting), got {alpha!r}")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     alpha = None if alpha is None or alpha < 0 else float(alpha)
@@ -290,13 +301,19 @@ def remap_labels(labels, classes, ignore_index=255):
 
     Args:
         labels: [B, H, W] dataset class indices or ``ignore_index``.
-        classes: the kept dataset class indices, in the order of the logits.
+        classes: the kept dataset class indices, in the order of the logits,
+            or a bool mask over the dataset's classes.
         ignore_index: Default 255.
 
     Returns:
         [B, H, W] int64 labels in [0, len(classes)) or ``ignore_index``.
     """
-    classes = torch.as_tensor(classes, dtype=torch.long, device=labels.device).reshape(-1)
+    classes = torch.as_tensor(classes, device=labels.device)
+    if classes.dtype == torch.bool:  # a mask over the dataset's classes
+        classes = classes.reshape(-1).nonzero().flatten()
+    elif classes.numel() and (classes.dtype.is_floating_point or classes.dtype.is_complex):
+        raise TypeError(f"classes must be dataset class indices (integers) or a bool mask, got {classes.dtype}")
+    classes = classes.long().reshape(-1)
     if classes.numel() and int(classes.min()) < 0:
         raise ValueError(f"classes must be dataset class indices >= 0, got {classes.tolist()}")
     labels = labels.long()

@@ -172,7 +172,17 @@ class OTSeg(nn.Module):
 
     @config.setter
     def config(self, value):
+        # An assigned config's backend switches the Sinkhorns (else the getter would undo it).
         self._config = value
+        head = self._modules.get("head")
+        if head is not None and head.backend != value.backend:
+            set_backend(head, value.backend)
+
+    def __setstate__(self, state):
+        # Whole-model pickles from before config became a property kept it as "config".
+        if "config" in state and "_config" not in state:
+            state["_config"] = state.pop("config")
+        super().__setstate__(state)
 
     @property
     def backend(self):
@@ -235,21 +245,25 @@ class OTSeg(nn.Module):
 
     def _window_probabilities(self, images, mode):
         out = self(images)
-        seen = self.seen if self.config.setting == "inductive" and self.seen.numel() else None
-        return class_probabilities(out.dec, out.mps, mode, self.config.ensemble_weight, seen, self.config.seen_bias)
+        c = self._config  # fields other than the backend: no walk over the Sinkhorn modules
+        seen = self.seen if c.setting == "inductive" and self.seen.numel() else None
+        return class_probabilities(out.dec, out.mps, mode, c.ensemble_weight, seen, c.seen_bias)
 
     @torch.no_grad()
     def predict_proba(self, images, mode="otseg+", crop=None, stride=None):
         """Class probabilities at inference (seen-class bias in the inductive setting).
 
         Args:
-            images: [B, 3, H, W].
+            images: [B, 3, H, W] RGB 0-255, any real or integer dtype (uint8 too).
             mode: "otseg+" (ensemble, default), "otseg" (decoder) or "mps".
-            crop: sliding-window size (e.g. 512); None runs the whole image.
-            stride: sliding-window stride (e.g. 426); default ``crop``.
+            crop: sliding-window size (e.g. 512), a positive integer; None
+                runs the whole image.
+            stride: sliding-window stride (e.g. 426), 1 to ``crop`` (larger
+                would leave pixels no window covers); default ``crop``.
 
         Returns:
-            [B, K, H, W], averaged over the windows that cover each pixel.
+            [B, K, H, W] in the model's dtype, averaged over the windows that
+            cover each pixel.
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -259,7 +273,9 @@ class OTSeg(nn.Module):
             return self._window_probabilities(images, mode)
         stride = crop if stride is None else stride
         for name, value in (("crop", crop), ("stride", stride)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be a positive integer, got {type(value).__name__}")
+            if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if stride > crop:
             # Windows further apart than their size would leave pixels no window covers.

@@ -190,12 +190,13 @@ def _cannot_take(name, x):
 
 def _check_eps_in_float32(name, eps):
     """Raise ValueError when ``eps`` lies outside the normal float32 numbers,
-    which the fused kernels compute in (all but the cpu kernel on float64
+    which the fused kernels take it in (all but the cpu kernel on float64
     scores): there they would give NaN, not a solution."""
     if not (_F32.tiny <= eps <= _F32.max):
+        hint = "float64 scores (computed in float64) or backend='reference'" if name == "cpu" else "backend='reference'"
         raise ValueError(
-            f"eps = {eps} is outside the float32 range the {name} backend computes in "
-            f"({_F32.tiny:.4g} to {_F32.max:.4g}); use float64 scores with backend='cpu', or backend='reference'"
+            f"eps = {eps} is outside the float32 range the {name} kernel takes it in "
+            f"({_F32.tiny:.4g} to {_F32.max:.4g}); use {hint}"
         )
 
 
@@ -367,7 +368,7 @@ def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_
         chosen, separate = _resolve(x, name, eps, max_iter, tol, backend, False, want_plan)
     else:
         chosen, separate = _remembered_resolve(x, name, eps, max_iter, tol, backend, check_finite, want_plan)
-    if chosen == "reference" and _under_vmap(x):
+    if chosen == "reference" and not torch.compiler.is_compiling() and _under_vmap(x):
         raise RuntimeError(
             "the reference backend cannot run under torch.vmap: its stopping test reads the batch's error "
             "on the host every iteration, as the published code does; call it on the whole batch, or use a "
@@ -415,8 +416,11 @@ def sinkhorn(cost, eps=0.05, max_iter=100, tol=1e-6, *, backend="auto", return_i
     Args:
         cost: [..., M, N] costs, any number of batch dims; float16, bfloat16,
             float32 or float64.
-        eps: entropic regularisation, > 0. Default 0.05.
-        max_iter: most iterations, >= 1. Default 100.
+        eps: entropic regularisation, > 0. Default 0.05. The fused kernels
+            take it in float32 (but the cpu kernel on float64 input): there
+            it must lie in the normal float32 range (ValueError otherwise).
+        max_iter: most iterations, >= 1 (the fused kernels run at most
+            2^31 - 1). Default 100.
         tol: stopping tolerance, >= 0; 0 runs exactly ``max_iter``. Default 1e-6.
         backend: "auto" (default: fastest available for the tensor's device),
             "reference", "cpu", "cuda" or "triton".
