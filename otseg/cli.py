@@ -147,6 +147,14 @@ def _bench(args, command):
             args.subparser.error(str(exc))
         model.run(quick=args.quick, device=args.device, backends=chosen, repeats=args.repeats, seed=args.seed)
         return 0
+    out_dir = args.out or ("bench/results/quick" if args.quick else "bench/results")
+    # Before measuring: a folder that cannot be written would lose the run's rows at the end.
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as exc:
+        args.subparser.error(f"--out {out_dir}: cannot write the results there ({exc})")
     settings = dict(QUICK if args.quick else DEFAULTS[args.device])
     for key in ("cases", "generators", "modes"):
         chosen = _flatten(getattr(args, key))
@@ -156,7 +164,7 @@ def _bench(args, command):
         settings["cases"], settings["generators"], settings["modes"], methods=_flatten(args.backends),
         device=args.device, repeats=args.repeats, budget_s=settings["budget_s"],
         max_repeats=settings["max_repeats"], seed=args.seed, compile_scope=args.compile_scope,
-        out_dir=args.out or ("bench/results/quick" if args.quick else "bench/results"),
+        out_dir=out_dir,
         plot=not args.no_plot, quick=args.quick, command=command,
     )
     return 0

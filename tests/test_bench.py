@@ -78,6 +78,15 @@ def test_otseg_bench_rejects_bad_arguments_clearly(args, says):
     assert says in proc.stderr
 
 
+def test_otseg_bench_checks_its_output_folder_before_measuring(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "otseg", "bench", "--quick", "--out", str(tmp_path / "a_file" / "sub")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot write the results there" in proc.stderr and "a_file" in proc.stderr
+    assert "reference" not in proc.stdout  # nothing was measured
+
+
 def test_bandwidth_column_only_with_a_measured_copy_bandwidth():
     """GPU runs show the forward's GB/s against the copy bandwidth measured in
     the run; CPU runs (no copy bandwidth) have no such column."""

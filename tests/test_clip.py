@@ -373,6 +373,54 @@ def test_missing_open_clip_is_a_clear_error(monkeypatch):
         encode_text(["cat"], ["a {}."])
 
 
+@pytest.mark.parametrize("cls", [VPTImageEncoder, CLIPTextEncoder], ids=["image", "text"])
+def test_hub_model_names_are_refused_before_any_network_access(cls, monkeypatch):
+    # open_clip resolves "hf-hub:" names on the network (and downloads their
+    # weights even with pretrained=None); weights come from local files only.
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(ValueError, match="names a hub model.*local file only"):
+        cls(model_name="hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K")
+
+
+def test_saved_model_loads_without_the_clip_weights_file(tmp_path):
+    """The checkpoint holds CLIP's weights: load() rebuilds the architecture
+    the config names (QuickGELU for OpenAI's files) and reads no weights
+    file; a model built from an OpenAI archive then gives the same outputs."""
+    from open_clip.model import convert_weights_to_fp16
+
+    from otseg.model import OTSeg
+
+    torch.manual_seed(2)
+    oc = _quiet_create("ViT-B-16-quickgelu")
+    convert_weights_to_fp16(oc)
+    archive = tmp_path / "ViT-B-16.pt"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.script(oc).save(str(archive))
+    except Exception as e:  # torch.jit is deprecated; a future torch may drop it
+        pytest.skip(f"cannot write a TorchScript archive here: {type(e).__name__}: {e}")
+    model = OTSeg.from_config("voc20", num_prompts=1, clip_weights=archive, ffn_dim=64, num_layers=1,
+                              backend="reference").eval()
+    assert model.config.clip_model == "ViT-B-16-quickgelu" and model.config.clip_weights == str(archive)
+    model.save(tmp_path / "otseg.pt")
+    os.remove(archive)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "randomly initialised" warning: the weights are the checkpoint's
+        loaded = OTSeg.load(tmp_path / "otseg.pt").eval()
+    blocks = loaded.encoder.visual.transformer.resblocks
+    assert all(isinstance(b.mlp.gelu, open_clip.transformer.QuickGELU) for b in blocks)
+    assert loaded.config == model.config
+    x = _images((1, 3, 32, 48))
+    a, b = model(x), loaded(x)
+    assert torch.equal(a.dec, b.dec) and torch.equal(a.mps, b.mps)
+
+
 def test_import_does_not_need_open_clip():
     code = "import sys, otseg.model.clip; assert 'open_clip' not in sys.modules, 'imported open_clip'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

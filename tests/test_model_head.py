@@ -409,6 +409,36 @@ def test_from_config_variants():
         OTSegConfig(dataset="ade20k")
 
 
+def test_text_embeddings_files_are_checked_where_the_model_loads_them(tmp_path):
+    # from_config reads config.text_embeddings through otseg.data, which
+    # checks the file and names it in every error.
+    np = pytest.importorskip("numpy")
+    good = F.normalize(torch.randn(20, 6, D, generator=torch.Generator().manual_seed(0)), dim=-1).numpy()
+    bad = {
+        "nan.npy": (np.where(np.arange(D) == 3, np.nan, good), "NaN or inf"),
+        "ints.npy": (np.ones((20, 6, D), dtype=np.int32), "float array"),
+        "d8.npy": (good[..., :8], r"expected shape \[K, N, 16\]"),
+        "k5.npy": (good[:5], r"expected shape \[20, 6, D\] for voc20"),
+        "scaled.npy": (3 * good, "L2-normalised"),
+    }
+    for name, (array, says) in bad.items():
+        np.save(tmp_path / name, array)
+        with pytest.raises(ValueError, match=f"{name}: .*{says}"):
+            OTSeg.from_config(small_config(text_embeddings=str(tmp_path / name)), encoder=FakeEncoder())
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.savez(tmp_path / "arrays.npz", good)
+    for name, says in (("empty.npy", "not a readable .npy array"), ("arrays.npz", r"expected a float array .* \(a .npy file\), got NpzFile")):
+        with pytest.raises(ValueError, match=f"{name}: {says}"):
+            OTSeg.from_config(small_config(text_embeddings=tmp_path / name), encoder=FakeEncoder())
+    np.save(tmp_path / "good.npy", good)
+    model = OTSeg.from_config(small_config(text_embeddings=tmp_path / "good.npy"), encoder=FakeEncoder())
+    assert_close_report(model.text, torch.from_numpy(good), atol=1e-6, what="embeddings")
+    # A pathlib.Path is kept as str, so the saved config loads with weights_only=True.
+    assert model.config.text_embeddings == str(tmp_path / "good.npy")
+    model.save(tmp_path / "model.pt")
+    assert OTSeg.load(tmp_path / "model.pt", encoder=FakeEncoder()).config == model.config
+
+
 def test_model_errors():
     with pytest.raises(ValueError, match=r"text_embeddings must have shape \[K, N, 16\]"):
         OTSeg(FakeEncoder(), torch.randn(5, 4, 8), small_config())

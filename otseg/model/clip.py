@@ -21,10 +21,11 @@ import os
 import warnings
 import zipfile
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .. import data
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -200,7 +201,20 @@ def _load_clip(weights, model_name):
     return model.eval(), fmt
 
 
+def _check_local_model_name(model_name):
+    """ValueError for a model name that open_clip resolves on the network."""
+    if not isinstance(model_name, str):
+        raise TypeError(f"model_name must be an open_clip architecture name, got {type(model_name).__name__}")
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(
+            f"model_name {model_name!r} names a hub model or directory, which open_clip fetches (and, for "
+            "hf-hub, downloads) itself; otseg reads weights from a local file only: pass weights=PATH and an "
+            "architecture name such as 'ViT-B-16' or 'ViT-B-16-quickgelu'"
+        )
+
+
 def _create_model(open_clip, model_name):
+    _check_local_model_name(model_name)
     try:
         with _quiet_open_clip():
             # pretrained=None: never download; weights come from local files only.
@@ -295,6 +309,10 @@ class VPTImageEncoder(nn.Module):
         model_name: open_clip architecture (default "ViT-B-16"), see ``load_clip``.
         clip_model: an open_clip CLIP model to take the image tower from
             instead of loading ``weights``; its parameters are shared and frozen.
+
+    Attributes:
+        model_name: the open_clip architecture that rebuilds the image tower
+            ("ViT-B-16-quickgelu" for OpenAI's weights).
     """
 
     def __init__(self, num_prompts=10, weights=None, prompt_dropout=0.1, model_name="ViT-B-16", clip_model=None):
@@ -314,6 +332,11 @@ class VPTImageEncoder(nn.Module):
         for p in visual.parameters():
             p.requires_grad_(False)
         self.visual = visual.eval()
+        # The open_clip architecture that rebuilds this tower (OpenAI's weights
+        # bring QuickGELU whatever model_name says): what OTSeg.load builds
+        # before loading a checkpoint's weights into it.
+        quick = any(type(m).__name__ == "QuickGELU" for m in visual.modules())
+        self.model_name = model_name if not quick or model_name.endswith("-quickgelu") else model_name + "-quickgelu"
 
         width = visual.conv1.out_channels
         layers = len(visual.transformer.resblocks)
@@ -438,6 +461,7 @@ class CLIPTextEncoder(nn.Module):
     def __init__(self, weights=None, model_name="ViT-B-16", clip_model=None):
         super().__init__()
         open_clip = _import_open_clip()
+        _check_local_model_name(model_name)  # the tokenizer below looks it up too
         if clip_model is None:
             clip_model, fmt = _load_clip(weights, model_name)
             # Text only: drop the image tower we own (86M parameters for ViT-B/16).
@@ -519,7 +543,8 @@ def load_text_embeddings(path, dataset=None, embed_dim=512):
             embedding per class and template, like
             ``data/text_embeddings/voc12_k20_n6.npy``.
         dataset: if given ("voc20", "context59", "cocostuff171"), K and N must
-            match it (``otseg.data.load_text_embeddings`` checks them).
+            match it (``otseg.data.load_text_embeddings``; the file's checks
+            are ``otseg.data.read_text_embeddings``).
         embed_dim: D the model expects (default 512, CLIP ViT-B/16).
 
     Returns:
@@ -530,33 +555,6 @@ def load_text_embeddings(path, dataset=None, embed_dim=512):
         ValueError: not a numeric ``.npy`` file, not 3 dims, D != ``embed_dim``,
             an empty axis, NaN/inf, or rows whose norm is not 1 (to 1e-2).
     """
-    path = os.fspath(path)
     if dataset is not None:
-        from otseg.data import load_text_embeddings as _load_dataset
-
-        emb = _load_dataset(dataset, path).numpy()
-    else:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"text embeddings file not found: {path}")
-        try:
-            emb = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise ValueError(
-                f"{path}: not a readable .npy array ({type(e).__name__}: {e}); expected [K, N, {embed_dim}] floats"
-            ) from e
-    if not isinstance(emb, np.ndarray) or emb.dtype.kind != "f":
-        kind = getattr(emb, "dtype", type(emb).__name__)
-        raise ValueError(f"{path}: expected a float array [K, N, {embed_dim}], got {kind}")
-    if emb.ndim != 3 or emb.shape[-1] != embed_dim or 0 in emb.shape:
-        raise ValueError(f"{path}: expected shape [K, N, {embed_dim}] with K, N >= 1, got {list(emb.shape)}")
-    emb = emb.astype(np.float32)
-    if not np.isfinite(emb).all():
-        raise ValueError(f"{path}: the embeddings contain NaN or inf")
-    norms = np.linalg.norm(emb, axis=-1)
-    # float16 files are normalised to about 5e-4; more means unnormalised embeddings.
-    if np.abs(norms - 1.0).max() > 1e-2:
-        raise ValueError(
-            f"{path}: rows must be L2-normalised (norms {norms.min():.4g} to {norms.max():.4g}); "
-            "normalise over the last axis first"
-        )
-    return torch.from_numpy(emb)
+        return data.load_text_embeddings(dataset, path, embed_dim)
+    return data.read_text_embeddings(path, embed_dim)

@@ -12,6 +12,8 @@ The encoder (``otseg.model.clip.VPTImageEncoder``) is imported only when
 
 import dataclasses
 import numbers
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,6 +41,10 @@ class OTSegConfig:
         num_prompts: visual prompt tokens P of the encoder (10 VOC/Context, 100 COCO).
         prompt_dropout: dropout of the visual prompts. Default 0.1.
         clip_weights: CLIP ViT-B/16 weights for the encoder (None: random init, with a warning).
+        clip_model: the encoder's open_clip architecture ("ViT-B-16";
+            "ViT-B-16-quickgelu" for OpenAI's weights saved as an open_clip
+            state dict). OpenAI's own files (``ViT-B-16.pt``) set it to the
+            QuickGELU architecture when the model is built.
         text_embeddings: a ``.npy`` file to load instead of the shipped embeddings.
         dim, num_layers, ffn_dim, dropout: the head (512, 3, 2048, 0.1).
         eps, max_iter, tol, backend: every Sinkhorn (0.05, 100, 1e-6, "auto").
@@ -53,6 +59,7 @@ class OTSegConfig:
     num_prompts: int = 10
     prompt_dropout: float = 0.1
     clip_weights: Optional[str] = None
+    clip_model: str = "ViT-B-16"
     text_embeddings: Optional[str] = None
     dim: int = 512
     num_layers: int = 3
@@ -86,6 +93,11 @@ class OTSegConfig:
         return cls(**values)
 
     def __post_init__(self):
+        # Paths as str: save() writes the config for torch.load(weights_only=True), which refuses Path objects.
+        for name in ("clip_weights", "text_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
         if self.dataset not in data.DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {data.DATASETS}")
         if self.setting not in SETTINGS:
@@ -148,7 +160,7 @@ class OTSeg(nn.Module):
         else:
             raise TypeError(f"config must be an OTSegConfig, a dict or a dataset name, got {type(config).__name__}")
         if text_embeddings is None:
-            text_embeddings = data.load_text_embeddings(config.dataset, config.text_embeddings)
+            text_embeddings = data.load_text_embeddings(config.dataset, config.text_embeddings, config.dim)
         if encoder is None:
             try:
                 from .clip import VPTImageEncoder
@@ -156,7 +168,9 @@ class OTSeg(nn.Module):
                 raise ImportError(f"the CLIP image encoder (otseg.model.clip) cannot be imported: {exc}; "
                                   "pass encoder= to use another") from exc
             encoder = VPTImageEncoder(num_prompts=config.num_prompts, weights=config.clip_weights,
-                                      prompt_dropout=config.prompt_dropout)
+                                      prompt_dropout=config.prompt_dropout, model_name=config.clip_model)
+            # The architecture the weights made (QuickGELU for OpenAI's files): what load() rebuilds.
+            config = dataclasses.replace(config, clip_model=encoder.model_name)
         return cls(encoder, text_embeddings, config, seen)
 
     @property
@@ -306,11 +320,26 @@ class OTSeg(nn.Module):
     @classmethod
     def load(cls, path, encoder=None, map_location="cpu"):
         """A model written by ``save``: built with ``from_config`` (``encoder``
-        as there), then the state dict loaded strictly."""
+        as there), then the state dict loaded strictly.
+
+        The checkpoint holds every weight, CLIP's included: without
+        ``encoder``, the CLIP encoder is built in the architecture the config
+        names (``clip_model``), randomly initialised and without reading
+        ``clip_weights``, then loaded. (Checkpoints saved before the config
+        named the architecture read ``clip_weights`` again, for its
+        activation.)"""
         saved = torch.load(path, map_location=map_location, weights_only=True)
         state = saved["state_dict"]
-        model = cls.from_config(OTSegConfig.from_dict(saved["config"]), encoder=encoder, text_embeddings=state["text"],
-                                seen=state["seen"].tolist())
+        config = OTSegConfig.from_dict(saved["config"])
+        if encoder is None and ("clip_model" in saved["config"] or config.clip_weights is None):
+            from .clip import VPTImageEncoder
+
+            with warnings.catch_warnings():
+                # Not random in the end: the checkpoint's weights replace it below.
+                warnings.filterwarnings("ignore", message="no CLIP weights given")
+                encoder = VPTImageEncoder(num_prompts=config.num_prompts, weights=None,
+                                          prompt_dropout=config.prompt_dropout, model_name=config.clip_model)
+        model = cls.from_config(config, encoder=encoder, text_embeddings=state["text"], seen=state["seen"].tolist())
         model.load_state_dict(saved["state_dict"])
         return model
 
