@@ -154,7 +154,7 @@ def _bench(args, command):
         if not os.access(out_dir, os.W_OK):
             raise PermissionError("not writable")
     except OSError as exc:
-        args.subparser.error(f"--out {out_dir}: cannot write the results there ({exc})")
+        args.subparser.error(f"cannot write the results to {out_dir} ({exc}); choose another folder with --out")
     settings = dict(QUICK if args.quick else DEFAULTS[args.device])
     for key in ("cases", "generators", "modes"):
         chosen = _flatten(getattr(args, key))

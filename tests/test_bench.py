@@ -83,7 +83,7 @@ def test_otseg_bench_checks_its_output_folder_before_measuring(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "otseg", "bench", "--quick", "--out", str(tmp_path / "a_file" / "sub")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "cannot write the results there" in proc.stderr and "a_file" in proc.stderr
+    assert "cannot write the results to" in proc.stderr and "a_file" in proc.stderr
     assert "reference" not in proc.stdout  # nothing was measured
 
 

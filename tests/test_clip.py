@@ -385,6 +385,10 @@ def test_hub_model_names_are_refused_before_any_network_access(cls, monkeypatch)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(ValueError, match="names a hub model.*local file only"):
         cls(model_name="hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K")
+    # A Hugging Face text tower is downloaded to build the model.
+    if "roberta-ViT-B-32" in open_clip.list_models():
+        with pytest.raises(ValueError, match="Hugging Face text tower"):
+            cls(model_name="roberta-ViT-B-32")
 
 
 def test_saved_model_loads_without_the_clip_weights_file(tmp_path):
@@ -407,7 +411,8 @@ def test_saved_model_loads_without_the_clip_weights_file(tmp_path):
         pytest.skip(f"cannot write a TorchScript archive here: {type(e).__name__}: {e}")
     model = OTSeg.from_config("voc20", num_prompts=1, clip_weights=archive, ffn_dim=64, num_layers=1,
                               backend="reference").eval()
-    assert model.config.clip_model == "ViT-B-16-quickgelu" and model.config.clip_weights == str(archive)
+    assert (model.config.clip_model, model.config.clip_quick_gelu) == ("ViT-B-16", True)
+    assert model.config.clip_weights == str(archive)
     model.save(tmp_path / "otseg.pt")
     os.remove(archive)
     with warnings.catch_warnings():
@@ -419,6 +424,46 @@ def test_saved_model_loads_without_the_clip_weights_file(tmp_path):
     x = _images((1, 3, 32, 48))
     a, b = model(x), loaded(x)
     assert torch.equal(a.dec, b.dec) and torch.equal(a.mps, b.mps)
+
+    # A QuickGELU tower given as the encoder is recorded the same way.
+    encoder = VPTImageEncoder(num_prompts=1, clip_model=_quiet_create("ViT-B-16-quickgelu"))
+    assert (encoder.model_name, encoder.quick_gelu) == ("ViT-B-16", True)
+    given = OTSeg.from_config("voc20", encoder=encoder, ffn_dim=64, num_layers=1, backend="reference").eval()
+    assert (given.config.clip_model, given.config.clip_quick_gelu) == ("ViT-B-16", True)
+    given.save(tmp_path / "given.pt")
+    again = OTSeg.load(tmp_path / "given.pt").eval()
+    assert all(isinstance(b.mlp.gelu, open_clip.transformer.QuickGELU) for b in again.encoder.visual.transformer.resblocks)
+    a, b = given(x), again(x)
+    assert torch.equal(a.dec, b.dec) and torch.equal(a.mps, b.mps)
+
+
+def test_a_tower_its_model_name_does_not_describe_reloads_from_its_weights(tmp_path):
+    """OpenAI's files build their own architecture: a ViT-B/32 one under the
+    default model_name "ViT-B-16" is recorded as no open_clip name (clip_model
+    None) and reloads from its weights file; named, it reloads without it."""
+    from otseg.model import OTSeg
+
+    torch.manual_seed(3)
+    oc = _quiet_create("ViT-B-32-quickgelu")
+    archive = tmp_path / "ViT-B-32.pt"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.script(oc).save(str(archive))
+    except Exception as e:  # torch.jit is deprecated; a future torch may drop it
+        pytest.skip(f"cannot write a TorchScript archive here: {type(e).__name__}: {e}")
+    x = _images((1, 3, 64, 64))
+    unnamed = OTSeg.from_config("voc20", num_prompts=1, clip_weights=archive, ffn_dim=64, num_layers=1,
+                                backend="reference").eval()
+    assert (unnamed.config.clip_model, unnamed.config.clip_quick_gelu) == (None, True)
+    unnamed.save(tmp_path / "unnamed.pt")
+    assert torch.equal(OTSeg.load(tmp_path / "unnamed.pt").eval()(x).dec, unnamed(x).dec)
+    named = OTSeg.from_config("voc20", num_prompts=1, clip_weights=archive, clip_model="ViT-B-32", ffn_dim=64,
+                              num_layers=1, backend="reference").eval()
+    assert (named.config.clip_model, named.config.clip_quick_gelu) == ("ViT-B-32", True)
+    named.save(tmp_path / "named.pt")
+    os.remove(archive)
+    assert torch.equal(OTSeg.load(tmp_path / "named.pt").eval()(x).dec, named(x).dec)
 
 
 def test_import_does_not_need_open_clip():

@@ -188,6 +188,8 @@ def test_remap_labels_with_any_ignore_index(ignore_index):
                        remap_labels(labels, [0, 2], ignore_index=ignore_index))
     with pytest.raises(TypeError, match="class indices"):
         remap_labels(labels, [0.0, 2.0], ignore_index=ignore_index)
+    with pytest.raises(ValueError, match="a bool mask must have one dim"):
+        remap_labels(labels, mask.reshape(2, 2), ignore_index=ignore_index)
 
 
 @pytest.mark.parametrize("name,value", [("gamma", -1.0), ("gamma", math.nan), ("gamma", math.inf),
@@ -199,7 +201,9 @@ def test_bad_focal_parameters_raise_with_every_backend(backend, name, value):
         segmentation_loss(logits, labels, **{name: value})
     with pytest.raises(TypeError, match=f"{name} must be a real number"):
         segmentation_loss(logits, labels, **{name: "2"})
-    # One-element tensors are read as numbers.
+    # One-element tensors are read as numbers, integer ones too.
+    assert torch.equal(segmentation_loss(logits, labels, gamma=torch.tensor(2)).total,
+                       segmentation_loss(logits, labels, gamma=2.0).total)
     assert torch.equal(segmentation_loss(logits, labels, alpha=torch.tensor(0.3, dtype=torch.float64),
                                          gamma=torch.tensor(1.5, dtype=torch.float64)).total,
                        segmentation_loss(logits, labels, alpha=0.3, gamma=1.5).total)

@@ -327,6 +327,19 @@ def test_every_backend_switch_reaches_the_loss_and_save(tmp_path):
     model.config = dataclasses.replace(model.config, backend="cpu")
     assert model.backend == model.config.backend == "cpu"
     assert model.loss(model(x, upsample=False), labels).backend == "cpu"
+    # The Sinkhorn settings apply too; fields that made the modules cannot change.
+    model.config = dataclasses.replace(model.config, eps=0.1, max_iter=7, tol=0.0)
+    assert {(m.eps, m.max_iter, m.tol) for m in sinkhorn_modules(model)} == {(0.1, 7, 0.0)}
+    before = model.config
+    with pytest.raises(ValueError, match=r"config fields \['ffn_dim'\] are fixed"):
+        model.config = dataclasses.replace(model.config, ffn_dim=64)
+    with pytest.raises(ValueError, match="unknown backend"):
+        model.config = dataclasses.replace(model.config, backend="gpu", seen_bias=0.9)
+    assert model.config is before and model.config.seen_bias == 0.1
+    # A Path set after construction is saved as str (load reads with weights_only=True).
+    model.config.text_embeddings = tmp_path / "emb.npy"
+    model.save(tmp_path / "otseg.pt")
+    assert OTSeg.load(tmp_path / "otseg.pt", encoder=FakeEncoder()).config.text_embeddings == str(tmp_path / "emb.npy")
     # A whole-model pickle that kept the config as a plain attribute still loads.
     state = model.__dict__.copy()
     state["config"] = state.pop("_config")

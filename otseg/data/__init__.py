@@ -46,6 +46,8 @@ def read_text_embeddings(path, embed_dim=None):
         raise ValueError(f"{path}: not a readable .npy array ({type(e).__name__}: {e}); expected [K, N, {D}] floats") from e
     if not isinstance(emb, np.ndarray) or emb.dtype.kind != "f":
         kind = getattr(emb, "dtype", type(emb).__name__)
+        if hasattr(emb, "close"):  # an .npz archive holds its file open
+            emb.close()
         raise ValueError(f"{path}: expected a float array [K, N, {D}] (a .npy file), got {kind}")
     if emb.ndim != 3 or (embed_dim is not None and emb.shape[-1] != embed_dim) or 0 in emb.shape:
         raise ValueError(f"{path}: expected shape [K, N, {D}] with K, N >= 1, got {list(emb.shape)}")

@@ -147,8 +147,10 @@ def load_clip(weights=None, model_name="ViT-B-16"):
             initialisation, with a warning.
         model_name: open_clip architecture for random init and open_clip state
             dicts (default "ViT-B-16", which uses GELU; state dicts converted
-            from OpenAI weights need "ViT-B-16-quickgelu"). Ignored for OpenAI
-            files: their architecture is read from the weights, with QuickGELU.
+            from OpenAI weights need "ViT-B-16-quickgelu"). Not used to build
+            from OpenAI files, whose architecture is read from the weights,
+            with QuickGELU (``tower_architecture`` tells whether the name
+            describes it).
 
     Raises:
         ImportError: open_clip_torch is not installed.
@@ -159,11 +161,12 @@ def load_clip(weights=None, model_name="ViT-B-16"):
     return _load_clip(weights, model_name)[0]
 
 
-def _load_clip(weights, model_name):
-    """``load_clip`` and the format read: "openai", "open_clip" or "random"."""
+def _load_clip(weights, model_name, quick_gelu=False):
+    """``load_clip`` and the format read: "openai", "open_clip" or "random"
+    (``quick_gelu``: random init with QuickGELU)."""
     open_clip = _import_open_clip()
     if weights is None:
-        model = _create_model(open_clip, model_name)
+        model = _create_model(open_clip, model_name, quick_gelu)
         warnings.warn(
             f"no CLIP weights given: {model_name} is randomly initialised (fine for tests; pass the "
             "path of OpenAI's ViT-B-16.pt for real use)",
@@ -213,12 +216,19 @@ def _check_local_model_name(model_name):
         )
 
 
-def _create_model(open_clip, model_name):
+def _create_model(open_clip, model_name, quick_gelu=False):
     _check_local_model_name(model_name)
+    cfg = open_clip.get_model_config(model_name) or {}
+    if (cfg.get("text_cfg") or {}).get("hf_model_name"):
+        raise ValueError(
+            f"open_clip model {model_name!r} has a Hugging Face text tower, which open_clip downloads to build; "
+            "otseg builds CLIP from local files only (e.g. 'ViT-B-16')"
+        )
     try:
         with _quiet_open_clip():
             # pretrained=None: never download; weights come from local files only.
-            model = open_clip.create_model(model_name, pretrained=None, device="cpu", precision="fp32")
+            model = open_clip.create_model(model_name, pretrained=None, device="cpu", precision="fp32",
+                                           force_quick_gelu=bool(quick_gelu))
     except RuntimeError as e:
         raise ValueError(
             f"unknown open_clip model {model_name!r} (e.g. 'ViT-B-16', 'ViT-B-16-quickgelu'; "
@@ -250,6 +260,31 @@ def resize_positional_embedding(pos, grid, new_grid):
     patch_pos = patch_pos.reshape(1, h0, w0, -1).permute(0, 3, 1, 2)  # [1, W, h0, w0]
     patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bilinear", align_corners=False)
     return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(h * w, -1)], dim=0)
+
+
+def tower_architecture(visual, model_name):
+    """The open_clip architecture that rebuilds the image tower ``visual``:
+    (``model_name`` if its open_clip config has the tower's width, layers,
+    patch and image size and output dim, else None; whether the tower uses
+    QuickGELU, as OpenAI's weights do).
+
+    OpenAI's files build their tower from their weights, whatever
+    ``model_name`` says; None then means the name does not describe it, and a
+    checkpoint of it needs the weights file again (``OTSeg.load``).
+    """
+    quick = any(type(m).__name__ == "QuickGELU" for m in visual.modules())
+    cfg = _import_open_clip().get_model_config(model_name) if isinstance(model_name, str) else None
+    if not cfg or "vision_cfg" not in cfg:
+        return None, quick
+    v = cfg["vision_cfg"]
+
+    def pair(x):
+        return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+    want = (v.get("width"), v.get("layers"), pair(v.get("patch_size")), pair(v.get("image_size")), cfg.get("embed_dim"))
+    have = (visual.conv1.out_channels, len(visual.transformer.resblocks), pair(visual.patch_size),
+            pair(visual.image_size), visual.proj.shape[1])
+    return (model_name if want == have else None), quick
 
 
 def _check_vision_tower(visual, model_name):
@@ -310,21 +345,27 @@ class VPTImageEncoder(nn.Module):
         clip_model: an open_clip CLIP model to take the image tower from
             instead of loading ``weights``; its parameters are shared and frozen.
 
+        quick_gelu: with ``weights=None``, build ``model_name`` with QuickGELU
+            (as ``OTSeg.load`` rebuilds a tower from OpenAI's weights).
+
     Attributes:
-        model_name: the open_clip architecture that rebuilds the image tower
-            ("ViT-B-16-quickgelu" for OpenAI's weights).
+        model_name, quick_gelu: the open_clip architecture and activation
+            that rebuild the image tower (``tower_architecture``); model_name
+            None where ``model_name`` does not describe the tower.
     """
 
-    def __init__(self, num_prompts=10, weights=None, prompt_dropout=0.1, model_name="ViT-B-16", clip_model=None):
+    def __init__(self, num_prompts=10, weights=None, prompt_dropout=0.1, model_name="ViT-B-16", clip_model=None,
+                 quick_gelu=False):
         super().__init__()
         _import_open_clip()
+        _check_local_model_name(model_name)
         if isinstance(num_prompts, bool) or not isinstance(num_prompts, numbers.Integral) or num_prompts < 0:
             raise ValueError(f"num_prompts must be an integer >= 0, got {num_prompts!r}")
         num_prompts = int(num_prompts)
         if not 0.0 <= float(prompt_dropout) < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout!r}")
         if clip_model is None:
-            clip_model, _ = _load_clip(weights, model_name)
+            clip_model, _ = _load_clip(weights, model_name, quick_gelu)
         elif weights is not None:
             raise ValueError("pass either weights or clip_model, not both")
         visual = clip_model.visual
@@ -335,8 +376,7 @@ class VPTImageEncoder(nn.Module):
         # The open_clip architecture that rebuilds this tower (OpenAI's weights
         # bring QuickGELU whatever model_name says): what OTSeg.load builds
         # before loading a checkpoint's weights into it.
-        quick = any(type(m).__name__ == "QuickGELU" for m in visual.modules())
-        self.model_name = model_name if not quick or model_name.endswith("-quickgelu") else model_name + "-quickgelu"
+        self.model_name, self.quick_gelu = tower_architecture(visual, model_name)
 
         width = visual.conv1.out_channels
         layers = len(visual.transformer.resblocks)

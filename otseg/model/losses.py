@@ -210,7 +210,8 @@ def _focal_parameter(name, value):
     """A focal parameter as a real number (a one-element tensor is read as
     one); TypeError otherwise. Its range is checked by comparisons, which NaN
     fails and which torch.compile guards on."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not (value.dtype.is_complex
+                                                                       or value.dtype == torch.bool):
         return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -310,7 +311,10 @@ def remap_labels(labels, classes, ignore_index=255):
     """
     classes = torch.as_tensor(classes, device=labels.device)
     if classes.dtype == torch.bool:  # a mask over the dataset's classes
-        classes = classes.reshape(-1).nonzero().flatten()
+        if classes.dim() != 1:
+            raise ValueError(f"classes: a bool mask must have one dim (one entry a dataset class), got shape "
+                             f"{tuple(classes.shape)}")
+        classes = classes.nonzero().flatten()
     elif classes.numel() and (classes.dtype.is_floating_point or classes.dtype.is_complex):
         raise TypeError(f"classes must be dataset class indices (integers) or a bool mask, got {classes.dtype}")
     classes = classes.long().reshape(-1)

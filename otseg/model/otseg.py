@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data
-from ..nn.mpsa import set_backend
+from ..nn.mpsa import check_backend, set_backend, sinkhorn_modules
+from ..ops._checks import check_params
 from .head import MODES, OTSegHead, class_indices, class_probabilities
 from .losses import otseg_loss
 
@@ -41,10 +42,12 @@ class OTSegConfig:
         num_prompts: visual prompt tokens P of the encoder (10 VOC/Context, 100 COCO).
         prompt_dropout: dropout of the visual prompts. Default 0.1.
         clip_weights: CLIP ViT-B/16 weights for the encoder (None: random init, with a warning).
-        clip_model: the encoder's open_clip architecture ("ViT-B-16";
-            "ViT-B-16-quickgelu" for OpenAI's weights saved as an open_clip
-            state dict). OpenAI's own files (``ViT-B-16.pt``) set it to the
-            QuickGELU architecture when the model is built.
+        clip_model, clip_quick_gelu: the encoder's open_clip architecture
+            ("ViT-B-16"; "ViT-B-16-quickgelu" for OpenAI's weights saved as an
+            open_clip state dict) and activation. The model sets both from
+            the encoder it holds (OpenAI's own files, ``ViT-B-16.pt``, bring
+            QuickGELU; clip_model None where no open_clip name describes the
+            tower): ``OTSeg.load`` rebuilds that architecture.
         text_embeddings: a ``.npy`` file to load instead of the shipped embeddings.
         dim, num_layers, ffn_dim, dropout: the head (512, 3, 2048, 0.1).
         eps, max_iter, tol, backend: every Sinkhorn (0.05, 100, 1e-6, "auto").
@@ -59,7 +62,8 @@ class OTSegConfig:
     num_prompts: int = 10
     prompt_dropout: float = 0.1
     clip_weights: Optional[str] = None
-    clip_model: str = "ViT-B-16"
+    clip_model: Optional[str] = "ViT-B-16"
+    clip_quick_gelu: bool = False
     text_embeddings: Optional[str] = None
     dim: int = 512
     num_layers: int = 3
@@ -124,7 +128,8 @@ class OTSeg(nn.Module):
 
     def __init__(self, encoder, text_embeddings, config=None, seen=None):
         super().__init__()
-        self.config = config = config or OTSegConfig()
+        config = _with_encoder_architecture(config or OTSegConfig(), encoder)
+        self.config = config
         text = torch.as_tensor(text_embeddings)
         if text.dim() != 3 or text.shape[-1] != config.dim:
             raise ValueError(f"text_embeddings must have shape [K, N, {config.dim}], got {tuple(text.shape)}")
@@ -168,9 +173,8 @@ class OTSeg(nn.Module):
                 raise ImportError(f"the CLIP image encoder (otseg.model.clip) cannot be imported: {exc}; "
                                   "pass encoder= to use another") from exc
             encoder = VPTImageEncoder(num_prompts=config.num_prompts, weights=config.clip_weights,
-                                      prompt_dropout=config.prompt_dropout, model_name=config.clip_model)
-            # The architecture the weights made (QuickGELU for OpenAI's files): what load() rebuilds.
-            config = dataclasses.replace(config, clip_model=encoder.model_name)
+                                      prompt_dropout=config.prompt_dropout, model_name=config.clip_model or "ViT-B-16",
+                                      quick_gelu=config.clip_quick_gelu)
         return cls(encoder, text_embeddings, config, seen)
 
     @property
@@ -186,17 +190,31 @@ class OTSeg(nn.Module):
 
     @config.setter
     def config(self, value):
-        # An assigned config's backend switches the Sinkhorns (else the getter would undo it).
-        self._config = value
         head = self._modules.get("head")
-        if head is not None and head.backend != value.backend:
-            set_backend(head, value.backend)
+        if head is not None:
+            # After construction: the fields read at use, and the Sinkhorns'
+            # settings (applied to them, else the getter would undo the
+            # backend); the others made the modules.
+            if not isinstance(value, OTSegConfig):
+                raise TypeError(f"config must be an OTSegConfig, got {type(value).__name__}")
+            fixed = [f.name for f in dataclasses.fields(value)
+                     if f.name not in _LIVE_FIELDS and getattr(value, f.name) != getattr(self._config, f.name)]
+            if fixed:
+                raise ValueError(f"config fields {fixed} are fixed once the model is built; build another "
+                                 "(OTSeg.from_config)")
+            check_backend(value.backend)
+            check_params(value.eps, value.max_iter, value.tol)
+            for m in sinkhorn_modules(head):
+                m.eps, m.max_iter, m.tol, m.backend = value.eps, value.max_iter, value.tol, value.backend
+        self._config = value
 
     def __setstate__(self, state):
-        # Whole-model pickles from before config became a property kept it as "config".
+        # Whole-model pickles from before config became a property kept it as
+        # "config", and from before it named the encoder's architecture.
         if "config" in state and "_config" not in state:
             state["_config"] = state.pop("config")
         super().__setstate__(state)
+        self._config = _with_encoder_architecture(self._config, self._modules.get("encoder"))
 
     @property
     def backend(self):
@@ -315,7 +333,9 @@ class OTSeg(nn.Module):
 
     def save(self, path):
         """Write the config and the state dict to ``path`` (``torch.save``)."""
-        torch.save({"config": dataclasses.asdict(self.config), "state_dict": self.state_dict()}, path)
+        # Paths as str: load() reads with weights_only=True, which refuses Path objects.
+        config = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in dataclasses.asdict(self.config).items()}
+        torch.save({"config": config, "state_dict": self.state_dict()}, path)
 
     @classmethod
     def load(cls, path, encoder=None, map_location="cpu"):
@@ -324,24 +344,59 @@ class OTSeg(nn.Module):
 
         The checkpoint holds every weight, CLIP's included: without
         ``encoder``, the CLIP encoder is built in the architecture the config
-        names (``clip_model``), randomly initialised and without reading
-        ``clip_weights``, then loaded. (Checkpoints saved before the config
-        named the architecture read ``clip_weights`` again, for its
-        activation.)"""
+        names (``clip_model``, ``clip_quick_gelu``), randomly initialised and
+        without reading ``clip_weights``, then loaded. Checkpoints saved
+        before the config named the architecture, and those whose tower no
+        open_clip name describes (``clip_model`` None), read
+        ``clip_weights`` again.
+
+        Args:
+            map_location: where the checkpoint's tensors are read to; a
+                device (str or torch.device) also moves the model there.
+        """
         saved = torch.load(path, map_location=map_location, weights_only=True)
         state = saved["state_dict"]
         config = OTSegConfig.from_dict(saved["config"])
-        if encoder is None and ("clip_model" in saved["config"] or config.clip_weights is None):
+        if encoder is None and ("clip_model" in saved["config"] or config.clip_weights is None) \
+                and config.clip_model is not None:
             from .clip import VPTImageEncoder
 
             with warnings.catch_warnings():
                 # Not random in the end: the checkpoint's weights replace it below.
                 warnings.filterwarnings("ignore", message="no CLIP weights given")
                 encoder = VPTImageEncoder(num_prompts=config.num_prompts, weights=None,
-                                          prompt_dropout=config.prompt_dropout, model_name=config.clip_model)
-        model = cls.from_config(config, encoder=encoder, text_embeddings=state["text"], seen=state["seen"].tolist())
+                                          prompt_dropout=config.prompt_dropout, model_name=config.clip_model,
+                                          quick_gelu=config.clip_quick_gelu)
+        # Built on the CPU (the text buffer too), loaded, then moved as a whole.
+        model = cls.from_config(config, encoder=encoder, text_embeddings=state["text"].cpu(),
+                                seen=state["seen"].tolist())
         model.load_state_dict(saved["state_dict"])
+        if isinstance(map_location, (str, torch.device)):
+            model.to(map_location)
         return model
+
+
+# Config fields a built model reads at use (or applies to its Sinkhorns):
+# the only ones an assigned config may change.
+_LIVE_FIELDS = {"setting", "backend", "eps", "max_iter", "tol", "ensemble_weight", "seen_bias", "focal_weight",
+                "dice_weight", "focal_alpha", "focal_gamma", "ignore_index"}
+
+
+def _with_encoder_architecture(config, encoder):
+    """``config`` with clip_model / clip_quick_gelu of ``encoder``'s image
+    tower (``clip.tower_architecture``) and its num_prompts, where it is a
+    CLIP VPT encoder (what ``load`` rebuilds), else as is."""
+    visual = getattr(encoder, "visual", None)
+    if visual is None or not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
+        return config
+    from .clip import tower_architecture
+
+    name = getattr(encoder, "model_name", config.clip_model) if hasattr(encoder, "quick_gelu") else config.clip_model
+    name, quick = tower_architecture(visual, name)
+    prompts = getattr(encoder, "num_prompts", config.num_prompts)
+    if (name, quick, prompts) == (config.clip_model, config.clip_quick_gelu, config.num_prompts):
+        return config
+    return dataclasses.replace(config, clip_model=name, clip_quick_gelu=quick, num_prompts=prompts)
 
 
 def _window_starts(size, crop, stride):
