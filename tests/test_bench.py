@@ -80,7 +80,8 @@ def test_otseg_bench_rejects_bad_arguments_clearly(args, says):
 
 def test_otseg_bench_checks_its_output_folder_before_measuring(tmp_path):
     (tmp_path / "a_file").write_text("")
-    proc = subprocess.run([sys.executable, "-m", "otseg", "bench", "--quick", "--out", str(tmp_path / "a_file" / "sub")],
+    out = str(tmp_path / "a_file" / "sub")
+    proc = subprocess.run([sys.executable, "-m", "otseg", "bench", "--quick", "--out", out],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "cannot write the results to" in proc.stderr and "a_file" in proc.stderr

@@ -432,7 +432,8 @@ def test_saved_model_loads_without_the_clip_weights_file(tmp_path):
     assert (given.config.clip_model, given.config.clip_quick_gelu) == ("ViT-B-16", True)
     given.save(tmp_path / "given.pt")
     again = OTSeg.load(tmp_path / "given.pt").eval()
-    assert all(isinstance(b.mlp.gelu, open_clip.transformer.QuickGELU) for b in again.encoder.visual.transformer.resblocks)
+    blocks = again.encoder.visual.transformer.resblocks
+    assert all(isinstance(b.mlp.gelu, open_clip.transformer.QuickGELU) for b in blocks)
     a, b = given(x), again(x)
     assert torch.equal(a.dec, b.dec) and torch.equal(a.mps, b.mps)
 

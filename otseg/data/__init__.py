@@ -43,7 +43,9 @@ def read_text_embeddings(path, embed_dim=None):
     try:
         emb = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable .npy array ({type(e).__name__}: {e}); expected [K, N, {D}] floats") from e
+        raise ValueError(
+            f"{path}: not a readable .npy array ({type(e).__name__}: {e}); expected [K, N, {D}] floats"
+        ) from e
     if not isinstance(emb, np.ndarray) or emb.dtype.kind != "f":
         kind = getattr(emb, "dtype", type(emb).__name__)
         if hasattr(emb, "close"):  # an .npz archive holds its file open

@@ -334,7 +334,8 @@ class OTSeg(nn.Module):
     def save(self, path):
         """Write the config and the state dict to ``path`` (``torch.save``)."""
         # Paths as str: load() reads with weights_only=True, which refuses Path objects.
-        config = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in dataclasses.asdict(self.config).items()}
+        config = {k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                  for k, v in dataclasses.asdict(self.config).items()}
         torch.save({"config": config, "state_dict": self.state_dict()}, path)
 
     @classmethod
