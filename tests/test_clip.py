@@ -438,6 +438,34 @@ def test_saved_model_loads_without_the_clip_weights_file(tmp_path):
     assert torch.equal(a.dec, b.dec) and torch.equal(a.mps, b.mps)
 
 
+def test_recorded_architecture_follows_the_tower(tmp_path):
+    from otseg.model import OTSeg
+
+    torch.manual_seed(4)
+    quick = _quiet_create("ViT-B-16-quickgelu")
+    # OpenAI's weights saved as an open_clip state dict: the flag builds QuickGELU for them.
+    sd = tmp_path / "quickgelu_state_dict.pt"
+    torch.save(quick.state_dict(), sd)
+    enc = VPTImageEncoder(num_prompts=0, weights=sd, quick_gelu=True)
+    assert (enc.model_name, enc.quick_gelu) == ("ViT-B-16", True)
+    assert all(isinstance(b.mlp.gelu, open_clip.transformer.QuickGELU) for b in enc.visual.transformer.resblocks)
+    # open_clip's spelling with a slash is its config's name.
+    assert VPTImageEncoder(num_prompts=0, clip_model=quick, model_name="ViT-B/16").model_name == "ViT-B-16"
+    # A GELU tower under a "-quickgelu" name: no name describes it, and with
+    # neither a weights file nor an encoder a checkpoint cannot be rebuilt.
+    gelu = VPTImageEncoder(num_prompts=1, clip_model=_quiet_create("ViT-B-16"), model_name="ViT-B-16-quickgelu")
+    assert (gelu.model_name, gelu.quick_gelu) == (None, False)
+    model = OTSeg.from_config("voc20", encoder=gelu, ffn_dim=64, num_layers=1, backend="reference")
+    assert model.config.clip_model is None and model.config.num_prompts == 1
+    model.save(tmp_path / "unnamed.pt")
+    with pytest.raises(ValueError, match="names no open_clip architecture.*pass encoder="):
+        OTSeg.load(tmp_path / "unnamed.pt")
+    again = OTSeg.load(tmp_path / "unnamed.pt", encoder=VPTImageEncoder(num_prompts=1,
+                                                                        clip_model=_quiet_create("ViT-B-16")))
+    x = _images((1, 3, 32, 32))
+    assert torch.equal(again.eval()(x).dec, model.eval()(x).dec)
+
+
 def test_a_tower_its_model_name_does_not_describe_reloads_from_its_weights(tmp_path):
     """OpenAI's files build their own architecture: a ViT-B/32 one under the
     default model_name "ViT-B-16" is recorded as no open_clip name (clip_model

@@ -336,6 +336,10 @@ def test_every_backend_switch_reaches_the_loss_and_save(tmp_path):
     with pytest.raises(ValueError, match="unknown backend"):
         model.config = dataclasses.replace(model.config, backend="gpu", seen_bias=0.9)
     assert model.config is before and model.config.seen_bias == 0.1
+    # Assigning a config applies only the settings it changes: a layer's own stays.
+    model.head.decoder.layers[0].attn.eps = 0.2
+    model.config = dataclasses.replace(model.config, seen_bias=0.2)
+    assert model.head.decoder.layers[0].attn.eps == 0.2 and model.config.seen_bias == 0.2
     # A Path set after construction is saved as str (load reads with weights_only=True).
     model.config.text_embeddings = tmp_path / "emb.npy"
     model.save(tmp_path / "otseg.pt")
@@ -450,6 +454,18 @@ def test_text_embeddings_files_are_checked_where_the_model_loads_them(tmp_path):
     assert model.config.text_embeddings == str(tmp_path / "good.npy")
     model.save(tmp_path / "model.pt")
     assert OTSeg.load(tmp_path / "model.pt", encoder=FakeEncoder()).config == model.config
+
+
+def test_an_encoder_of_another_clip_is_taken_as_it_is():
+    # Only otseg's CLIP encoder has its architecture recorded: another with a
+    # CLIP-like tower (e.g. OpenAI's clip package) is left alone, copies too.
+    encoder = FakeEncoder()
+    encoder.visual = nn.Module()
+    encoder.visual.conv1, encoder.visual.transformer = nn.Conv2d(3, 4, 2), nn.Identity()
+    model = OTSeg(encoder, text_embeddings(), small_config()).eval()
+    assert model.config == small_config()
+    twin = copy.deepcopy(model)
+    assert twin.config == model.config and torch.equal(twin(images()).dec, model(images()).dec)
 
 
 def test_model_errors():

@@ -193,7 +193,7 @@ def _load_clip(weights, model_name, quick_gelu=False):
             state_dict.pop(key, None)
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
         return model.eval(), fmt
-    model = _create_model(open_clip, model_name)
+    model = _create_model(open_clip, model_name, quick_gelu)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
@@ -205,7 +205,8 @@ def _load_clip(weights, model_name, quick_gelu=False):
 
 
 def _check_local_model_name(model_name):
-    """ValueError for a model name that open_clip resolves on the network."""
+    """``model_name`` as open_clip spells its configs ("ViT-B/16" -> "ViT-B-16");
+    ValueError for a name that open_clip resolves on the network."""
     if not isinstance(model_name, str):
         raise TypeError(f"model_name must be an open_clip architecture name, got {type(model_name).__name__}")
     if model_name.startswith(("hf-hub:", "local-dir:")):
@@ -214,10 +215,11 @@ def _check_local_model_name(model_name):
             "hf-hub, downloads) itself; otseg reads weights from a local file only: pass weights=PATH and an "
             "architecture name such as 'ViT-B-16' or 'ViT-B-16-quickgelu'"
         )
+    return model_name.replace("/", "-")
 
 
 def _create_model(open_clip, model_name, quick_gelu=False):
-    _check_local_model_name(model_name)
+    model_name = _check_local_model_name(model_name)
     cfg = open_clip.get_model_config(model_name) or {}
     if (cfg.get("text_cfg") or {}).get("hf_model_name"):
         raise ValueError(
@@ -273,8 +275,12 @@ def tower_architecture(visual, model_name):
     checkpoint of it needs the weights file again (``OTSeg.load``).
     """
     quick = any(type(m).__name__ == "QuickGELU" for m in visual.modules())
-    cfg = _import_open_clip().get_model_config(model_name) if isinstance(model_name, str) else None
-    if not cfg or "vision_cfg" not in cfg:
+    if not isinstance(model_name, str) or model_name.startswith(("hf-hub:", "local-dir:")):
+        return None, quick
+    model_name = model_name.replace("/", "-")
+    cfg = _import_open_clip().get_model_config(model_name)
+    # A "-quickgelu" config builds QuickGELU whatever the flag says: not a GELU tower's name.
+    if not cfg or "vision_cfg" not in cfg or (cfg.get("quick_gelu") and not quick):
         return None, quick
     v = cfg["vision_cfg"]
 
@@ -358,7 +364,7 @@ class VPTImageEncoder(nn.Module):
                  quick_gelu=False):
         super().__init__()
         _import_open_clip()
-        _check_local_model_name(model_name)
+        model_name = _check_local_model_name(model_name)
         if isinstance(num_prompts, bool) or not isinstance(num_prompts, numbers.Integral) or num_prompts < 0:
             raise ValueError(f"num_prompts must be an integer >= 0, got {num_prompts!r}")
         num_prompts = int(num_prompts)
@@ -501,7 +507,7 @@ class CLIPTextEncoder(nn.Module):
     def __init__(self, weights=None, model_name="ViT-B-16", clip_model=None):
         super().__init__()
         open_clip = _import_open_clip()
-        _check_local_model_name(model_name)  # the tokenizer below looks it up too
+        model_name = _check_local_model_name(model_name)  # the tokenizer below looks it up too
         if clip_model is None:
             clip_model, fmt = _load_clip(weights, model_name)
             # Text only: drop the image tower we own (86M parameters for ViT-B/16).

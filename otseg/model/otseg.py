@@ -13,6 +13,7 @@ The encoder (``otseg.model.clip.VPTImageEncoder``) is imported only when
 import dataclasses
 import numbers
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -43,11 +44,13 @@ class OTSegConfig:
         prompt_dropout: dropout of the visual prompts. Default 0.1.
         clip_weights: CLIP ViT-B/16 weights for the encoder (None: random init, with a warning).
         clip_model, clip_quick_gelu: the encoder's open_clip architecture
-            ("ViT-B-16"; "ViT-B-16-quickgelu" for OpenAI's weights saved as an
-            open_clip state dict) and activation. The model sets both from
-            the encoder it holds (OpenAI's own files, ``ViT-B-16.pt``, bring
-            QuickGELU; clip_model None where no open_clip name describes the
-            tower): ``OTSeg.load`` rebuilds that architecture.
+            ("ViT-B-16") and whether it uses QuickGELU (OpenAI's weights do:
+            set it, or name "ViT-B-16-quickgelu", for OpenAI's weights saved
+            as an open_clip state dict). A model sets both, and
+            ``num_prompts``, from the CLIP encoder it holds (OpenAI's own
+            files, ``ViT-B-16.pt``, bring QuickGELU; clip_model None where no
+            open_clip name describes the tower): ``OTSeg.load`` rebuilds
+            that architecture.
         text_embeddings: a ``.npy`` file to load instead of the shipped embeddings.
         dim, num_layers, ffn_dim, dropout: the head (512, 3, 2048, 0.1).
         eps, max_iter, tol, backend: every Sinkhorn (0.05, 100, 1e-6, "auto").
@@ -204,8 +207,12 @@ class OTSeg(nn.Module):
                                  "(OTSeg.from_config)")
             check_backend(value.backend)
             check_params(value.eps, value.max_iter, value.tol)
-            for m in sinkhorn_modules(head):
-                m.eps, m.max_iter, m.tol, m.backend = value.eps, value.max_iter, value.tol, value.backend
+            # Only what changed: settings given to single layers stay.
+            current = self.config
+            for name in ("eps", "max_iter", "tol", "backend"):
+                if getattr(value, name) != getattr(current, name):
+                    for m in sinkhorn_modules(head):
+                        setattr(m, name, getattr(value, name))
         self._config = value
 
     def __setstate__(self, state):
@@ -348,8 +355,10 @@ class OTSeg(nn.Module):
         names (``clip_model``, ``clip_quick_gelu``), randomly initialised and
         without reading ``clip_weights``, then loaded. Checkpoints saved
         before the config named the architecture, and those whose tower no
-        open_clip name describes (``clip_model`` None), read
-        ``clip_weights`` again.
+        open_clip name describes (``clip_model`` None: an OpenAI file of
+        another architecture than the name given, or a tower passed in as
+        ``clip_model``), read ``clip_weights`` again, or need ``encoder``
+        where there is none (ValueError).
 
         Args:
             map_location: where the checkpoint's tensors are read to; a
@@ -358,6 +367,13 @@ class OTSeg(nn.Module):
         saved = torch.load(path, map_location=map_location, weights_only=True)
         state = saved["state_dict"]
         config = OTSegConfig.from_dict(saved["config"])
+        if encoder is None and config.clip_model is None and config.clip_weights is None:
+            raise ValueError(
+                f"{os.fspath(path)}: the checkpoint names no open_clip architecture for its CLIP encoder "
+                "(clip_model None: no open_clip name describes the tower it was saved with) and no clip_weights "
+                "file to build it from; pass encoder= (an encoder of that architecture; the checkpoint's "
+                "weights replace its own)"
+            )
         if encoder is None and ("clip_model" in saved["config"] or config.clip_weights is None) \
                 and config.clip_model is not None:
             from .clip import VPTImageEncoder
@@ -387,13 +403,12 @@ def _with_encoder_architecture(config, encoder):
     """``config`` with clip_model / clip_quick_gelu of ``encoder``'s image
     tower (``clip.tower_architecture``) and its num_prompts, where it is a
     CLIP VPT encoder (what ``load`` rebuilds), else as is."""
-    visual = getattr(encoder, "visual", None)
-    if visual is None or not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
+    clip = sys.modules.get("otseg.model.clip")  # not imported: the encoder is not one of its encoders
+    if clip is None or not isinstance(encoder, clip.VPTImageEncoder):
         return config
-    from .clip import tower_architecture
-
+    # Encoders pickled before they recorded their architecture: the config's name, checked.
     name = getattr(encoder, "model_name", config.clip_model) if hasattr(encoder, "quick_gelu") else config.clip_model
-    name, quick = tower_architecture(visual, name)
+    name, quick = clip.tower_architecture(encoder.visual, name)
     prompts = getattr(encoder, "num_prompts", config.num_prompts)
     if (name, quick, prompts) == (config.clip_model, config.clip_quick_gelu, config.num_prompts):
         return config
