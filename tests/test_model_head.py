@@ -444,7 +444,9 @@ def test_text_embeddings_files_are_checked_where_the_model_loads_them(tmp_path):
             OTSeg.from_config(small_config(text_embeddings=str(tmp_path / name)), encoder=FakeEncoder())
     (tmp_path / "empty.npy").write_bytes(b"")
     np.savez(tmp_path / "arrays.npz", good)
-    for name, says in (("empty.npy", "not a readable .npy array"), ("arrays.npz", r"expected a float array .* \(a .npy file\), got NpzFile")):
+    unreadable = (("empty.npy", "not a readable .npy array"),
+                  ("arrays.npz", r"expected a float array .* \(a .npy file\), got NpzFile"))
+    for name, says in unreadable:
         with pytest.raises(ValueError, match=f"{name}: {says}"):
             OTSeg.from_config(small_config(text_embeddings=tmp_path / name), encoder=FakeEncoder())
     np.save(tmp_path / "good.npy", good)
