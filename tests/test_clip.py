@@ -71,6 +71,18 @@ def _open_clip_outputs(model, x):
     return g, F.normalize(tokens @ visual.proj, dim=-1)
 
 
+def _openai_archive(path, model):
+    """``model`` written to ``path`` as OpenAI ships CLIP: a TorchScript
+    archive (skips the test where this torch cannot script)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.script(model).save(str(path))
+    except Exception as e:  # torch.jit is deprecated; a future torch may drop it
+        pytest.skip(f"cannot write a TorchScript archive here: {type(e).__name__}: {e}")
+    return path
+
+
 def _plain(encoder):
     """Drop the prompt LayerNorm: with P = 0 what is left is CLIP's own encoder."""
     encoder.prompt_norm = torch.nn.Identity()
@@ -269,13 +281,7 @@ def test_load_openai_torchscript_archive(tmp_path):
     torch.manual_seed(1)
     model = _quiet_create("ViT-B-16-quickgelu")
     convert_weights_to_fp16(model)
-    path = tmp_path / "ViT-B-16.pt"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.script(model).save(str(path))
-    except Exception as e:  # torch.jit is deprecated; a future torch may drop it
-        pytest.skip(f"cannot write a TorchScript archive here: {type(e).__name__}: {e}")
+    path = _openai_archive(tmp_path / "ViT-B-16.pt", model)
     # OpenAI's state dict format, torch.save'd: its extra keys mark it.
     sd_path = tmp_path / "openai_state_dict.pt"
     extra = {
@@ -402,13 +408,7 @@ def test_saved_model_loads_without_the_clip_weights_file(tmp_path):
     torch.manual_seed(2)
     oc = _quiet_create("ViT-B-16-quickgelu")
     convert_weights_to_fp16(oc)
-    archive = tmp_path / "ViT-B-16.pt"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.script(oc).save(str(archive))
-    except Exception as e:  # torch.jit is deprecated; a future torch may drop it
-        pytest.skip(f"cannot write a TorchScript archive here: {type(e).__name__}: {e}")
+    archive = _openai_archive(tmp_path / "ViT-B-16.pt", oc)
     model = OTSeg.from_config("voc20", num_prompts=1, clip_weights=archive, ffn_dim=64, num_layers=1,
                               backend="reference").eval()
     assert (model.config.clip_model, model.config.clip_quick_gelu) == ("ViT-B-16", True)
@@ -473,14 +473,7 @@ def test_a_tower_its_model_name_does_not_describe_reloads_from_its_weights(tmp_p
     from otseg.model import OTSeg
 
     torch.manual_seed(3)
-    oc = _quiet_create("ViT-B-32-quickgelu")
-    archive = tmp_path / "ViT-B-32.pt"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.script(oc).save(str(archive))
-    except Exception as e:  # torch.jit is deprecated; a future torch may drop it
-        pytest.skip(f"cannot write a TorchScript archive here: {type(e).__name__}: {e}")
+    archive = _openai_archive(tmp_path / "ViT-B-32.pt", _quiet_create("ViT-B-32-quickgelu"))
     x = _images((1, 3, 64, 64))
     unnamed = OTSeg.from_config("voc20", num_prompts=1, clip_weights=archive, ffn_dim=64, num_layers=1,
                                 backend="reference").eval()
