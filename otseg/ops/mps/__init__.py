@@ -188,6 +188,10 @@ def _cannot_take(name, x):
     return None
 
 
+_F32 = torch.finfo(torch.float32)
+_KERNEL_MAX_ITER = 2**31 - 1
+
+
 def _check_eps_in_float32(name, eps):
     """Raise ValueError when ``eps`` lies outside the normal float32 numbers,
     which the fused kernels take it in (all but the cpu kernel on float64
@@ -198,9 +202,6 @@ def _check_eps_in_float32(name, eps):
             f"eps = {eps} is outside the float32 range the {name} kernel takes it in "
             f"({_F32.tiny:.4g} to {_F32.max:.4g}); use {hint}"
         )
-
-
-_F32 = torch.finfo(torch.float32)
 
 
 def _check_takes(name, x):
@@ -391,6 +392,9 @@ def _solve(x, name, eps, max_iter, tol, backend, check_finite, want_score, want_
         # Form S = 1 - C in the compute type, so half costs lose no bits here.
         scores = 1 - (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
     run = _FUSED[chosen]
+    # The operators' int is 64 bits and the kernels count iterations in
+    # int32: no problem runs 2^31 iterations, so a larger max_iter is capped.
+    max_iter = min(max_iter, _KERNEL_MAX_ITER)
     if check_finite:  # the cpu kernel, checking as it reads
         try:
             score, plan, n_iter = run(scores, eps, max_iter, tol, want_plan, True)

@@ -118,9 +118,7 @@ def mps_forward(scores, eps, max_iter, tol, return_plan, check_finite):
 
     Returns (refined score [..., M], plan [..., M, N] or None, iterations [...]).
     """
-    # The kernels count iterations in int32 (the operator's int is 64 bits);
-    # no problem runs 2^31 iterations.
     score, plan, _f, _g, n_iter = _forward_op(
-        scores, float(eps), min(int(max_iter), 2**31 - 1), float(tol), bool(return_plan), bool(check_finite)
+        scores, float(eps), int(max_iter), float(tol), bool(return_plan), bool(check_finite)
     )
     return score, plan if return_plan else None, n_iter

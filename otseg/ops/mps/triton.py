@@ -616,7 +616,5 @@ def mps_forward(scores, eps, max_iter, tol, return_plan):
     check_limits(*scores.shape[-2:])
     # The operator takes the batch dims itself: no reshape (and so no
     # autograd node) around it.
-    # As fused.mps_forward: the operator's int is 64 bits, the kernel counts in int32.
-    score, plan, _f, _g, n_iter = _entry(scores, float(eps), min(int(max_iter), 2**31 - 1), float(tol),
-                                         bool(return_plan))
+    score, plan, _f, _g, n_iter = _entry(scores, float(eps), int(max_iter), float(tol), bool(return_plan))
     return score, plan if return_plan else None, n_iter
